@@ -1,0 +1,162 @@
+"""Training problems from DAPO-Math-17k in either form, deduplicated, with every bad row counted.
+
+Forms recognised per row:
+- the original release (BytedTsinghua-SIA/DAPO-Math-17k): `prompt` is a one-message chat whose
+  content wraps the problem in DAPO's "Answer: $Answer" instruction, the ground truth is in
+  `reward_model.ground_truth`; ~1.79M rows repeating ~17.9k problems;
+- processed copies: a problem column (`problem`, `prompt`, `question`, or `data.problem_key`) and
+  an answer column (`answer`, `solution`, `ground_truth`, or `data.answer_key`).
+
+The original wrapper is removed to recover the bare problem (the recipe appends its own boxed
+suffix instead); rows are deduplicated on the bare problem text, first occurrence wins. A row
+without a usable problem or answer is skipped and recorded with its file and row index.
+"""
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from dataclasses import dataclass, field
+
+from justrl.data.reading import Row, _BadJson, iter_rows
+
+log = logging.getLogger(__name__)
+
+DAPO_PREFIX = ("Solve the following math problem step by step. The last line of your response should be "
+               "of the form Answer: $Answer (without quotes) where $Answer is the answer to the problem.")
+DAPO_SUFFIX = 'Remember to put your answer on its own line after "Answer:".'
+PROBLEM_KEYS = ("problem", "prompt", "question")
+ANSWER_KEYS = ("answer", "solution", "ground_truth")
+MAX_EXAMPLES_KEPT = 20  # bad-row examples kept in a report (the counts are always complete)
+
+
+@dataclass(frozen=True)
+class Problem:
+    problem: str
+    """The bare problem statement, without any answer-format instruction."""
+    answer: str
+    """The ground truth, as a string (compared exactly by the `dapo` verifier)."""
+    origin: str
+    """`file:row` of the first row that held this problem."""
+
+
+@dataclass
+class LoadReport:
+    rows: int = 0
+    kept: int = 0
+    duplicates: int = 0
+    conflicting_duplicates: int = 0
+    """Duplicates whose answer differs from the first occurrence's (the first is kept)."""
+    unwrapped: int = 0
+    """Original-form rows whose DAPO instruction was removed."""
+    skipped: Counter = field(default_factory=Counter)
+    """Reason -> number of rows skipped for it."""
+    examples: list[str] = field(default_factory=list)
+    """`file:row: reason` for the first skipped rows."""
+
+    def skip(self, row: Row, reason: str) -> None:
+        self.skipped[reason] += 1
+        if len(self.examples) < MAX_EXAMPLES_KEPT:
+            self.examples.append(f"{row.file}:{row.index}: {reason}")
+
+    def summary(self) -> str:
+        parts = [f"{self.rows} rows -> {self.kept} problems", f"{self.duplicates} duplicates"]
+        if self.conflicting_duplicates:
+            parts.append(f"{self.conflicting_duplicates} duplicates with a different answer (first kept)")
+        if self.skipped:
+            parts.append("skipped: " + ", ".join(f"{n} {reason}" for reason, n in sorted(self.skipped.items())))
+        return "; ".join(parts)
+
+
+def unwrap_dapo_prompt(text: str) -> tuple[str, bool]:
+    """Remove DAPO's "Answer: $Answer" instruction around a problem; (problem, was_wrapped)."""
+    stripped = text.strip()
+    if not stripped.startswith(DAPO_PREFIX):
+        return stripped, False
+    body = stripped[len(DAPO_PREFIX):]
+    if body.rstrip().endswith(DAPO_SUFFIX):
+        body = body.rstrip()[: -len(DAPO_SUFFIX)]
+    return body.strip(), True
+
+
+def _answer_text(value) -> str | None:
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, (int, float)):  # jsonl copies often store integer answers as numbers
+        return str(value)
+    if isinstance(value, str) and value.strip():
+        return value.strip()
+    return None
+
+
+def parse_row(row: Row, problem_key: str | None, answer_key: str | None) -> tuple[str, str, bool] | str:
+    """(problem, answer, was_wrapped) for a usable row, else the reason it is skipped."""
+    data = row.data
+    if isinstance(data, _BadJson):
+        return f"not valid JSON ({data.error})"
+    if not isinstance(data, dict):
+        return f"row is a {type(data).__name__}, not an object"
+
+    reward_model = data.get("reward_model")
+    if answer_key is not None:
+        answer = data.get(answer_key)
+    elif isinstance(reward_model, dict) and "ground_truth" in reward_model:
+        answer = reward_model.get("ground_truth")
+    else:
+        answer = next((data[k] for k in ANSWER_KEYS if data.get(k) is not None), None)
+    answer = _answer_text(answer)
+    if answer is None:
+        return "missing answer"
+
+    keys = (problem_key,) if problem_key is not None else PROBLEM_KEYS
+    raw = next((data[k] for k in keys if data.get(k) is not None), None)
+    if isinstance(raw, (list, tuple)):  # a chat: the original form
+        users = [m for m in raw if isinstance(m, dict) and m.get("role", "user") == "user"]
+        if len(users) != 1:
+            return f"chat prompt has {len(users)} user messages, expected 1"
+        raw = users[0].get("content")
+    if raw is None:
+        return "missing problem"
+    if not isinstance(raw, str):
+        return f"problem is not text ({type(raw).__name__})"
+    problem, wrapped = unwrap_dapo_prompt(raw)
+    if not problem:
+        return "empty prompt"
+    return problem, answer, wrapped
+
+
+def load_problems(source: str, problem_key: str | None = None,
+                  answer_key: str | None = None) -> tuple[list[Problem], LoadReport]:
+    """Load, validate and deduplicate training problems; see the module docstring."""
+    if source == "toy":  # justrl's generated arithmetic set (justrl/data/toy.py)
+        from justrl.data.toy import toy_problems
+
+        problems = toy_problems("train")
+        return problems, LoadReport(rows=len(problems), kept=len(problems))
+    report = LoadReport()
+    by_text: dict[str, Problem] = {}
+    columns = ["prompt", "problem", "question", "answer", "solution", "ground_truth", "reward_model"]
+    columns += [k for k in (problem_key, answer_key) if k]
+    for row in iter_rows(source, columns=columns):
+        report.rows += 1
+        parsed = parse_row(row, problem_key, answer_key)
+        if isinstance(parsed, str):
+            report.skip(row, parsed)
+            continue
+        problem, answer, wrapped = parsed
+        report.unwrapped += wrapped
+        first = by_text.get(problem)
+        if first is not None:
+            report.duplicates += 1
+            report.conflicting_duplicates += first.answer != answer
+            continue
+        by_text[problem] = Problem(problem, answer, f"{row.file}:{row.index}")
+    problems = list(by_text.values())
+    report.kept = len(problems)
+    if report.rows == 0:
+        raise ValueError(f"{source}: no rows")
+    if not problems:
+        raise ValueError(f"{source}: no usable rows ({report.summary()}); first: {report.examples[:3]}")
+    log.info("training data %s: %s", source, report.summary())
+    for example in report.examples:
+        log.warning("skipped %s", example)
+    return problems, report

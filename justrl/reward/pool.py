@@ -1,0 +1,166 @@
+"""Score a batch of responses in worker processes, with a hard per-response timeout.
+
+math-verify runs sympy, and some inputs make sympy run for minutes. A thread cannot be stopped and
+a ProcessPoolExecutor cannot cancel a running task, so this pool owns its workers: each handles one
+response at a time, and a worker that overruns `timeout_s` is killed and replaced. Its response
+scores -1 and is counted in `ScoreStats.timeouts`; the step goes on.
+
+Only the last `FIRST_CUT_CHARS` (300) characters of each response travel to a worker: both
+verifiers look at no more than that, as in the reference.
+"""
+from __future__ import annotations
+
+import multiprocessing as mp
+import time
+from dataclasses import dataclass, field
+from multiprocessing.connection import Connection, wait
+
+from justrl.reward.dapo import FIRST_CUT_CHARS
+
+FAILED_SCORE = -1.0
+# How long a new worker may take to import its verifier (sympy is slow to import) and warm up.
+WORKER_START_TIMEOUT_S = 120.0
+
+
+@dataclass
+class ScoreStats:
+    """What happened while scoring one batch (beyond the scores)."""
+
+    timeouts: int = 0
+    """Responses whose scoring ran past the timeout (scored -1; their worker was killed)."""
+    errors: int = 0
+    """Responses whose verifier raised or whose worker died (scored -1)."""
+    timed_out: list[int] = field(default_factory=list)
+    """Batch indices of the timed-out responses."""
+    first_error: str | None = None
+    """The first error message, for the log."""
+
+
+def _worker_main(conn: Connection, verifier: str) -> None:
+    from justrl.reward import VERIFIERS  # imported here: the child starts fresh (spawn)
+
+    score_fn = VERIFIERS[verifier]
+    score_fn("warm-up \\boxed{1}", "1")  # import math-verify/sympy before the first deadline
+    conn.send("ready")
+    while True:
+        try:
+            task = conn.recv()
+        except EOFError:
+            return
+        if task is None:
+            return
+        index, tail, ground_truth = task
+        try:
+            conn.send((index, float(score_fn(tail, ground_truth)), None))
+        except Exception as exc:  # a verifier bug must not take the step down
+            conn.send((index, FAILED_SCORE, f"{type(exc).__name__}: {exc}"))
+
+
+class _Worker:
+    def __init__(self, ctx: mp.context.BaseContext, verifier: str):
+        self.conn, child_conn = ctx.Pipe()
+        self.process = ctx.Process(target=_worker_main, args=(child_conn, verifier), daemon=True)
+        self.process.start()
+        child_conn.close()
+        self.task: int | None = None
+        self.deadline = 0.0
+
+    def wait_ready(self) -> None:
+        if not self.conn.poll(WORKER_START_TIMEOUT_S) or self.conn.recv() != "ready":
+            self.kill()
+            raise RuntimeError(f"reward worker did not start within {WORKER_START_TIMEOUT_S}s")
+
+    def kill(self) -> None:
+        if self.process.is_alive():
+            self.process.kill()
+        self.process.join(timeout=5)
+        self.conn.close()
+
+
+class ScorerPool:
+    """A fixed set of scoring processes for one verifier.
+
+        with ScorerPool("lenient", num_workers=2, timeout_s=10) as pool:
+            scores, stats = pool.score(responses, ground_truths)
+    """
+
+    def __init__(self, verifier: str = "dapo", num_workers: int = 2, timeout_s: float = 10.0):
+        from justrl.reward import VERIFIERS
+
+        if verifier not in VERIFIERS:
+            raise ValueError(f"unknown verifier {verifier!r}; choose one of {sorted(VERIFIERS)}")
+        if num_workers < 1 or timeout_s <= 0:
+            raise ValueError(f"need num_workers >= 1 and timeout_s > 0, got {num_workers}, {timeout_s}")
+        self.verifier = verifier
+        self.timeout_s = timeout_s
+        self._ctx = mp.get_context("spawn")  # fork would copy the learner's threads and memory
+        self._workers = [self._start_worker() for _ in range(num_workers)]
+
+    def _start_worker(self) -> _Worker:
+        worker = _Worker(self._ctx, self.verifier)
+        worker.wait_ready()
+        return worker
+
+    def score(self, responses: list[str], ground_truths: list[str]) -> tuple[list[float], ScoreStats]:
+        """Score `responses[i]` against `ground_truths[i]`; returns (scores, stats)."""
+        if len(responses) != len(ground_truths):
+            raise ValueError(f"{len(responses)} responses but {len(ground_truths)} ground truths")
+        scores = [FAILED_SCORE] * len(responses)
+        stats = ScoreStats()
+        pending = list(range(len(responses) - 1, -1, -1))  # popped from the end: in order
+        busy: dict[Connection, _Worker] = {}
+
+        def fail(worker: _Worker, message: str, timed_out: bool) -> None:
+            index = worker.task
+            if timed_out:
+                stats.timeouts += 1
+                stats.timed_out.append(index)
+            else:
+                stats.errors += 1
+                stats.first_error = stats.first_error or message
+            worker.kill()
+            self._workers[self._workers.index(worker)] = self._start_worker()
+
+        while pending or busy:
+            for worker in self._workers:
+                if worker.task is None and pending:
+                    index = pending.pop()
+                    worker.task, worker.deadline = index, time.monotonic() + self.timeout_s
+                    response, truth = responses[index], ground_truths[index]
+                    worker.conn.send((index, response[-FIRST_CUT_CHARS:], truth))
+                    busy[worker.conn] = worker
+            next_deadline = min(w.deadline for w in busy.values())
+            for conn in wait(list(busy), timeout=max(0.0, next_deadline - time.monotonic())):
+                worker = busy.pop(conn)
+                try:
+                    index, value, error = conn.recv()
+                except (EOFError, OSError):
+                    fail(worker, f"reward worker died (exit code {worker.process.exitcode})", False)
+                    continue
+                scores[index] = value
+                if error is not None:
+                    stats.errors += 1
+                    stats.first_error = stats.first_error or error
+                worker.task = None
+            now = time.monotonic()
+            for conn, worker in list(busy.items()):
+                if worker.deadline <= now:
+                    del busy[conn]
+                    fail(worker, "", True)
+        return scores, stats
+
+    def close(self) -> None:
+        for worker in self._workers:
+            try:
+                worker.conn.send(None)
+            except (OSError, BrokenPipeError):
+                pass
+            worker.process.join(timeout=2)
+            worker.kill()
+        self._workers = []
+
+    def __enter__(self) -> "ScorerPool":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

