@@ -57,8 +57,15 @@ def test_recipe_defaults():
 @pytest.mark.parametrize("group, option", [(g, o) for g, options in GROUPS.items() for o in options])
 def test_every_group_option_composes(group, option):
     cfg = compose([f"{group}={option}"])
-    if group in ("model", "cluster", "learner"):
-        assert cfg[group].name  # the option really was merged
+    # the option really was merged, not just accepted
+    expected_model = {"deepseek_r1_distill_qwen_1.5b": "deepseek-1.5b", "openmath_nemotron_1.5b": "nemotron-1.5b",
+                      "tiny": "tiny"}
+    if group in ("cluster", "learner"):
+        assert cfg[group].name == option
+    elif group == "model":
+        assert cfg.model.name == expected_model[option]
+    elif group == "experiment":
+        assert cfg.model.name == "tiny" and cfg.data.train_path == "toy"
     assert cfg.model.path
 
 

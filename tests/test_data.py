@@ -5,7 +5,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from justrl.data import (BENCHMARKS, SAMPLES_PER_PROBLEM, PromptSampler, build_prompts, encode_prompt,
+from justrl.data import (BENCHMARKS, SAMPLES_PER_PROBLEM, Problem, PromptSampler, build_prompts, encode_prompt,
                          load_benchmark, load_problems, render_prompt, toy_problems, unwrap_dapo_prompt)
 from justrl.data.problems import DAPO_PREFIX, DAPO_SUFFIX
 
@@ -64,8 +64,9 @@ def test_original_form_dedup_unwrap_and_bad_rows(tmp_path):
     assert report.rows == 12 and report.kept == 3 and report.duplicates == 6 and report.unwrapped == 9
     assert dict(report.skipped) == {"missing answer": 1, "empty prompt": 1,
                                     "chat prompt has 0 user messages, expected 1": 1}
-    assert [e.split(": ", 1)[0].rsplit(":", 1)[1] for e in report.examples] == ["0", "4", "7"]
-    assert all(e.startswith(str(path)) for e in report.examples)
+    assert [e.index for e in report.examples] == [0, 4, 7]
+    assert all(e.file == str(path) for e in report.examples)
+    assert str(report.examples[0]) == f"{path}:0: missing answer"
     assert problems[0].origin == f"{path}:1"
 
 
@@ -86,10 +87,9 @@ def test_processed_form_jsonl_with_bad_rows(tmp_path):
     assert [(p.problem, p.answer) for p in problems] == [("What is 2+2?", "4"), ("What is 5*5?", "25")]
     assert report.duplicates == 1 and report.conflicting_duplicates == 1
     assert sum(report.skipped.values()) == 5
-    indices = [int(e.split(": ", 1)[0].rsplit(":", 1)[1]) for e in report.examples]
-    assert indices == [1, 2, 3, 4, 7]
-    assert "problem is not text (int)" in report.examples[1]
-    assert "not valid JSON" in report.examples[3]
+    assert [e.index for e in report.examples] == [1, 2, 3, 4, 7]
+    assert report.examples[1].reason == "problem is not text (int)"
+    assert report.examples[3].reason.startswith("not valid JSON")
 
 
 def test_processed_parquet_with_custom_columns(tmp_path):
@@ -128,7 +128,6 @@ def test_prompts_use_chat_template_suffix_and_filter(tiny_model_dir):
     assert tok.decode(ids) == text
     problems, _ = load_problems("toy")
     short = problems[:5]
-    from justrl.data import Problem
     long_one = Problem("word " * 400, "1", "test:0")
     prompts, dropped = build_prompts(short + [long_one], tok, max_prompt_length=128)
     assert dropped == 1 and [p.problem for p in prompts] == short

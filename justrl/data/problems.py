@@ -17,7 +17,7 @@ import logging
 from collections import Counter
 from dataclasses import dataclass, field
 
-from justrl.data.reading import Row, _BadJson, iter_rows
+from justrl.data.reading import Row, BadJsonLine, iter_rows
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +39,17 @@ class Problem:
     """`file:row` of the first row that held this problem."""
 
 
+@dataclass(frozen=True)
+class SkippedRow:
+    file: str
+    index: int
+    """0-based row index within `file`."""
+    reason: str
+
+    def __str__(self) -> str:
+        return f"{self.file}:{self.index}: {self.reason}"
+
+
 @dataclass
 class LoadReport:
     rows: int = 0
@@ -50,13 +61,13 @@ class LoadReport:
     """Original-form rows whose DAPO instruction was removed."""
     skipped: Counter = field(default_factory=Counter)
     """Reason -> number of rows skipped for it."""
-    examples: list[str] = field(default_factory=list)
-    """`file:row: reason` for the first skipped rows."""
+    examples: list[SkippedRow] = field(default_factory=list)
+    """The first skipped rows (file, row index, reason)."""
 
     def skip(self, row: Row, reason: str) -> None:
         self.skipped[reason] += 1
         if len(self.examples) < MAX_EXAMPLES_KEPT:
-            self.examples.append(f"{row.file}:{row.index}: {reason}")
+            self.examples.append(SkippedRow(row.file, row.index, reason))
 
     def summary(self) -> str:
         parts = [f"{self.rows} rows -> {self.kept} problems", f"{self.duplicates} duplicates"]
@@ -91,7 +102,7 @@ def _answer_text(value) -> str | None:
 def parse_row(row: Row, problem_key: str | None, answer_key: str | None) -> tuple[str, str, bool] | str:
     """(problem, answer, was_wrapped) for a usable row, else the reason it is skipped."""
     data = row.data
-    if isinstance(data, _BadJson):
+    if isinstance(data, BadJsonLine):
         return f"not valid JSON ({data.error})"
     if not isinstance(data, dict):
         return f"row is a {type(data).__name__}, not an object"
@@ -155,7 +166,7 @@ def load_problems(source: str, problem_key: str | None = None,
     if report.rows == 0:
         raise ValueError(f"{source}: no rows")
     if not problems:
-        raise ValueError(f"{source}: no usable rows ({report.summary()}); first: {report.examples[:3]}")
+        raise ValueError(f"{source}: no usable rows ({report.summary()}); first: {[str(e) for e in report.examples[:3]]}")
     log.info("training data %s: %s", source, report.summary())
     for example in report.examples:
         log.warning("skipped %s", example)

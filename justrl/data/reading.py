@@ -104,13 +104,13 @@ def _json_rows(file: Path) -> Iterator[Row]:
             try:
                 data = json.loads(line)
             except json.JSONDecodeError as exc:
-                data = _BadJson(str(exc))
+                data = BadJsonLine(str(exc))
             yield Row(str(file), index, data)
             index += 1
 
 
 @dataclass(frozen=True)
-class _BadJson:
+class BadJsonLine:
     """A jsonl line that is not JSON; the caller skips and counts it like any malformed row."""
 
     error: str

@@ -153,7 +153,7 @@ class ScorerPool:
         for worker in self._workers:
             try:
                 worker.conn.send(None)
-            except (OSError, BrokenPipeError):
+            except OSError:  # the worker is already gone
                 pass
             worker.process.join(timeout=2)
             worker.kill()
