@@ -51,6 +51,15 @@ class RolloutConfig:
     val_temperature: float = MISSING
     val_top_p: float = MISSING
     val_max_new_tokens: int = MISSING
+    engines: int = MISSING
+    dtype: str = MISSING
+    tensor_parallel_size: int = MISSING
+    gpu_memory_utilization: float = MISSING
+    cpu_kv_cache_gb: int = MISSING
+    engine_args: list[str] = MISSING
+    max_restarts: int = MISSING
+    startup_timeout_s: float = MISSING
+    request_timeout_s: float = MISSING
 
 
 @dataclass
@@ -99,6 +108,7 @@ class LearnerConfig:
     micro_batch_tokens: int = MISSING
     gradient_checkpointing: bool = MISSING
     tensor_parallel_size: int = MISSING
+    max_nonfinite_updates: int = MISSING
 
 
 @dataclass
@@ -118,6 +128,7 @@ class TrainerConfig:
     val_before_train: bool = MISSING
     val_every: int = MISSING
     save_every: int = MISSING
+    keep_checkpoints: Optional[int] = MISSING
     seed: int = MISSING
     run_name: str = MISSING
     output_dir: str = MISSING
@@ -176,8 +187,16 @@ def validate(cfg: DictConfig) -> None:
     for key in ("top_p", "val_top_p"):
         _check(e, 0 < r[key] <= 1, f"rollout.{key}", "must be in (0, 1]", r[key])
     _check(e, r.top_k == -1 or r.top_k >= 1, "rollout.top_k", "must be -1 (off) or >= 1", r.top_k)
-    for key in ("max_response_length", "val_samples", "val_max_new_tokens"):
+    for key in ("max_response_length", "val_samples", "val_max_new_tokens", "engines", "tensor_parallel_size"):
         _check(e, r[key] >= 1, f"rollout.{key}", "must be >= 1", r[key])
+    _check(e, r.dtype in ("float32", "bfloat16", "float16"), "rollout.dtype",
+           "must be float32, bfloat16 or float16", r.dtype)
+    _check(e, 0 < r.gpu_memory_utilization <= 1, "rollout.gpu_memory_utilization", "must be in (0, 1]",
+           r.gpu_memory_utilization)
+    _check(e, r.cpu_kv_cache_gb > 0, "rollout.cpu_kv_cache_gb", "must be > 0", r.cpu_kv_cache_gb)
+    _check(e, r.max_restarts >= 0, "rollout.max_restarts", "must be >= 0", r.max_restarts)
+    for key in ("startup_timeout_s", "request_timeout_s"):
+        _check(e, r[key] > 0, f"rollout.{key}", "must be > 0", r[key])
 
     a = c.algorithm
     _check(e, a.prompts_per_step >= 1, "algorithm.prompts_per_step", "must be >= 1", a.prompts_per_step)
@@ -218,6 +237,8 @@ def validate(cfg: DictConfig) -> None:
     _check(e, lr.micro_batch_tokens >= 1, "learner.micro_batch_tokens", "must be >= 1", lr.micro_batch_tokens)
     _check(e, lr.tensor_parallel_size >= 1 and (lr.name == "megatron" or lr.tensor_parallel_size == 1),
            "learner.tensor_parallel_size", "must be >= 1, and 1 for the hf learner", lr.tensor_parallel_size)
+    _check(e, lr.max_nonfinite_updates >= 1, "learner.max_nonfinite_updates", "must be >= 1",
+           lr.max_nonfinite_updates)
 
     cl = c.cluster
     _check(e, cl.name in CLUSTERS, "cluster.name", f"must be one of {list(CLUSTERS)}", cl.name)
@@ -232,6 +253,8 @@ def validate(cfg: DictConfig) -> None:
            "must be null (one pass over the data) or >= 1", t.total_steps)
     _check(e, t.val_every >= 0, "trainer.val_every", "must be >= 0 (0: never)", t.val_every)
     _check(e, t.save_every >= 1, "trainer.save_every", "must be >= 1", t.save_every)
+    _check(e, t.keep_checkpoints is None or t.keep_checkpoints >= 1, "trainer.keep_checkpoints",
+           "must be null (keep all) or >= 1", t.keep_checkpoints)
     _check(e, bool(t.run_name), "trainer.run_name", "must not be empty", t.run_name)
     if e:
         raise ConfigError("invalid configuration:\n  " + "\n  ".join(e))

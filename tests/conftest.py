@@ -17,10 +17,15 @@ def benchmark_dir() -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory) -> Path:
-    """The tiny model built once per test session with tools/make_tiny_model.py."""
-    import importlib.util
+    """The embedded default's tiny model (warm-started), built once per test session."""
+    from justrl.tiny_model import make_tiny_model
 
-    spec = importlib.util.spec_from_file_location("make_tiny_model", REPO / "tools" / "make_tiny_model.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.make_tiny_model(tmp_path_factory.mktemp("tiny") / "model")
+    return make_tiny_model(tmp_path_factory.mktemp("tiny") / "model")
+
+
+@pytest.fixture(scope="session")
+def random_tiny_model_dir(tmp_path_factory) -> Path:
+    """The tiny model with random weights (no warm start): it rarely stops before the limit."""
+    from justrl.tiny_model import make_tiny_model
+
+    return make_tiny_model(tmp_path_factory.mktemp("tiny_random") / "model", warm_start_steps=0)

@@ -158,11 +158,11 @@ def test_sampler_is_seeded_and_resumes_exactly():
 
 def test_toy_problems_are_deterministic_and_disjoint():
     train, val = toy_problems("train"), toy_problems("val")
-    assert train == toy_problems("train") and len(val) == 64
+    assert train == toy_problems("train") and (len(train), len(val)) == (74, 16)
     assert not {p.problem for p in train} & {p.problem for p in val}
-    for p in train[:50]:
-        a, op, b = p.problem.removeprefix("What is ").removesuffix("?").split()
-        assert int(p.answer) == (int(a) + int(b) if op == "+" else int(a) - int(b))
+    for p in train + val:
+        a, b = p.problem.removeprefix("Which number is larger, ").removesuffix("?").split(" or ")
+        assert a != b and p.answer == str(max(int(a), int(b)))
 
 
 EXPECTED_SIZES = {"AIME24": 30, "AIME25": 30, "AMC23": 40, "BRUMO25": 30, "CMIMC25": 40, "HMMT25": 30,

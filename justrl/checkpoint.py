@@ -1,0 +1,106 @@
+"""Atomic checkpoints in the run directory, and finding the one to resume from.
+
+    <run>/checkpoints/step_000050/      one complete checkpoint
+        hf/                             the weights as an HF directory (float32 master weights):
+                                        config.json, model.safetensors, tokenizer; transformers
+                                        and vLLM load it as it is
+        optimizer.pt                    learner state (optimizer, schedule)
+        trainer_state.pt                step, sampler position, RNG states, counters
+        config.yaml                     the run's whole configuration
+        COMPLETE                        written last: the checkpoint is whole
+    <run>/checkpoints/latest            the name of the newest complete checkpoint
+
+A checkpoint is written into `step_N.tmp/` and renamed to `step_N/` only once every file is on
+disk (and `COMPLETE` written); then `latest` is replaced atomically. A crash at any point leaves
+the previous checkpoint and the `latest` pointer as they were; the stale `.tmp` directory is
+removed at the next save.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import shutil
+from pathlib import Path
+from typing import Callable
+
+log = logging.getLogger(__name__)
+
+COMPLETE = "COMPLETE"
+LATEST = "latest"
+_STEP_DIR = re.compile(r"^step_(\d+)$")
+
+
+def step_dir_name(step: int) -> str:
+    return f"step_{step:06d}"
+
+
+def is_complete(path: Path) -> bool:
+    return (path / COMPLETE).is_file()
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def save_checkpoint(checkpoint_root: str | Path, step: int, write: Callable[[Path], None],
+                    keep: int | None = None) -> Path:
+    """Write checkpoint `step` atomically; `write(tmp_dir)` writes its files into `tmp_dir`.
+
+    `keep`: how many complete checkpoints to keep (the oldest are deleted after the new one is in
+    place; None keeps all).
+    """
+    root = Path(checkpoint_root)
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / step_dir_name(step)
+    tmp = root / (final.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    write(tmp)
+    (tmp / COMPLETE).write_text(json.dumps({"step": step}) + "\n")
+    _fsync_dir(tmp)
+    if final.exists():  # the same step saved again (e.g. a rerun): replace it
+        shutil.rmtree(final)
+    tmp.rename(final)
+    pointer_tmp = root / (LATEST + ".tmp")
+    pointer_tmp.write_text(final.name + "\n")
+    os.replace(pointer_tmp, root / LATEST)
+    _fsync_dir(root)
+    if keep is not None:
+        for old in complete_checkpoints(root)[:-keep]:
+            shutil.rmtree(old)
+    return final
+
+
+def complete_checkpoints(checkpoint_root: str | Path) -> list[Path]:
+    """Complete checkpoints, oldest first."""
+    root = Path(checkpoint_root)
+    if not root.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in root.iterdir()
+             if (m := _STEP_DIR.match(p.name)) and p.is_dir() and is_complete(p)]
+    return [p for _, p in sorted(found)]
+
+
+def latest_checkpoint(checkpoint_root: str | Path) -> Path | None:
+    """The checkpoint to resume from: the one `latest` names, if complete; otherwise (pointer
+    missing or damaged) the complete checkpoint with the highest step; None if there is none."""
+    root = Path(checkpoint_root)
+    pointer = root / LATEST
+    if pointer.is_file():
+        named = root / pointer.read_text().strip()
+        if _STEP_DIR.match(named.name) and is_complete(named):
+            return named
+        log.warning("%s names %r, which is not a complete checkpoint; using the newest complete one",
+                    pointer, named.name)
+    found = complete_checkpoints(root)
+    return found[-1] if found else None
+
+
+def checkpoint_step(path: str | Path) -> int:
+    return json.loads((Path(path) / COMPLETE).read_text())["step"]

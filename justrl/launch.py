@@ -1,0 +1,89 @@
+"""Entry point: compose the config, check it, start the learner ranks and the rollout engines.
+
+    python -m justrl.launch experiment=tiny                 # embedded default: tiny model, CPU
+    python -m justrl.launch model=openmath_nemotron_1.5b    # the recipe, on this machine's GPUs
+    python -m justrl.launch trainer.output_dir=outputs/x    # relaunching the same directory resumes
+
+Placement with cluster=local: learner ranks 0..learner_gpus-1 take the first GPUs (one CPU rank
+when there are none), and the remaining GPUs are cut into vLLM engines of
+rollout.tensor_parallel_size GPUs each (rollout.engines engines on a CPU machine). Rank 0 runs the
+controller loop (justrl.trainer.train) and starts and stops the engines itself.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import sys
+
+import hydra
+import torch
+import torch.distributed as dist
+from omegaconf import DictConfig, OmegaConf
+
+from justrl.config import ConfigError, validate
+
+log = logging.getLogger("justrl")
+
+
+def engine_gpus(cluster, rollout) -> list[list[int]] | None:
+    """GPU ids of each local engine: the GPUs after the learner's, `rollout.tensor_parallel_size`
+    per engine. None on a CPU machine (gpus_per_node = 0)."""
+    if cluster.gpus_per_node == 0:
+        return None
+    free = list(range(cluster.learner_gpus, cluster.gpus_per_node))
+    tp = rollout.tensor_parallel_size
+    if len(free) < tp:
+        raise ConfigError(f"cluster.learner_gpus={cluster.learner_gpus} of gpus_per_node={cluster.gpus_per_node} "
+                          f"leaves {len(free)} GPUs for rollouts; rollout.tensor_parallel_size={tp} needs more")
+    return [free[i:i + tp] for i in range(0, len(free) - tp + 1, tp)]
+
+
+def _rank_main(rank: int, world_size: int, cfg_yaml: str, port: int, gpus) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world_size),
+                      LOCAL_RANK=str(rank))
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    if torch.cuda.is_available():
+        torch.cuda.set_device(rank)
+    dist.init_process_group(backend, rank=rank, world_size=world_size)
+    try:
+        from justrl.trainer import train
+
+        train(OmegaConf.create(cfg_yaml), gpus)
+    finally:
+        dist.destroy_process_group()
+
+
+def launch_local(cfg: DictConfig) -> None:
+    """Run the loop on this machine: in this process (one rank) or one process per learner GPU."""
+    from justrl.rollout import free_port
+    from justrl.trainer import train
+
+    gpus = engine_gpus(cfg.cluster, cfg.rollout)
+    world_size = max(1, cfg.cluster.learner_gpus)
+    if world_size == 1:
+        train(cfg, gpus)
+        return
+    import torch.multiprocessing as mp
+
+    mp.spawn(_rank_main, args=(world_size, OmegaConf.to_yaml(cfg), free_port(), gpus), nprocs=world_size)
+
+
+@hydra.main(config_path="pkg://justrl.hydra_conf", config_name="config", version_base=None)
+def main(cfg: DictConfig) -> None:
+    from justrl.learner import NonFiniteError
+    from justrl.rollout import EngineError
+
+    OmegaConf.resolve(cfg)
+    try:
+        validate(cfg)
+        if cfg.cluster.name != "local":
+            raise ConfigError(f"cluster.name={cfg.cluster.name!r}: launching on Slurm is not implemented yet; "
+                              f"use cluster=local")
+        launch_local(cfg)
+    except (ConfigError, NonFiniteError, EngineError) as exc:
+        log.error("%s", exc)
+        sys.exit(f"justrl: {exc}")
+
+
+if __name__ == "__main__":
+    main()

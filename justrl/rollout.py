@@ -1,0 +1,295 @@
+"""Rollout engines: real vLLM servers driven token-in/token-out over HTTP.
+
+Every engine is vLLM's OpenAI-compatible server (`vllm.entrypoints.openai.api_server`) with its
+development endpoints on (`VLLM_SERVER_DEV_MODE=1`). The controller talks to it with three calls:
+
+- `POST /v1/completions` with `prompt` = token ids and `return_token_ids` = true: one request per
+  prompt asking for n samples with a per-prompt seed; back come the response token ids (the EOS
+  token included when the model stopped) and `finish_reason` ("length": cut at the limit).
+- `POST /collective_rpc` `reload_weights(weights_path=<dir of safetensors>)`: vLLM reloads the
+  weights in place (no restart, no re-allocation of the KV cache), then `POST /reset_prefix_cache`
+  so that no KV block computed with the old weights is reused. This is the portable weight sync:
+  the learner writes HF safetensors to the run directory on a filesystem every engine sees.
+  vLLM's NCCL weight transfer (`/init_weight_transfer_engine`, `/update_weights`) is the fast path
+  on GPUs; it would replace `EngineClient.load_weights` and nothing else.
+- `GET /health`.
+
+The same client serves engines started here (`LocalEngine`: a subprocess of the controller, logs in
+the run directory) and engines started elsewhere (an srun step on another node): only how an
+engine is started and restarted differs. `RolloutFleet` spreads a step's prompts over the engines,
+and restarts an engine that died mid-step and retries its share, a bounded number of times.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import requests
+
+log = logging.getLogger(__name__)
+
+SERVED_MODEL_NAME = "policy"
+# Concurrent HTTP requests per engine: enough to keep vLLM's scheduler full (it batches them).
+MAX_IN_FLIGHT_PER_ENGINE = 256
+# vLLM's CPU build (0.32) crashes ("CPU Generator does not use offset") when a seeded request's
+# prefill is split by chunked prefill; CPU engines therefore run without chunked prefill.
+CPU_ENGINE_ARGS = ("--enforce-eager", "--no-enable-chunked-prefill")
+# Lines of an engine's log quoted in an error message.
+LOG_TAIL_LINES = 30
+
+
+class EngineError(RuntimeError):
+    """An engine could not start, died, or answered with an error."""
+
+
+@dataclass(frozen=True)
+class SamplingSettings:
+    """What one generation call asks of vLLM (training rollouts or validation)."""
+
+    n: int
+    temperature: float
+    top_p: float
+    top_k: int
+    max_tokens: int
+
+
+@dataclass(frozen=True)
+class Completion:
+    """One sampled response."""
+
+    token_ids: tuple[int, ...]
+    """Response token ids, ending with the EOS token when the model stopped by itself."""
+    truncated: bool
+    """True when the response was cut at the token limit (finish_reason "length")."""
+
+
+class EngineClient:
+    """HTTP client of one running vLLM server."""
+
+    def __init__(self, url: str, request_timeout_s: float = 3600.0):
+        self.url = url.rstrip("/")
+        self.request_timeout_s = request_timeout_s
+
+    def healthy(self) -> bool:
+        try:
+            return requests.get(f"{self.url}/health", timeout=5).status_code == 200
+        except requests.RequestException:
+            return False
+
+    def _post(self, path: str, payload: dict | None = None) -> dict:
+        try:
+            response = requests.post(f"{self.url}{path}", json=payload, timeout=self.request_timeout_s)
+        except requests.RequestException as exc:
+            raise EngineError(f"{self.url}{path}: {type(exc).__name__}: {exc}") from exc
+        if response.status_code != 200:
+            raise EngineError(f"{self.url}{path}: HTTP {response.status_code}: {response.text[:500]}")
+        return response.json() if response.content else {}
+
+    def complete(self, prompt_ids: list[int], settings: SamplingSettings, seed: int) -> list[Completion]:
+        """`settings.n` responses to one prompt; sample i uses seed `seed + i` (vLLM's rule)."""
+        body = self._post("/v1/completions", {
+            "model": SERVED_MODEL_NAME,
+            "prompt": [list(prompt_ids)],
+            "n": settings.n,
+            "max_tokens": settings.max_tokens,
+            "temperature": settings.temperature,
+            "top_p": settings.top_p,
+            "top_k": settings.top_k,
+            "seed": seed,
+            "return_token_ids": True,
+            "skip_special_tokens": False,
+        })
+        choices = sorted(body["choices"], key=lambda c: c["index"])
+        if len(choices) != settings.n or any(c.get("token_ids") is None for c in choices):
+            raise EngineError(f"{self.url}: asked for {settings.n} responses with token ids, got "
+                              f"{len(choices)} ({[sorted(c) for c in choices[:1]]})")
+        return [Completion(tuple(c["token_ids"]), c["finish_reason"] == "length") for c in choices]
+
+    def complete_many(self, prompts: list[list[int]], settings: SamplingSettings,
+                      seeds: list[int]) -> list[list[Completion]]:
+        """Many prompts at once (concurrent requests; vLLM batches them)."""
+        workers = max(1, min(MAX_IN_FLIGHT_PER_ENGINE, len(prompts)))
+        with ThreadPoolExecutor(max_workers=workers) as pool:
+            return list(pool.map(lambda args: self.complete(args[0], settings, args[1]), zip(prompts, seeds)))
+
+    def load_weights(self, weights_dir: str | Path) -> None:
+        """Reload the model's weights in place from a directory of HF safetensors."""
+        self._post("/collective_rpc", {"method": "reload_weights",
+                                       "kwargs": {"weights_path": str(Path(weights_dir).resolve())}})
+        self._post("/reset_prefix_cache")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass(frozen=True)
+class EngineSpec:
+    """How to start one local vLLM server."""
+
+    max_model_len: int
+    dtype: str
+    seed: int
+    tensor_parallel_size: int = 1
+    gpu_ids: tuple[int, ...] = ()
+    """CUDA devices of this engine; empty: vLLM's CPU build."""
+    gpu_memory_utilization: float = 0.85
+    cpu_kv_cache_gb: int = 1
+    extra_args: tuple[str, ...] = ()
+    startup_timeout_s: float = 600.0
+    request_timeout_s: float = 3600.0
+
+
+class LocalEngine:
+    """A vLLM server that justrl starts and stops as a subprocess of this machine.
+
+    Its stdout and stderr go to `log_path`, appended across restarts.
+    """
+
+    def __init__(self, name: str, spec: EngineSpec, log_path: str | Path):
+        self.name = name
+        self.spec = spec
+        self.log_path = Path(log_path)
+        self.process: subprocess.Popen | None = None
+        self.client: EngineClient | None = None
+
+    def start(self, model_dir: str | Path) -> None:
+        """Start serving `model_dir` and wait until the server answers /health."""
+        spec, port = self.spec, free_port()
+        cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server",
+               "--model", str(model_dir), "--served-model-name", SERVED_MODEL_NAME,
+               "--host", "127.0.0.1", "--port", str(port), "--dtype", spec.dtype,
+               "--max-model-len", str(spec.max_model_len), "--seed", str(spec.seed),
+               "--tensor-parallel-size", str(spec.tensor_parallel_size),
+               "--gpu-memory-utilization", str(spec.gpu_memory_utilization),
+               *(() if spec.gpu_ids else CPU_ENGINE_ARGS), *spec.extra_args]
+        env = dict(os.environ, VLLM_SERVER_DEV_MODE="1")
+        if spec.gpu_ids:
+            env["CUDA_VISIBLE_DEVICES"] = ",".join(map(str, spec.gpu_ids))
+        else:
+            env.setdefault("VLLM_CPU_KVCACHE_SPACE", str(spec.cpu_kv_cache_gb))
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.log_path, "ab") as out:
+            out.write(f"\n=== justrl: starting {self.name}: {' '.join(cmd)}\n".encode())
+            out.flush()
+            # A session of its own, so that stop() takes vLLM's engine-core children down with it.
+            self.process = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env,
+                                            start_new_session=True)
+        self.client = EngineClient(f"http://127.0.0.1:{port}", spec.request_timeout_s)
+        deadline = time.monotonic() + spec.startup_timeout_s
+        while not self.client.healthy():
+            if self.process.poll() is not None:
+                raise EngineError(f"{self.name} exited with code {self.process.returncode} while starting "
+                                  f"(log: {self.log_path}):\n{self.log_tail()}")
+            if time.monotonic() > deadline:
+                self.stop()
+                raise EngineError(f"{self.name} did not answer /health within {spec.startup_timeout_s:.0f} s "
+                                  f"(log: {self.log_path}):\n{self.log_tail()}")
+            time.sleep(0.5)
+        log.info("%s serving %s at %s (pid %d)", self.name, model_dir, self.client.url, self.process.pid)
+
+    def alive(self) -> bool:
+        return self.process is not None and self.process.poll() is None
+
+    def stop(self) -> None:
+        if self.process is None:
+            return
+        try:
+            os.killpg(self.process.pid, signal.SIGTERM)
+            self.process.wait(timeout=20)
+        except ProcessLookupError:
+            pass
+        except subprocess.TimeoutExpired:
+            os.killpg(self.process.pid, signal.SIGKILL)
+            self.process.wait()
+        self.process = None
+
+    def log_tail(self) -> str:
+        try:
+            lines = self.log_path.read_text(errors="replace").splitlines()
+        except OSError:
+            return "(no log)"
+        return "\n".join(lines[-LOG_TAIL_LINES:])
+
+
+class RolloutFleet:
+    """The step's rollout engines: spreads prompts over them, syncs weights, restarts the dead.
+
+    `weights_dir` is the directory the engines serve now (the model at start, then each step's
+    synced weights); an engine that is restarted comes back serving it.
+    """
+
+    def __init__(self, engines: list[LocalEngine], weights_dir: str | Path, max_restarts: int = 2):
+        if not engines:
+            raise ValueError("a rollout fleet needs at least one engine")
+        self.engines = engines
+        self.weights_dir = Path(weights_dir)
+        self.max_restarts = max_restarts
+        self.restarts = 0
+
+    def start(self) -> None:
+        with ThreadPoolExecutor(max_workers=len(self.engines)) as pool:
+            list(pool.map(lambda e: e.start(self.weights_dir), self.engines))
+
+    def stop(self) -> None:
+        for engine in self.engines:
+            engine.stop()
+
+    def _restart(self, engine: LocalEngine, error: Exception) -> None:
+        self.restarts += 1
+        log.warning("%s failed (%s); restarting it from %s", engine.name, error, self.weights_dir)
+        engine.stop()
+        engine.start(self.weights_dir)
+
+    def _on_engine(self, engine: LocalEngine, work):
+        """Run `work(client)`; if the engine dies, restart it and retry, `max_restarts` times."""
+        for attempt in range(self.max_restarts + 1):
+            try:
+                if not engine.alive():
+                    raise EngineError(f"{engine.name} is not running (exit code "
+                                      f"{engine.process.returncode if engine.process else None})")
+                return work(engine.client)
+            except EngineError as exc:
+                if attempt == self.max_restarts:
+                    raise EngineError(f"{engine.name} failed {attempt + 1} times in a row; giving up "
+                                      f"(rollout.max_restarts={self.max_restarts}). Last error: {exc}\n"
+                                      f"log {engine.log_path}:\n{engine.log_tail()}") from exc
+                self._restart(engine, exc)
+
+    def generate(self, prompts: list[list[int]], settings: SamplingSettings,
+                 seeds: list[int]) -> list[list[Completion]]:
+        """`settings.n` completions per prompt; prompt i is sampled with seed `seeds[i]`.
+
+        The prompts are cut into one contiguous share per engine. A share whose engine dies is
+        regenerated from scratch on the restarted engine, with the same seeds.
+        """
+        if len(prompts) != len(seeds):
+            raise ValueError(f"{len(prompts)} prompts but {len(seeds)} seeds")
+        k = len(self.engines)
+        bounds = [len(prompts) * i // k for i in range(k + 1)]
+
+        def share(i: int) -> list[list[Completion]]:
+            lo, hi = bounds[i], bounds[i + 1]
+            if lo == hi:
+                return []
+            return self._on_engine(self.engines[i],
+                                   lambda client: client.complete_many(prompts[lo:hi], settings, seeds[lo:hi]))
+
+        with ThreadPoolExecutor(max_workers=k) as pool:
+            return [c for part in pool.map(share, range(k)) for c in part]
+
+    def load_weights(self, weights_dir: str | Path) -> None:
+        """Every engine reloads its weights from `weights_dir` (in place)."""
+        self.weights_dir = Path(weights_dir)
+        with ThreadPoolExecutor(max_workers=len(self.engines)) as pool:
+            list(pool.map(lambda e: self._on_engine(e, lambda c: c.load_weights(self.weights_dir)), self.engines))

@@ -1,0 +1,394 @@
+"""The controller loop: the JustRL recipe (arXiv 2512.16649), one training step at a time.
+
+    for each step:
+        prompts     <- the sampler's next prompts_per_step prompts (one seeded pass, resumable)
+        responses   <- n samples per prompt from the vLLM engines (token ids in, token ids out)
+        rewards     <- the verifier (+ the overlong penalty in the length_penalty ablation)
+        advantages  <- GRPO: (r - group mean) / (group std + eps)
+        update      <- the learner recomputes old log-probs, then one AdamW step per mini-batch
+        sync        <- the new weights go to every engine (HF safetensors, reloaded in place)
+        log, validate and checkpoint on schedule
+
+Every learner rank runs `train`; rank 0 is the controller: it alone owns the engines, the reward
+workers, the event file and the checkpoints, and broadcasts each step's sequences to the other
+ranks. The same function runs on a laptop (one CPU rank), in an sbatch allocation and under
+submitit: only how the ranks and engines are started differs (justrl.launch).
+
+Where this departs from the authors' veRL setup, on purpose (the math itself is justrl.grpo's):
+- Rollout sampling is seeded per prompt from (trainer.seed, step), so a resumed run draws the
+  same responses as the uninterrupted one would have (given the same weights).
+- The engines serve the weights of the previous step exactly (float32 on CPU; the learner's
+  weights cast to rollout.dtype on GPU), reloaded from safetensors files; veRL syncs in memory.
+- Responses are scored from their decoded text with special tokens skipped, like veRL's reward
+  manager; a verifier that hangs is stopped after reward.timeout_s and scores -1 (counted).
+"""
+from __future__ import annotations
+
+import logging
+import os
+import random
+import shutil
+import signal
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from omegaconf import DictConfig, OmegaConf
+
+from justrl import checkpoint as ckpt
+from justrl.data import PromptSampler, build_prompts, load_benchmark, load_problems, toy_problems
+from justrl.grpo import group_advantages
+from justrl.learner import build_learner
+from justrl.learner.packing import Sequence
+from justrl.models import resolve_model_path
+from justrl.reward import ScorerPool, overlong_penalty
+from justrl.rollout import EngineSpec, LocalEngine, RolloutFleet, SamplingSettings
+from justrl.tb import ScalarLog
+
+log = logging.getLogger("justrl")
+STEP_LOGGER = "justrl.steps"
+step_log = logging.getLogger(STEP_LOGGER)
+
+TRAINER_STATE = "trainer_state.pt"
+RUN_CONFIG = "config.yaml"
+
+
+@dataclass(frozen=True)
+class RunDir:
+    """Where a run's files go; one directory per run, shared by every rank and restart."""
+
+    root: Path
+
+    @property
+    def checkpoints(self) -> Path:
+        return self.root / "checkpoints"
+
+    @property
+    def tensorboard(self) -> Path:
+        return self.root / "tensorboard"
+
+    @property
+    def engine_logs(self) -> Path:
+        return self.root / "engines"
+
+    @property
+    def weights(self) -> Path:
+        return self.root / "weights"
+
+
+class StopRequested:
+    """Set by SIGUSR1/SIGTERM (Slurm's pre-emption warning): finish the step, checkpoint, exit."""
+
+    def __init__(self):
+        self.signal: int | None = None
+        for sig in (signal.SIGUSR1, signal.SIGTERM):
+            signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame) -> None:
+        log.warning("received signal %d: checkpointing after this step, then stopping", signum)
+        self.signal = signum
+
+
+def step_seeds(seed: int, step: int, num_prompts: int, n: int) -> list[int]:
+    """Per-prompt sampling seeds of a step; vLLM gives sample i of a prompt seed + i, so prompts
+    are spaced n apart and no two samples of a step share a seed."""
+    base = random.Random(f"justrl:{seed}:{step}").getrandbits(30)
+    return [base + i * n for i in range(num_prompts)]
+
+
+def _broadcast(obj):
+    """Rank 0's `obj` on every rank (no-op without torch.distributed)."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def _rng_state() -> dict:
+    return {"python": random.getstate(), "torch": torch.get_rng_state()}
+
+
+def _set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    torch.set_rng_state(state["torch"])
+
+
+def _validation_sets(cfg: DictConfig, tokenizer) -> dict[str, list]:
+    """name -> prompts of each validation benchmark ("toy": the held-out toy split)."""
+    sets = {}
+    for name in cfg.data.val_benchmarks:
+        if name == "toy":
+            problems = toy_problems("val")
+        else:
+            bench = load_benchmark(name, cfg.data.benchmark_dir)
+            problems = [p for p in bench.problems]
+        sets[name], dropped = build_prompts(problems, tokenizer, cfg.data.max_prompt_length, cfg.data.prompt_suffix)
+        if dropped:
+            log.warning("validation %s: %d prompts longer than data.max_prompt_length left out", name, dropped)
+    return sets
+
+
+class Controller:
+    """Rank 0's side of the loop: engines, reward workers, metrics."""
+
+    def __init__(self, cfg: DictConfig, run: RunDir, tokenizer, serve_dir: Path, engine_gpus: list[list[int]]):
+        self.cfg, self.run, self.tokenizer = cfg, run, tokenizer
+        r = cfg.rollout
+        spec = dict(max_model_len=cfg.data.max_prompt_length + max(r.max_response_length, r.val_max_new_tokens),
+                    dtype=r.dtype, seed=cfg.trainer.seed, tensor_parallel_size=r.tensor_parallel_size,
+                    gpu_memory_utilization=r.gpu_memory_utilization, cpu_kv_cache_gb=r.cpu_kv_cache_gb,
+                    extra_args=tuple(r.engine_args), startup_timeout_s=r.startup_timeout_s,
+                    request_timeout_s=r.request_timeout_s)
+        engines = [LocalEngine(f"engine{i}", EngineSpec(gpu_ids=tuple(gpus), **spec), run.engine_logs / f"engine{i}.log")
+                   for i, gpus in enumerate(engine_gpus)]
+        self.fleet = RolloutFleet(engines, serve_dir, max_restarts=r.max_restarts)
+        self.scorer = ScorerPool(cfg.reward.verifier, cfg.reward.num_workers, cfg.reward.timeout_s)
+        self.train_settings = SamplingSettings(r.n, r.temperature, r.top_p, r.top_k, r.max_response_length)
+        self.val_settings = SamplingSettings(r.val_samples, r.val_temperature, r.val_top_p, -1, r.val_max_new_tokens)
+
+    def start(self) -> None:
+        self.fleet.start()
+
+    def close(self) -> None:
+        self.fleet.stop()
+        self.scorer.close()
+
+    def rollout(self, prompts: list, step: int) -> tuple[list[Sequence], dict[str, float]]:
+        """Generate, score and compute advantages for one step's prompts."""
+        cfg, n = self.cfg, self.cfg.rollout.n
+        t0 = time.perf_counter()
+        restarts_before = self.fleet.restarts
+        completions = self.fleet.generate([list(p.token_ids) for p in prompts], self.train_settings,
+                                          step_seeds(cfg.trainer.seed, step, len(prompts), n))
+        t1 = time.perf_counter()
+        flat = [(p, c) for p, group in zip(prompts, completions) for c in group]
+        texts = self.tokenizer.batch_decode([c.token_ids for _, c in flat], skip_special_tokens=True)
+        scores, stats = self.scorer.score(texts, [p.problem.answer for p, _ in flat])
+        lengths = [len(c.token_ids) for _, c in flat]
+        rewards = list(scores)
+        penalties = []
+        if cfg.reward.overlong.enable:
+            o = cfg.reward.overlong
+            penalties = [overlong_penalty(L, cfg.rollout.max_response_length, o.buffer, o.factor) for L in lengths]
+            rewards = [r + q for r, q in zip(rewards, penalties)]
+        group_ids = torch.arange(len(prompts)).repeat_interleave(n)
+        advantages = group_advantages(torch.tensor(rewards, dtype=torch.float32), group_ids, cfg.algorithm.adv_eps)
+        t2 = time.perf_counter()
+        sequences = [Sequence(tuple(p.token_ids), c.token_ids, float(a))
+                     for (p, c), a in zip(flat, advantages.tolist())]
+
+        per_group = torch.tensor(scores).view(len(prompts), n) > 0
+        metrics = {
+            "reward/mean": sum(rewards) / len(rewards),
+            "reward/accuracy": sum(s > 0 for s in scores) / len(scores),
+            "reward/solved_none": per_group.any(dim=1).logical_not().float().mean().item(),
+            "reward/solved_all": per_group.all(dim=1).float().mean().item(),
+            "reward/timeouts": float(stats.timeouts),
+            "reward/errors": float(stats.errors),
+            "response_length/mean": sum(lengths) / len(lengths),
+            "response_length/max": float(max(lengths)),
+            "response_length/min": float(min(lengths)),
+            "response_length/clip_ratio": sum(c.truncated for _, c in flat) / len(flat),
+            "prompt_length/mean": sum(len(p.token_ids) for p in prompts) / len(prompts),
+            "rollout/engine_restarts": float(self.fleet.restarts - restarts_before),
+            "perf/time_rollout": t1 - t0,
+            "perf/time_reward": t2 - t1,
+        }
+        if penalties:
+            metrics["reward/overlong_penalty"] = sum(penalties) / len(penalties)
+        if stats.first_error:
+            log.warning("step %d: %d responses could not be scored (first error: %s)", step, stats.errors,
+                        stats.first_error)
+        return sequences, metrics
+
+    def validate(self, val_sets: dict[str, list]) -> dict[str, float]:
+        """Accuracy (share of samples the verifier accepts) on each validation set."""
+        metrics = {}
+        for index, (name, prompts) in enumerate(val_sets.items()):
+            k = self.val_settings.n
+            seeds = [random.Random(f"justrl-val:{self.cfg.trainer.seed}:{index}").getrandbits(30) + i * k
+                     for i in range(len(prompts))]
+            completions = self.fleet.generate([list(p.token_ids) for p in prompts], self.val_settings, seeds)
+            flat = [(p, c) for p, group in zip(prompts, completions) for c in group]
+            texts = self.tokenizer.batch_decode([c.token_ids for _, c in flat], skip_special_tokens=True)
+            scores, _ = self.scorer.score(texts, [p.problem.answer for p, _ in flat])
+            metrics[f"val/{name}/accuracy"] = sum(s > 0 for s in scores) / len(scores)
+            metrics[f"val/{name}/response_length"] = sum(len(c.token_ids) for _, c in flat) / len(flat)
+        return metrics
+
+
+def _warn_config_changes(saved: DictConfig, current: DictConfig) -> None:
+    """A resumed run keeps its checkpoint's state; say which settings differ from its start."""
+    def flat(node, prefix=""):
+        out = {}
+        for key, value in node.items():
+            out.update(flat(value, f"{prefix}{key}.") if isinstance(value, dict) else {f"{prefix}{key}": value})
+        return out
+    old, new = flat(OmegaConf.to_container(saved)), flat(OmegaConf.to_container(current))
+    changed = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k))
+    if changed:
+        log.warning("resuming with settings that differ from the checkpoint's: %s",
+                    ", ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in changed))
+
+
+def _setup_logging(run: RunDir, rank: int) -> None:
+    """Rank 0: everything (INFO) into <run>/train.log; the console gets the same minus the
+    per-step lines, which the progress bar shows instead. Other ranks: warnings only."""
+    root = logging.getLogger()
+    for handler in list(root.handlers):
+        if getattr(handler, "justrl", False):
+            root.removeHandler(handler)
+            handler.close()
+    if rank != 0:
+        root.setLevel(logging.WARNING)
+        return
+    run.root.mkdir(parents=True, exist_ok=True)
+    form = logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
+    to_file = logging.FileHandler(run.root / "train.log")
+    to_console = logging.StreamHandler()
+    to_console.addFilter(lambda record: record.name != STEP_LOGGER)
+    for handler in (to_file, to_console):
+        handler.setFormatter(form)
+        handler.justrl = True
+        root.addHandler(handler)
+    root.setLevel(logging.INFO)
+
+
+def train(cfg: DictConfig, engine_gpus: list[list[int]] | None = None) -> Path:
+    """Run (or resume) training as described by `cfg`; returns the run directory.
+
+    `engine_gpus`: the CUDA devices of each local engine (None: `rollout.engines` CPU engines).
+    Call on every learner rank, after torch.distributed is initialised when there are several.
+    """
+    import transformers
+    from transformers import AutoTokenizer
+
+    transformers.utils.logging.disable_progress_bar()  # one progress bar on the console: ours
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    run = RunDir(Path(cfg.trainer.output_dir).absolute())
+    _setup_logging(run, rank)
+    stop = StopRequested()
+
+    # -- model, data, resume point ----------------------------------------------------------------
+    model_path = resolve_model_path(cfg.model, build=rank == 0)
+    if dist.is_initialized():
+        dist.barrier()
+    tokenizer = AutoTokenizer.from_pretrained(model_path)
+    resume = ckpt.latest_checkpoint(run.checkpoints)
+    start_step = ckpt.checkpoint_step(resume) if resume else 0
+    if resume and cfg.trainer.total_steps is not None and start_step >= cfg.trainer.total_steps:
+        log.info("%s already holds step %d of trainer.total_steps=%d: nothing to do (raise "
+                 "trainer.total_steps to train on)", resume, start_step, cfg.trainer.total_steps)
+        return run.root
+    learner = build_learner(cfg, resume / "hf" if resume else model_path)
+    total_steps = cfg.trainer.total_steps
+
+    controller = sampler = tb = None
+    if rank == 0:
+        problems, report = load_problems(cfg.data.train_path, cfg.data.problem_key, cfg.data.answer_key)
+        log.info("training data: %s", report.summary())
+        prompts, _ = build_prompts(problems, tokenizer, cfg.data.max_prompt_length, cfg.data.prompt_suffix)
+        val_sets = _validation_sets(cfg, tokenizer)
+        sampler = PromptSampler(len(prompts), cfg.data.seed)
+        if total_steps is None:
+            total_steps = sampler.batches_per_epoch(cfg.algorithm.prompts_per_step)
+        state = {"total_tokens": 0}
+        if resume:
+            learner.load_state(resume)
+            saved = torch.load(resume / TRAINER_STATE, weights_only=False)
+            sampler.load_state_dict(saved["sampler"])
+            _set_rng_state(saved["rng"])
+            state = saved["state"]
+            log.info("resuming from %s (step %d)", resume, start_step)
+            _warn_config_changes(OmegaConf.load(resume / RUN_CONFIG), cfg)
+        else:
+            OmegaConf.save(cfg, run.root / RUN_CONFIG)
+        tb = ScalarLog(run.tensorboard, resume_step=start_step if resume else None)
+        controller = Controller(cfg, run, tokenizer, resume / "hf" if resume else model_path,
+                                engine_gpus if engine_gpus is not None else [[] for _ in range(cfg.rollout.engines)])
+        controller.start()
+    elif resume:
+        learner.load_state(resume)
+    total_steps = _broadcast(total_steps)
+
+    def save(step: int) -> None:
+        def write(tmp: Path) -> None:
+            learner.export_hf(tmp / "hf", tokenizer)
+            learner.save_state(tmp)
+            if rank == 0:
+                torch.save({"sampler": sampler.state_dict(), "rng": _rng_state(), "state": state},
+                           tmp / TRAINER_STATE)
+                OmegaConf.save(cfg, tmp / RUN_CONFIG)
+        if rank == 0:
+            path = ckpt.save_checkpoint(run.checkpoints, step, write, cfg.trainer.keep_checkpoints)
+            log.info("checkpoint %s", path)
+        else:
+            write(Path(os.devnull))  # the non-zero ranks only join export_hf's barrier
+        if dist.is_initialized():
+            dist.barrier()
+
+    # -- the loop -----------------------------------------------------------------------------------
+    progress = None
+    try:
+        if rank == 0:
+            if cfg.trainer.val_before_train and start_step == 0 and cfg.trainer.val_every:
+                tb.scalars(0, controller.validate(val_sets))
+            from tqdm import tqdm
+            progress = tqdm(total=total_steps, initial=start_step, desc=cfg.trainer.run_name, unit="step",
+                            dynamic_ncols=True)
+        for step in range(start_step + 1, total_steps + 1):
+            t_step = time.perf_counter()
+            sequences = metrics = None
+            if rank == 0:
+                batch = [prompts[i] for i in sampler.next_batch(cfg.algorithm.prompts_per_step)]
+                sequences, metrics = controller.rollout(batch, step)
+            sequences = _broadcast(sequences)
+
+            t0 = time.perf_counter()
+            train_metrics = learner.train_step(sequences)
+            t1 = time.perf_counter()
+            weights = learner.export_hf(run.weights / ckpt.step_dir_name(step), tokenizer, cfg.rollout.dtype)
+            if rank == 0:
+                previous = controller.fleet.weights_dir
+                controller.fleet.load_weights(weights)
+                if previous.parent == run.weights:
+                    shutil.rmtree(previous, ignore_errors=True)
+            t2 = time.perf_counter()
+
+            if rank == 0:
+                step_tokens = sum(len(s) for s in sequences)
+                state["total_tokens"] += step_tokens
+                metrics.update(train_metrics)
+                metrics.update({
+                    "perf/time_train": t1 - t0,
+                    "perf/time_sync": t2 - t1,
+                    "perf/time_step": t2 - t_step,
+                    "perf/tokens_per_second": step_tokens / (t2 - t_step),
+                    "perf/total_tokens": float(state["total_tokens"]),
+                })
+                if cfg.trainer.val_every and (step % cfg.trainer.val_every == 0 or step == total_steps):
+                    metrics.update(controller.validate(val_sets))
+                tb.scalars(step, metrics)
+                step_log.info("step %d/%d %s", step, total_steps, " ".join(
+                    f"{k}={v:.4g}" for k, v in sorted(metrics.items())))
+                progress.set_postfix(reward=f"{metrics['reward/mean']:+.3f}", acc=f"{metrics['reward/accuracy']:.2f}",
+                                     len=f"{metrics['response_length/mean']:.0f}",
+                                     ent=f"{metrics['actor/entropy']:.2f}", refresh=False)
+                progress.update(1)
+            stop_now = _broadcast(stop.signal is not None)
+            if step % cfg.trainer.save_every == 0 or step == total_steps or stop_now:
+                save(step)
+            if stop_now:
+                log.warning("stopped at step %d on signal %s; relaunch to resume", step, stop.signal)
+                break
+    finally:
+        if progress is not None:
+            progress.close()
+        if controller is not None:
+            controller.close()
+        if tb is not None:
+            tb.close()
+    return run.root
