@@ -75,7 +75,7 @@ def main() -> int:
     print("val/toy/accuracy:", ", ".join(f"step {s}: {v:.3f}" for s, v in val))
     for mark in (60, 120, 180, 300, 450, 600):
         i = max((k for k, t in enumerate(elapsed) if t <= mark), default=None)
-        if i is not None:
+        if i is not None and mark < elapsed[-1] + 60:
             print(f"  at {mark:>3d} s: step {steps[i]:>3d}, {WINDOW}-step reward {smooth[i]:+.3f} (rise {rise[i]:+.3f})")
     if reached is None:
         verdict = f"FAIL: the {WINDOW}-step reward never rose by {TARGET_RISE} (max rise {max(rise):+.3f})"
