@@ -120,6 +120,10 @@ class ClusterConfig:
     partition: Optional[str] = MISSING
     account: Optional[str] = MISSING
     time_minutes: int = MISSING
+    cpus_per_task: int = MISSING
+    signal_delay_s: int = MISSING
+    max_requeues: int = MISSING
+    engine_srun_args: list[str] = MISSING
 
 
 @dataclass
@@ -148,6 +152,16 @@ class JustRLConfig:
 
 
 ConfigStore.instance().store(name=SCHEMA_NAME, node=JustRLConfig)
+
+
+def learner_tasks_per_node(gpus_per_node: int, learner_gpus: int) -> int:
+    """Learner tasks on each of the learner's nodes: one per GPU (one on a CPU allocation)."""
+    return 1 if gpus_per_node == 0 else min(learner_gpus, gpus_per_node)
+
+
+# Used by hydra_conf/cluster/slurm.yaml to derive the launcher's settings from cluster.*.
+OmegaConf.register_new_resolver("justrl_none_if_zero", lambda v: None if v == 0 else v, replace=True)
+OmegaConf.register_new_resolver("justrl_learner_tasks_per_node", learner_tasks_per_node, replace=True)
 
 
 class ConfigError(ValueError):
@@ -247,6 +261,11 @@ def validate(cfg: DictConfig) -> None:
     _check(e, 0 <= cl.learner_gpus <= cl.nodes * cl.gpus_per_node, "cluster.learner_gpus",
            f"must be in [0, nodes * gpus_per_node = {cl.nodes * cl.gpus_per_node}]", cl.learner_gpus)
     _check(e, cl.time_minutes >= 1, "cluster.time_minutes", "must be >= 1", cl.time_minutes)
+    _check(e, cl.cpus_per_task >= 1, "cluster.cpus_per_task", "must be >= 1", cl.cpus_per_task)
+    _check(e, cl.signal_delay_s >= 0, "cluster.signal_delay_s", "must be >= 0", cl.signal_delay_s)
+    _check(e, cl.max_requeues >= 0, "cluster.max_requeues", "must be >= 0", cl.max_requeues)
+    _check(e, cl.gpus_per_node == 0 or cl.learner_gpus >= 1, "cluster.learner_gpus",
+           "must be >= 1 when the nodes have GPUs", cl.learner_gpus)
 
     t = c.trainer
     _check(e, t.total_steps is None or t.total_steps >= 1, "trainer.total_steps",

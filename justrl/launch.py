@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+from pathlib import Path
 
 import hydra
 import torch
@@ -25,9 +26,9 @@ from justrl.config import ConfigError, validate
 log = logging.getLogger("justrl")
 
 
-def engine_gpus(cluster, rollout) -> list[list[int]] | None:
-    """GPU ids of each local engine: the GPUs after the learner's, `rollout.tensor_parallel_size`
-    per engine. None on a CPU machine (gpus_per_node = 0)."""
+def local_placements(cluster, rollout) -> list[tuple[None, list[int]]] | None:
+    """(None, GPU ids) of each engine on this machine: the GPUs after the learner's,
+    `rollout.tensor_parallel_size` per engine. None on a CPU machine (gpus_per_node = 0)."""
     if cluster.gpus_per_node == 0:
         return None
     free = list(range(cluster.learner_gpus, cluster.gpus_per_node))
@@ -35,7 +36,7 @@ def engine_gpus(cluster, rollout) -> list[list[int]] | None:
     if len(free) < tp:
         raise ConfigError(f"cluster.learner_gpus={cluster.learner_gpus} of gpus_per_node={cluster.gpus_per_node} "
                           f"leaves {len(free)} GPUs for rollouts; rollout.tensor_parallel_size={tp} needs more")
-    return [free[i:i + tp] for i in range(0, len(free) - tp + 1, tp)]
+    return [(None, free[i:i + tp]) for i in range(0, len(free) - tp + 1, tp)]
 
 
 def _rank_main(rank: int, world_size: int, cfg_yaml: str, port: int, gpus) -> None:
@@ -58,7 +59,7 @@ def launch_local(cfg: DictConfig) -> None:
     from justrl.rollout import free_port
     from justrl.trainer import train
 
-    gpus = engine_gpus(cfg.cluster, cfg.rollout)
+    gpus = local_placements(cfg.cluster, cfg.rollout)
     world_size = max(1, cfg.cluster.learner_gpus)
     if world_size == 1:
         train(cfg, gpus)
@@ -68,18 +69,37 @@ def launch_local(cfg: DictConfig) -> None:
     mp.spawn(_rank_main, args=(world_size, OmegaConf.to_yaml(cfg), free_port(), gpus), nprocs=world_size)
 
 
+def _sweep_run_dir(cfg: DictConfig) -> DictConfig:
+    """In a Hydra multirun each job trains in its own sweep subdirectory (named after its
+    overrides), so that `tensorboard --logdir <sweep dir>` shows the runs side by side."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    if not HydraConfig.initialized() or HydraConfig.get().mode != RunMode.MULTIRUN:
+        return cfg
+    run_dir = Path(HydraConfig.get().runtime.output_dir)  # <sweep dir>/<job number>-<ablation>
+    return OmegaConf.merge(cfg, {"trainer": {"output_dir": str(run_dir),
+                                             "run_name": f"{cfg.trainer.run_name}-{run_dir.name}"}})
+
+
 @hydra.main(config_path="pkg://justrl.hydra_conf", config_name="config", version_base=None)
 def main(cfg: DictConfig) -> None:
+    """cluster=local: run here. cluster=slurm: inside a job's task (train.sbatch, submitit,
+    hydra-submitit-launcher), run the loop; on a login node, submit the job with submitit."""
     from justrl.learner import NonFiniteError
     from justrl.rollout import EngineError
+    from justrl.slurm import in_slurm_task, run_in_allocation, submit
 
     OmegaConf.resolve(cfg)
     try:
+        cfg = _sweep_run_dir(cfg)
         validate(cfg)
-        if cfg.cluster.name != "local":
-            raise ConfigError(f"cluster.name={cfg.cluster.name!r}: launching on Slurm is not implemented yet; "
-                              f"use cluster=local")
-        launch_local(cfg)
+        if cfg.cluster.name == "local":
+            launch_local(cfg)
+        elif in_slurm_task():
+            run_in_allocation(cfg)
+        else:
+            submit(cfg)
     except (ConfigError, NonFiniteError, EngineError) as exc:
         log.error("%s", exc)
         sys.exit(f"justrl: {exc}")

@@ -127,6 +127,14 @@ class EngineClient:
         self._post("/reset_prefix_cache")
 
 
+def _ignore_preemption_signals() -> None:
+    """Run in the engine's process before exec: Slurm and submitit send their pre-emption
+    signals (SIGUSR1/SIGUSR2) to every process of the job, and their default action would kill
+    the server mid-step; the training loop handles them. Ignored dispositions survive exec."""
+    for sig in (signal.SIGUSR1, signal.SIGUSR2):
+        signal.signal(sig, signal.SIG_IGN)
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -146,12 +154,20 @@ class EngineSpec:
     gpu_memory_utilization: float = 0.85
     cpu_kv_cache_gb: int = 1
     extra_args: tuple[str, ...] = ()
+    node: str | None = None
+    """Run the server on this node of the Slurm job (an `srun --overlap` step); None: here."""
+    port: int | None = None
+    """Fixed port (remote engines); None: a free port of this machine."""
+    srun_args: tuple[str, ...] = ()
+    """Extra srun arguments for remote engines (e.g. --gres=gpu:1 where devices are constrained)."""
     startup_timeout_s: float = 600.0
     request_timeout_s: float = 3600.0
 
 
 class LocalEngine:
-    """A vLLM server that justrl starts and stops as a subprocess of this machine.
+    """A vLLM server that justrl starts and stops: a subprocess of this machine, or, when
+    `spec.node` is set, an `srun --overlap` step of the current Slurm job on that node (the srun
+    process is the subprocess; stopping it stops the remote server).
 
     Its stdout and stderr go to `log_path`, appended across restarts.
     """
@@ -165,10 +181,12 @@ class LocalEngine:
 
     def start(self, model_dir: str | Path) -> None:
         """Start serving `model_dir` and wait until the server answers /health."""
-        spec, port = self.spec, free_port()
+        spec = self.spec
+        port = spec.port or free_port()
+        host = spec.node or "127.0.0.1"
         cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server",
                "--model", str(model_dir), "--served-model-name", SERVED_MODEL_NAME,
-               "--host", "127.0.0.1", "--port", str(port), "--dtype", spec.dtype,
+               "--host", "0.0.0.0" if spec.node else "127.0.0.1", "--port", str(port), "--dtype", spec.dtype,
                "--max-model-len", str(spec.max_model_len), "--seed", str(spec.seed),
                "--tensor-parallel-size", str(spec.tensor_parallel_size),
                "--gpu-memory-utilization", str(spec.gpu_memory_utilization),
@@ -178,14 +196,17 @@ class LocalEngine:
             env["CUDA_VISIBLE_DEVICES"] = ",".join(map(str, spec.gpu_ids))
         else:
             env.setdefault("VLLM_CPU_KVCACHE_SPACE", str(spec.cpu_kv_cache_gb))
+        if spec.node:
+            cmd = ["srun", "--overlap", "--nodes=1", "--ntasks=1", f"--nodelist={spec.node}", "--export=ALL",
+                   *spec.srun_args, *cmd]
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         with open(self.log_path, "ab") as out:
             out.write(f"\n=== justrl: starting {self.name}: {' '.join(cmd)}\n".encode())
             out.flush()
             # A session of its own, so that stop() takes vLLM's engine-core children down with it.
             self.process = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env,
-                                            start_new_session=True)
-        self.client = EngineClient(f"http://127.0.0.1:{port}", spec.request_timeout_s)
+                                            start_new_session=True, preexec_fn=_ignore_preemption_signals)
+        self.client = EngineClient(f"http://{host}:{port}", spec.request_timeout_s)
         deadline = time.monotonic() + spec.startup_timeout_s
         while not self.client.healthy():
             if self.process.poll() is not None:

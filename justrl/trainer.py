@@ -45,6 +45,7 @@ from justrl.learner.packing import Sequence
 from justrl.models import resolve_model_path
 from justrl.reward import ScorerPool, overlong_penalty
 from justrl.rollout import EngineSpec, LocalEngine, RolloutFleet, SamplingSettings
+from justrl.slurm import ENGINE_PORT_BASE
 from justrl.tb import ScalarLog
 
 log = logging.getLogger("justrl")
@@ -79,16 +80,24 @@ class RunDir:
 
 
 class StopRequested:
-    """Set by SIGUSR1/SIGTERM (Slurm's pre-emption warning): finish the step, checkpoint, exit."""
+    """Set by SIGUSR1, SIGUSR2 or SIGTERM (Slurm's and submitit's pre-emption and time-limit
+    warnings): the loop finishes its step, checkpoints and returns; then `forward()` hands the
+    signal to the handler that was installed before ours (submitit's, which requeues the job)."""
+
+    SIGNALS = (signal.SIGUSR1, signal.SIGUSR2, signal.SIGTERM)
 
     def __init__(self):
         self.signal: int | None = None
-        for sig in (signal.SIGUSR1, signal.SIGTERM):
-            signal.signal(sig, self._handle)
+        self._previous = {sig: signal.signal(sig, self._handle) for sig in self.SIGNALS}
 
     def _handle(self, signum, frame) -> None:
         log.warning("received signal %d: checkpointing after this step, then stopping", signum)
         self.signal = signum
+
+    def forward(self) -> None:
+        previous = self._previous.get(self.signal)
+        if callable(previous):
+            previous(self.signal, None)
 
 
 def step_seeds(seed: int, step: int, num_prompts: int, n: int) -> list[int]:
@@ -134,18 +143,24 @@ def _validation_sets(cfg: DictConfig, tokenizer) -> dict[str, list]:
 class Controller:
     """Rank 0's side of the loop: engines, reward workers, metrics."""
 
-    def __init__(self, cfg: DictConfig, run: RunDir, tokenizer, serve_dir: Path, engine_gpus: list[list[int]]):
+    def __init__(self, cfg: DictConfig, run: RunDir, tokenizer, serve_dir: Path,
+                 placements: list[tuple[str | None, list[int]]]):
         self.cfg, self.run, self.tokenizer = cfg, run, tokenizer
         r = cfg.rollout
         spec = dict(max_model_len=cfg.data.max_prompt_length + max(r.max_response_length, r.val_max_new_tokens),
                     dtype=r.dtype, seed=cfg.trainer.seed, tensor_parallel_size=r.tensor_parallel_size,
                     gpu_memory_utilization=r.gpu_memory_utilization, cpu_kv_cache_gb=r.cpu_kv_cache_gb,
                     extra_args=tuple(r.engine_args), startup_timeout_s=r.startup_timeout_s,
-                    request_timeout_s=r.request_timeout_s)
-        engines = [LocalEngine(f"engine{i}", EngineSpec(gpu_ids=tuple(gpus), **spec), run.engine_logs / f"engine{i}.log")
-                   for i, gpus in enumerate(engine_gpus)]
+                    request_timeout_s=r.request_timeout_s, srun_args=tuple(cfg.cluster.engine_srun_args))
+        engines = [LocalEngine(f"engine{i}", EngineSpec(gpu_ids=tuple(gpus), node=node,
+                                                        port=ENGINE_PORT_BASE + i if node else None, **spec),
+                               run.engine_logs / f"engine{i}.log")
+                   for i, (node, gpus) in enumerate(placements)]
         self.fleet = RolloutFleet(engines, serve_dir, max_restarts=r.max_restarts)
         self.scorer = ScorerPool(cfg.reward.verifier, cfg.reward.num_workers, cfg.reward.timeout_s)
+        o = cfg.reward.overlong
+        log.info("reward: verifier %s; overlong penalty %s", cfg.reward.verifier,
+                 f"on (buffer {o.buffer}, factor {o.factor})" if o.enable else "off")
         self.train_settings = SamplingSettings(r.n, r.temperature, r.top_p, r.top_k, r.max_response_length)
         self.val_settings = SamplingSettings(r.val_samples, r.val_temperature, r.val_top_p, -1, r.val_max_new_tokens)
 
@@ -257,10 +272,11 @@ def _setup_logging(run: RunDir, rank: int) -> None:
     root.setLevel(logging.INFO)
 
 
-def train(cfg: DictConfig, engine_gpus: list[list[int]] | None = None) -> Path:
+def train(cfg: DictConfig, engine_placements: list[tuple[str | None, list[int]]] | None = None) -> Path:
     """Run (or resume) training as described by `cfg`; returns the run directory.
 
-    `engine_gpus`: the CUDA devices of each local engine (None: `rollout.engines` CPU engines).
+    `engine_placements`: (node, CUDA devices) of each engine; node None is this machine, and no
+    devices means vLLM's CPU build. None: `rollout.engines` CPU engines here.
     Call on every learner rank, after torch.distributed is initialised when there are several.
     """
     import transformers
@@ -307,8 +323,8 @@ def train(cfg: DictConfig, engine_gpus: list[list[int]] | None = None) -> Path:
         else:
             OmegaConf.save(cfg, run.root / RUN_CONFIG)
         tb = ScalarLog(run.tensorboard, resume_step=start_step if resume else None)
-        controller = Controller(cfg, run, tokenizer, resume / "hf" if resume else model_path,
-                                engine_gpus if engine_gpus is not None else [[] for _ in range(cfg.rollout.engines)])
+        placements = engine_placements or [(None, []) for _ in range(cfg.rollout.engines)]
+        controller = Controller(cfg, run, tokenizer, resume / "hf" if resume else model_path, placements)
         controller.start()
     elif resume:
         learner.load_state(resume)
@@ -382,7 +398,7 @@ def train(cfg: DictConfig, engine_gpus: list[list[int]] | None = None) -> Path:
             if step % cfg.trainer.save_every == 0 or step == total_steps or stop_now:
                 save(step)
             if stop_now:
-                log.warning("stopped at step %d on signal %s; relaunch to resume", step, stop.signal)
+                log.warning("stopped at step %d on signal %s; relaunch (or requeue) to resume", step, stop.signal)
                 break
     finally:
         if progress is not None:
@@ -391,4 +407,6 @@ def train(cfg: DictConfig, engine_gpus: list[list[int]] | None = None) -> Path:
             controller.close()
         if tb is not None:
             tb.close()
+    if stop.signal is not None:
+        stop.forward()  # under submitit: requeue the job now that the checkpoint is written
     return run.root

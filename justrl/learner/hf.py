@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import logging
 import math
+import re
 import shutil
 import warnings
 from pathlib import Path
@@ -156,7 +157,7 @@ class HFLearner:
                     totals[key] = totals.get(key, 0.0) + value
         with warnings.catch_warnings():
             # a step whose updates were all skipped (non-finite) still advances the schedule
-            warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step()` before")
+            warnings.filterwarnings("ignore", message=re.escape("Detected call of `lr_scheduler.step()` before"))
             self.scheduler.step()
         updates = len(plans) * self.algorithm.ppo_epochs
         result = {key: value / updates for key, value in totals.items()}

@@ -37,7 +37,14 @@ class ScoreStats:
 
 
 def _worker_main(conn: Connection, verifier: str) -> None:
+    import signal
+
     from justrl.reward import VERIFIERS  # imported here: the child starts fresh (spawn)
+
+    # Slurm and submitit deliver their pre-emption signals to every process of the job; only the
+    # training loop acts on them (it checkpoints), a worker must not die of them mid-step.
+    for sig in (signal.SIGUSR1, signal.SIGUSR2):
+        signal.signal(sig, signal.SIG_IGN)
 
     score_fn = VERIFIERS[verifier]
     score_fn("warm-up \\boxed{1}", "1")  # import math-verify/sympy before the first deadline

@@ -1,0 +1,179 @@
+"""justrl on a real Slurm (the single-node one slurm/setup_local_slurm.sh starts): the project's
+environment in a job, `sbatch slurm/train.sbatch` with the tiny CPU configuration, the two-ablation
+Hydra multirun through hydra-submitit-launcher, and a pre-empted job that requeues and resumes.
+
+Skipped where no Slurm is running, except in CI, where .ci/run starts one and a missing Slurm is a
+failure.
+"""
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from justrl.tb import EVENT_FILE_NAME, read_scalars
+
+pytestmark = pytest.mark.slow
+
+
+def _slurm_up() -> bool:
+    if shutil.which("sbatch") is None:
+        return False
+    return subprocess.run(["sinfo", "-h"], capture_output=True).returncode == 0
+
+
+@pytest.fixture(scope="module")
+def slurm():
+    if not _slurm_up():
+        if os.environ.get("CI"):
+            pytest.fail("no Slurm running in CI: .ci/run should have started it (slurm/setup_local_slurm.sh)")
+        pytest.skip("no Slurm running here: start one with `bash slurm/setup_local_slurm.sh`")
+
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _job_info(job_id: str) -> str:
+    return subprocess.run(["scontrol", "show", "job", job_id], capture_output=True, text=True).stdout
+
+
+def _wait_for(job_id: str, timeout_s: float = 180) -> str:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if not subprocess.run(["squeue", "-h", "-j", job_id], capture_output=True, text=True).stdout.strip():
+            break
+        time.sleep(1)
+    else:
+        subprocess.run(["scancel", job_id])
+        pytest.fail(f"job {job_id} still queued or running after {timeout_s}s")
+    return _job_info(job_id).split("JobState=", 1)[1].split()[0]
+
+
+def test_sbatch_job_composes_the_config_in_the_project_env(slurm, tmp_path):
+    code = "import justrl.config as c; print('VERIFIER', c.compose(['ablation=lenient']).reward.verifier)"
+    out = tmp_path / "job.out"
+    job_id = subprocess.run(
+        ["sbatch", "--parsable", "-c1", "-J", "justrl-env-check", f"--chdir={tmp_path}", f"--output={out}",
+         "--wrap", f"{sys.executable} -c \"{code}\""],
+        check=True, capture_output=True, text=True).stdout.strip().split(";")[0]
+    assert _wait_for(job_id) == "COMPLETED", out.read_text() if out.exists() else "no output"
+    assert "VERIFIER lenient" in out.read_text()
+
+
+def _sbatch_train(tmp_path: Path, *overrides: str) -> str:
+    """Submit slurm/train.sbatch on one CPU node, as the README shows, with the tiny experiment."""
+    env = dict(os.environ, JUSTRL_PYTHON=sys.executable)
+    out = subprocess.run(
+        ["sbatch", "--parsable", "--nodes=1", "--gpus-per-node=0", "--cpus-per-task=2", "-J", "justrl-test",
+         f"--output={tmp_path / 'slurm.out'}", str(REPO / "slurm" / "train.sbatch"), "experiment=tiny",
+         f"trainer.output_dir={tmp_path / 'run'}", *overrides],
+        cwd=REPO, env=env, check=True, capture_output=True, text=True)
+    return out.stdout.strip().split(";")[0]
+
+
+def _job_log(tmp_path: Path) -> str:
+    log = tmp_path / "slurm.out"
+    return log.read_text(errors="replace")[-5000:] if log.exists() else "(no job output)"
+
+
+def test_sbatch_train_runs_the_tiny_experiment(slurm, tiny_model_dir, tmp_path):
+    job_id = _sbatch_train(tmp_path, f"model.path={tiny_model_dir}", "trainer.total_steps=3",
+                           "trainer.save_every=2", "trainer.val_every=2")
+    assert _wait_for(job_id, timeout_s=400) == "COMPLETED", _job_log(tmp_path)
+    log = _job_log(tmp_path)
+    assert f"justrl: job {job_id} (restart 0)" in log and "learner exit status 0" in log
+    run = tmp_path / "run"
+    scalars = read_scalars(run / "tensorboard" / EVENT_FILE_NAME)
+    assert [s for s, _ in scalars["reward/mean"]] == [1, 2, 3]
+    assert [s for s, _ in scalars["val/toy/accuracy"]] == [0, 2, 3]
+    assert (run / "checkpoints" / "latest").read_text().strip() == "step_000003"
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    hf = run / "checkpoints" / "step_000003" / "hf"
+    AutoModelForCausalLM.from_pretrained(hf)
+    AutoTokenizer.from_pretrained(hf)
+    # the job composed cluster=slurm with the allocation's shape
+    config = (run / "config.yaml").read_text()
+    assert "name: slurm" in config and "gpus_per_node: 0" in config
+
+
+def test_preempted_job_checkpoints_requeues_and_resumes(slurm, tiny_model_dir, tmp_path):
+    job_id = _sbatch_train(tmp_path, f"model.path={tiny_model_dir}", "trainer.total_steps=20",
+                           "trainer.save_every=5", "trainer.val_every=0")
+    latest = tmp_path / "run" / "checkpoints" / "latest"
+    deadline = time.monotonic() + 300
+    while not latest.exists():
+        assert time.monotonic() < deadline, _job_log(tmp_path)
+        time.sleep(0.5)
+    # the warning Slurm sends before a pre-emption or the time limit (sbatch --signal=B:USR1@...)
+    subprocess.run(["scancel", "--signal=USR1", "--batch", job_id], check=True)
+    assert _wait_for(job_id, timeout_s=500) == "COMPLETED", _job_log(tmp_path)
+    assert "Restarts=1" in _job_info(job_id)
+    log = _job_log(tmp_path)
+    assert "SIGUSR1 (pre-emption or time limit)" in log and f"requeueing job {job_id}" in log
+    assert f"justrl: job {job_id} (restart 1)" in log
+
+    train_log = (tmp_path / "run" / "train.log").read_text()
+    stopped = int(train_log.split("stopped at step ", 1)[1].split()[0])
+    assert 5 <= stopped < 20
+    assert f"resuming from {tmp_path / 'run' / 'checkpoints' / f'step_{stopped:06d}'} (step {stopped})" in train_log
+    scalars = read_scalars(tmp_path / "run" / "tensorboard")
+    assert [s for s, _ in scalars["reward/mean"]] == list(range(1, 21))  # every step once
+    assert (tmp_path / "run" / "checkpoints" / "latest").read_text().strip() == "step_000020"
+    assert scalars["reward/errors"] and all(v == 0 for _, v in scalars["reward/errors"])  # no worker died of USR1
+
+
+def test_multirun_of_the_two_ablations_through_submitit(slurm, tiny_model_dir, tmp_path):
+    sweep = tmp_path / "sweep"
+    result = subprocess.run(
+        [sys.executable, "-m", "justrl.launch", "-m", "experiment=tiny", "cluster=slurm", "cluster.nodes=1",
+         "cluster.gpus_per_node=0", "cluster.learner_gpus=0", "cluster.cpus_per_task=1",
+         f"model.path={tiny_model_dir}", "trainer.total_steps=2", "trainer.save_every=2", "trainer.val_every=0",
+         # short responses, so that the length penalty bites: it starts at 8 - 4 = 4 tokens
+         "rollout.max_response_length=8", "reward.overlong.buffer=4",
+         "ablation=length_penalty,lenient", f"hydra.sweep.dir={sweep}"],
+        cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-4000:]
+    runs = {p.name: p for p in sweep.iterdir() if p.is_dir() and not p.name.startswith(".")}
+    assert set(runs) == {"0-length_penalty", "1-lenient"}
+    job_ids = {p.name.split("_")[0] for p in (sweep / ".submitit").iterdir()}
+    assert len({p.name for p in (sweep / ".submitit").iterdir() if "_" in p.name}) == 2 and job_ids
+
+    penalty = read_scalars(runs["0-length_penalty"] / "tensorboard")
+    lenient = read_scalars(runs["1-lenient"] / "tensorboard")
+    assert [s for s, _ in penalty["reward/mean"]] == [1, 2] == [s for s, _ in lenient["reward/mean"]]
+    # the length-penalty run logs the penalty, and its reward is the verifier's plus the penalty
+    assert all(v < 0 for _, v in penalty["reward/overlong_penalty"])
+    for (_, mean), (_, acc), (_, pen) in zip(penalty["reward/mean"], penalty["reward/accuracy"],
+                                             penalty["reward/overlong_penalty"]):
+        assert mean == pytest.approx(2 * acc - 1 + pen, abs=1e-6)
+    assert "reward/overlong_penalty" not in lenient
+    for name, verifier, overlong in (("0-length_penalty", "dapo", "on (buffer 4"), ("1-lenient", "lenient", "off")):
+        log = (runs[name] / "train.log").read_text()
+        assert f"reward: verifier {verifier}; overlong penalty {overlong}" in log
+        assert f"run_name: justrl-tiny-{name}" in (runs[name] / "config.yaml").read_text()
+
+    # and the sweep plots side by side
+    plot = subprocess.run([sys.executable, str(REPO / "tools" / "plot_runs.py"), str(sweep), "--out",
+                           str(tmp_path / "sweep.png")], capture_output=True, text=True)
+    assert plot.returncode == 0, plot.stderr
+    assert "0-length_penalty: actor/entropy 2 points" in plot.stdout and "1-lenient:" in plot.stdout
+
+
+def test_launch_with_cluster_slurm_submits_one_job_through_submitit(slurm, tiny_model_dir, tmp_path):
+    run = tmp_path / "run"
+    result = subprocess.run(
+        [sys.executable, "-m", "justrl.launch", "experiment=tiny", "cluster=slurm", "cluster.nodes=1",
+         "cluster.gpus_per_node=0", "cluster.learner_gpus=0", "cluster.cpus_per_task=2",
+         f"model.path={tiny_model_dir}", "trainer.total_steps=1", "trainer.val_every=0", f"trainer.output_dir={run}"],
+        cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-3000:]
+    job_id = result.stdout.split("submitted Slurm job ", 1)[1].split(";")[0]
+    assert _wait_for(job_id, timeout_s=400) == "COMPLETED", "\n".join(
+        p.read_text()[-3000:] for p in (run / "submitit").glob("*_log.*"))
+    assert (run / "checkpoints" / "latest").read_text().strip() == "step_000001"
+    assert [s for s, _ in read_scalars(run / "tensorboard")["reward/mean"]] == [1]
+    assert list((run / "submitit").glob(f"{job_id}_0_log.out"))
