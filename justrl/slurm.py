@@ -129,7 +129,7 @@ def executor_parameters(cluster, job_name: str) -> dict:
     nodes, tasks = learner_tasks(cluster)
     params = dict(nodes=cluster.nodes, tasks_per_node=tasks, timeout_min=cluster.time_minutes, name=job_name,
                   slurm_additional_parameters={"requeue": True}, slurm_signal_delay_s=cluster.signal_delay_s,
-                  cpus_per_task=cluster.cpus_per_task, slurm_max_num_timeout=cluster.max_requeues)
+                  cpus_per_task=cluster.cpus_per_task)
     if cluster.gpus_per_node:
         params["gpus_per_node"] = cluster.gpus_per_node
     if cluster.partition:
@@ -148,7 +148,8 @@ def submit(cfg: DictConfig) -> str:
 
     run_dir = Path(cfg.trainer.output_dir).absolute()
     cfg = OmegaConf.merge(cfg, {"trainer": {"output_dir": str(run_dir)}})
-    executor = submitit.AutoExecutor(folder=run_dir / "submitit", cluster="slurm")
+    executor = submitit.AutoExecutor(folder=run_dir / "submitit", cluster="slurm",
+                                     slurm_max_num_timeout=cfg.cluster.max_requeues)
     executor.update_parameters(**executor_parameters(cfg.cluster, cfg.trainer.run_name))
     job = executor.submit(TrainJob(OmegaConf.to_yaml(cfg)))
     log.info("submitted job %s: %s (logs: %s)", job.job_id, run_dir, run_dir / "submitit")

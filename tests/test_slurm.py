@@ -6,6 +6,7 @@ Skipped where no Slurm is running, except in CI, where .ci/run starts one and a 
 failure.
 """
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -139,8 +140,9 @@ def test_multirun_of_the_two_ablations_through_submitit(slurm, tiny_model_dir, t
     assert result.returncode == 0, result.stderr[-4000:]
     runs = {p.name: p for p in sweep.iterdir() if p.is_dir() and not p.name.startswith(".")}
     assert set(runs) == {"0-length_penalty", "1-lenient"}
-    job_ids = {p.name.split("_")[0] for p in (sweep / ".submitit").iterdir()}
-    assert len({p.name for p in (sweep / ".submitit").iterdir() if "_" in p.name}) == 2 and job_ids
+    # one Slurm array job, one task per ablation: <array id>_0 and <array id>_1
+    tasks = sorted(p.name for p in (sweep / ".submitit").iterdir() if re.fullmatch(r"\d+_\d+", p.name))
+    assert [t.split("_")[1] for t in tasks] == ["0", "1"]
 
     penalty = read_scalars(runs["0-length_penalty"] / "tensorboard")
     lenient = read_scalars(runs["1-lenient"] / "tensorboard")
