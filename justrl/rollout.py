@@ -50,6 +50,11 @@ class EngineError(RuntimeError):
     """An engine could not start, died, or answered with an error."""
 
 
+class EngineRequestError(EngineError):
+    """The engine refused a request (HTTP 4xx): a bug in the request, not a dead engine, so it
+    is raised at once instead of restarting the engine."""
+
+
 @dataclass(frozen=True)
 class SamplingSettings:
     """What one generation call asks of vLLM (training rollouts or validation)."""
@@ -90,7 +95,8 @@ class EngineClient:
         except requests.RequestException as exc:
             raise EngineError(f"{self.url}{path}: {type(exc).__name__}: {exc}") from exc
         if response.status_code != 200:
-            raise EngineError(f"{self.url}{path}: HTTP {response.status_code}: {response.text[:500]}")
+            kind = EngineRequestError if 400 <= response.status_code < 500 else EngineError
+            raise kind(f"{self.url}{path}: HTTP {response.status_code}: {response.text[:500]}")
         return response.json() if response.content else {}
 
     def complete(self, prompt_ids: list[int], settings: SamplingSettings, seed: int) -> list[Completion]:
@@ -280,6 +286,8 @@ class RolloutFleet:
                     raise EngineError(f"{engine.name} is not running (exit code "
                                       f"{engine.process.returncode if engine.process else None})")
                 return work(engine.client)
+            except EngineRequestError:
+                raise
             except EngineError as exc:
                 if attempt == self.max_restarts:
                     raise EngineError(f"{engine.name} failed {attempt + 1} times in a row; giving up "

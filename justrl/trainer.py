@@ -39,6 +39,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from justrl import checkpoint as ckpt
 from justrl.data import PromptSampler, build_prompts, load_benchmark, load_problems, toy_problems
+from justrl.evaluation import EvalItem, problem_seed, sample_and_grade, summarize
 from justrl.grpo import group_advantages
 from justrl.learner import build_learner
 from justrl.learner.packing import Sequence
@@ -132,8 +133,7 @@ def _validation_sets(cfg: DictConfig, tokenizer) -> dict[str, list]:
         if name == "toy":
             problems = toy_problems("val")
         else:
-            bench = load_benchmark(name, cfg.data.benchmark_dir)
-            problems = [p for p in bench.problems]
+            problems = load_benchmark(name, cfg.data.benchmark_dir).problems
         sets[name], dropped = build_prompts(problems, tokenizer, cfg.data.max_prompt_length, cfg.data.prompt_suffix)
         if dropped:
             log.warning("validation %s: %d prompts longer than data.max_prompt_length left out", name, dropped)
@@ -158,6 +158,7 @@ class Controller:
                    for i, (node, gpus) in enumerate(placements)]
         self.fleet = RolloutFleet(engines, serve_dir, max_restarts=r.max_restarts)
         self.scorer = ScorerPool(cfg.reward.verifier, cfg.reward.num_workers, cfg.reward.timeout_s)
+        self.grader = ScorerPool("grader", 1, cfg.reward.timeout_s)  # validation: the evaluation grader
         o = cfg.reward.overlong
         log.info("reward: verifier %s; overlong penalty %s", cfg.reward.verifier,
                  f"on (buffer {o.buffer}, factor {o.factor})" if o.enable else "off")
@@ -170,6 +171,7 @@ class Controller:
     def close(self) -> None:
         self.fleet.stop()
         self.scorer.close()
+        self.grader.close()
 
     def rollout(self, prompts: list, step: int) -> tuple[list[Sequence], dict[str, float]]:
         """Generate, score and compute advantages for one step's prompts."""
@@ -220,18 +222,16 @@ class Controller:
         return sequences, metrics
 
     def validate(self, val_sets: dict[str, list]) -> dict[str, float]:
-        """Accuracy (share of samples the verifier accepts) on each validation set."""
+        """avg@N with the evaluation grader (the same code and seeds as `justrl.evaluate`)."""
         metrics = {}
-        for index, (name, prompts) in enumerate(val_sets.items()):
-            k = self.val_settings.n
-            seeds = [random.Random(f"justrl-val:{self.cfg.trainer.seed}:{index}").getrandbits(30) + i * k
-                     for i in range(len(prompts))]
-            completions = self.fleet.generate([list(p.token_ids) for p in prompts], self.val_settings, seeds)
-            flat = [(p, c) for p, group in zip(prompts, completions) for c in group]
-            texts = self.tokenizer.batch_decode([c.token_ids for _, c in flat], skip_special_tokens=True)
-            scores, _ = self.scorer.score(texts, [p.problem.answer for p, _ in flat])
-            metrics[f"val/{name}/accuracy"] = sum(s > 0 for s in scores) / len(scores)
-            metrics[f"val/{name}/response_length"] = sum(len(c.token_ids) for _, c in flat) / len(flat)
+        for name, prompts in val_sets.items():
+            items = [EvalItem(getattr(p.problem, "id", None) or p.problem.origin, p.token_ids, p.problem.answer)
+                     for p in prompts]
+            seeds = [problem_seed(self.cfg.trainer.seed, name, item.problem_id) for item in items]
+            summary = summarize(sample_and_grade(self.fleet, self.grader, self.tokenizer, items, self.val_settings,
+                                                 seeds))
+            metrics[f"val/{name}/accuracy"] = summary["avg"] / 100.0
+            metrics[f"val/{name}/response_length"] = summary["mean_response_tokens"]
         return metrics
 
 

@@ -17,6 +17,18 @@ from justrl.reward.lenient import lenient_score
 from justrl.reward.pool import ScorerPool, ScoreStats
 
 VERIFIERS = {"dapo": dapo_score, "lenient": lenient_score}
+# What a ScorerPool can run: the training verifiers, and the evaluation grader (justrl.grading),
+# which receives an answer already extracted from the response.
+SCORER_NAMES = (*VERIFIERS, "grader")
+
+
+def scorer(name: str):
+    """The (response_or_answer, ground_truth) -> +1/-1 function called `name`."""
+    if name == "grader":
+        from justrl.grading import grader_score
+
+        return grader_score
+    return VERIFIERS[name]
 
 
 def score(response: str, ground_truth: str, verifier: str = "dapo") -> float:
@@ -46,4 +58,4 @@ def overlong_penalty(length: int, max_length: int, buffer: int, factor: float) -
     return min(-exceed / buffer * factor, 0.0)
 
 
-__all__ = ["score", "overlong_penalty", "ScorerPool", "ScoreStats", "VERIFIERS"]
+__all__ = ["score", "overlong_penalty", "ScorerPool", "ScoreStats", "VERIFIERS", "SCORER_NAMES", "scorer"]

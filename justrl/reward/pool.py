@@ -39,14 +39,14 @@ class ScoreStats:
 def _worker_main(conn: Connection, verifier: str) -> None:
     import signal
 
-    from justrl.reward import VERIFIERS  # imported here: the child starts fresh (spawn)
+    from justrl.reward import scorer  # imported here: the child starts fresh (spawn)
 
     # Slurm and submitit deliver their pre-emption signals to every process of the job; only the
     # training loop acts on them (it checkpoints), a worker must not die of them mid-step.
     for sig in (signal.SIGUSR1, signal.SIGUSR2):
         signal.signal(sig, signal.SIG_IGN)
 
-    score_fn = VERIFIERS[verifier]
+    score_fn = scorer(verifier)
     score_fn("warm-up \\boxed{1}", "1")  # import math-verify/sympy before the first deadline
     conn.send("ready")
     while True:
@@ -92,10 +92,10 @@ class ScorerPool:
     """
 
     def __init__(self, verifier: str = "dapo", num_workers: int = 2, timeout_s: float = 10.0):
-        from justrl.reward import VERIFIERS
+        from justrl.reward import SCORER_NAMES
 
-        if verifier not in VERIFIERS:
-            raise ValueError(f"unknown verifier {verifier!r}; choose one of {sorted(VERIFIERS)}")
+        if verifier not in SCORER_NAMES:
+            raise ValueError(f"unknown verifier {verifier!r}; choose one of {sorted(SCORER_NAMES)}")
         if num_workers < 1 or timeout_s <= 0:
             raise ValueError(f"need num_workers >= 1 and timeout_s > 0, got {num_workers}, {timeout_s}")
         self.verifier = verifier

@@ -1,0 +1,292 @@
+"""Evaluate a model the way the paper does: `python -m justrl.evaluate model_path=<path>`.
+
+    python -m justrl.evaluate model_path=outputs/justrl-tiny                        # a run's latest checkpoint
+    python -m justrl.evaluate model_path=deepseek-ai/DeepSeek-R1-Distill-Qwen-1.5B engine.gpus=8
+    python -m justrl.evaluate model_path=models/tiny benchmarks=[AIME24,AMC23] samples=2 max_new_tokens=64
+
+Writes into `output_dir` (default outputs/eval/<name>): one `<BENCHMARK>.jsonl` per benchmark (a
+line per sample: problem id, sample index and seed, response, extracted answer, correct, length in
+tokens), `results.json` and `results.md` (per benchmark: avg@N, best-of-N, problems solved by none
+/ by all, mean response length, samples without a boxed answer; and the average over the nine).
+Rerunning the same command resumes: finished problems are read back, never regenerated.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import hydra
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING, DictConfig, OmegaConf
+
+from justrl.config import ConfigError
+
+log = logging.getLogger("justrl.evaluate")
+
+RESULTS_JSON, RESULTS_MD = "results.json", "results.md"
+
+
+@dataclass
+class EngineSection:
+    count: int = MISSING
+    gpus: int = MISSING
+    tensor_parallel_size: int = MISSING
+    dtype: str = MISSING
+    gpu_memory_utilization: float = MISSING
+    cpu_kv_cache_gb: int = MISSING
+    engine_args: list[str] = MISSING
+    startup_timeout_s: float = MISSING
+    request_timeout_s: float = MISSING
+
+
+@dataclass
+class GraderSection:
+    num_workers: int = MISSING
+    timeout_s: float = MISSING
+
+
+@dataclass
+class JudgeSection:
+    enable: bool = MISSING
+    model: str = MISSING
+    max_response_chars: int = MISSING
+    max_new_tokens: int = MISSING
+    dtype: str = MISSING
+
+
+@dataclass
+class EvalConfig:
+    model_path: str = MISSING
+    name: Optional[str] = MISSING
+    benchmarks: list[str] = MISSING
+    benchmark_dir: str = MISSING
+    samples: Optional[int] = MISSING
+    limit: Optional[int] = MISSING
+    temperature: float = MISSING
+    top_p: float = MISSING
+    max_new_tokens: int = MISSING
+    max_prompt_length: int = MISSING
+    prompt_suffix: str = MISSING
+    seed: int = MISSING
+    output_dir: Optional[str] = MISSING
+    chunk_problems: int = MISSING
+    engine: EngineSection = field(default_factory=EngineSection)
+    grader: GraderSection = field(default_factory=GraderSection)
+    judge: JudgeSection = field(default_factory=JudgeSection)
+
+
+ConfigStore.instance().store(name="justrl_eval_schema", node=EvalConfig)
+
+
+def check(cfg: DictConfig) -> None:
+    from justrl.data import BENCHMARKS
+
+    errors = []
+    unknown = [b for b in cfg.benchmarks if b not in BENCHMARKS]
+    if unknown:
+        errors.append(f"benchmarks: unknown {unknown}; choose from {list(BENCHMARKS)}")
+    for key, ok in (("samples", cfg.samples is None or cfg.samples >= 1), ("limit", cfg.limit is None or cfg.limit >= 1),
+                    ("temperature", cfg.temperature >= 0), ("top_p", 0 < cfg.top_p <= 1),
+                    ("max_new_tokens", cfg.max_new_tokens >= 1), ("chunk_problems", cfg.chunk_problems >= 1),
+                    ("engine.count", cfg.engine.count >= 1), ("engine.gpus", cfg.engine.gpus >= 0),
+                    ("grader.timeout_s", cfg.grader.timeout_s > 0)):
+        if not ok:
+            errors.append(f"{key}: invalid value {OmegaConf.select(cfg, key)!r}")
+    if errors:
+        raise ConfigError("invalid evaluation configuration:\n  " + "\n  ".join(errors))
+
+
+def resolve_eval_model(path: str) -> Path:
+    """An HF directory for `model_path=`: a run directory (latest checkpoint), a checkpoint, an HF
+    directory, or a hub id (downloaded)."""
+    from justrl import checkpoint as ckpt
+    from justrl.models import resolve_model_path
+
+    p = Path(path)
+    if (p / "checkpoints").is_dir():
+        latest = ckpt.latest_checkpoint(p / "checkpoints")
+        if latest is None:
+            raise ConfigError(f"model_path={path}: a run directory without a complete checkpoint")
+        p = latest
+    if (p / ckpt.COMPLETE).is_file():
+        p = p / "hf"
+    if p.is_dir() and not (p / "config.json").is_file():
+        raise ConfigError(f"model_path={path}: not a HF model directory, checkpoint or run directory "
+                          f"(no config.json in {p})")
+    return resolve_model_path(OmegaConf.create({"path": str(p), "build_tiny_if_missing": False}))
+
+
+def default_name(model: str, model_dir: Path) -> str:
+    """`<run>-step_N` for a run or checkpoint, the last path component otherwise."""
+    if model_dir.name == "hf" and (model_dir.parent / "COMPLETE").is_file():
+        return f"{model_dir.parent.parent.parent.name}-{model_dir.parent.name}"
+    return Path(model).name
+
+
+def read_done(path: Path, samples: int) -> dict[str, list]:
+    """Complete problems already in a jsonl file (all `samples` samples present); the file is
+    rewritten without anything else (a half-written line or a half-finished problem)."""
+    from justrl.evaluation import SampleRecord
+
+    if not path.exists():
+        return {}
+    by_problem: dict[str, list] = {}
+    for line in path.read_text().splitlines():
+        try:
+            record = SampleRecord(**json.loads(line))
+        except (json.JSONDecodeError, TypeError):
+            continue  # the line an interruption cut short
+        by_problem.setdefault(record.problem_id, []).append(record)
+    done = {pid: sorted(recs, key=lambda r: r.sample) for pid, recs in by_problem.items()
+            if sorted(r.sample for r in recs) == list(range(samples))}
+    write_jsonl(path, [r for recs in done.values() for r in recs])
+    return done
+
+
+def write_jsonl(path: Path, records: list) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w") as out:
+        for r in records:
+            out.write(json.dumps(r.to_json(), ensure_ascii=False) + "\n")
+    os.replace(tmp, path)
+
+
+def append_jsonl(path: Path, records: list) -> None:
+    with open(path, "a") as out:
+        for r in records:
+            out.write(json.dumps(r.to_json(), ensure_ascii=False) + "\n")
+        out.flush()
+        os.fsync(out.fileno())
+
+
+def markdown_table(results: dict) -> str:
+    rows = ["| benchmark | N | problems | avg@N | best-of-N | solved by none | solved by all | mean tokens | no box |",
+            "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for name, r in results["benchmarks"].items():
+        rows.append(f"| {name} | {r['samples_per_problem']} | {r['problems']} | {r['avg']:.2f} | {r['best_of_n']:.2f} | "
+                    f"{r['solved_by_none']} | {r['solved_by_all']} | {r['mean_response_tokens']:.0f} | "
+                    f"{r['no_boxed_answer']} |")
+    avg = results.get("average")
+    lines = [f"# {results['name']}", "", f"model: `{results['model']}`; grader: {results['grader']}", "", *rows]
+    if avg is not None:
+        lines += ["", f"Average avg@N over {len(results['benchmarks'])} benchmarks: **{avg:.2f}**"
+                  + ("" if results.get("all_nine") else " (not the paper's nine-benchmark Avg: some are missing)")]
+    return "\n".join(lines) + "\n"
+
+
+def run_evaluation(cfg: DictConfig) -> dict:
+    """Evaluate; returns the results dict (also written to results.json / results.md)."""
+    import transformers
+    from tqdm import tqdm
+    from transformers import AutoTokenizer
+
+    from justrl.data import BENCHMARKS, build_prompts, load_benchmark
+    from justrl.evaluation import EvalItem, problem_seed, sample_and_grade, summarize
+    from justrl.reward import ScorerPool
+    from justrl.rollout import EngineSpec, LocalEngine, RolloutFleet, SamplingSettings
+
+    transformers.utils.logging.disable_progress_bar()
+    check(cfg)
+    model_dir = resolve_eval_model(cfg.model_path)
+    name = cfg.name or default_name(cfg.model_path, model_dir)
+    out_dir = Path(cfg.output_dir or f"outputs/eval/{name}").absolute()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    OmegaConf.save(cfg, out_dir / "config.yaml")
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+
+    tp = cfg.engine.tensor_parallel_size
+    gpu_sets = ([list(range(i, i + tp)) for i in range(0, cfg.engine.gpus - tp + 1, tp)] if cfg.engine.gpus
+                else [[] for _ in range(cfg.engine.count)])
+    spec = dict(max_model_len=cfg.max_prompt_length + cfg.max_new_tokens, dtype=cfg.engine.dtype, seed=cfg.seed,
+                tensor_parallel_size=tp, gpu_memory_utilization=cfg.engine.gpu_memory_utilization,
+                cpu_kv_cache_gb=cfg.engine.cpu_kv_cache_gb, extra_args=tuple(cfg.engine.engine_args),
+                startup_timeout_s=cfg.engine.startup_timeout_s, request_timeout_s=cfg.engine.request_timeout_s)
+    engines = [LocalEngine(f"engine{i}", EngineSpec(gpu_ids=tuple(g), **spec), out_dir / "engines" / f"engine{i}.log")
+               for i, g in enumerate(gpu_sets)]
+    fleet = RolloutFleet(engines, model_dir)
+    grader = ScorerPool("grader", cfg.grader.num_workers, cfg.grader.timeout_s)
+    all_records: dict[str, list[list]] = {}
+    questions: dict[str, dict[str, tuple[str, str]]] = {}
+    try:
+        fleet.start()
+        for bench_name in cfg.benchmarks:
+            bench = load_benchmark(bench_name, cfg.benchmark_dir, cfg.samples)
+            problems = bench.problems[:cfg.limit] if cfg.limit else bench.problems
+            prompts, dropped = build_prompts(problems, tokenizer, cfg.max_prompt_length, cfg.prompt_suffix)
+            if dropped:
+                log.warning("%s: %d prompts longer than max_prompt_length=%d left out", bench_name, dropped,
+                            cfg.max_prompt_length)
+            n = bench.samples_per_problem
+            path = out_dir / f"{bench_name}.jsonl"
+            done = read_done(path, n)
+            todo = [p for p in prompts if p.problem.id not in done]
+            if done:
+                log.info("%s: %d of %d problems already done in %s", bench_name, len(prompts) - len(todo),
+                         len(prompts), path)
+            settings = SamplingSettings(n, cfg.temperature, cfg.top_p, -1, cfg.max_new_tokens)
+            with tqdm(total=len(prompts), initial=len(prompts) - len(todo), desc=f"{bench_name} (N={n})",
+                      unit="problem", dynamic_ncols=True) as bar:
+                for start in range(0, len(todo), cfg.chunk_problems):
+                    chunk = todo[start:start + cfg.chunk_problems]
+                    items = [EvalItem(p.problem.id, p.token_ids, p.problem.answer) for p in chunk]
+                    seeds = [problem_seed(cfg.seed, bench_name, item.problem_id) for item in items]
+                    graded = sample_and_grade(fleet, grader, tokenizer, items, settings, seeds)
+                    append_jsonl(path, [r for group in graded for r in group])
+                    done.update({item.problem_id: group for item, group in zip(items, graded)})
+                    bar.update(len(chunk))
+            all_records[bench_name] = [done[p.problem.id] for p in prompts]
+            questions[bench_name] = {p.problem.id: (p.problem.problem, p.problem.answer) for p in prompts}
+    finally:
+        fleet.stop()
+        grader.close()
+
+    judge_name = None
+    if cfg.judge.enable:
+        from justrl.judge import judge_rejected
+
+        judge_name = cfg.judge.model
+        judge_rejected(cfg, all_records, questions, out_dir)
+        for bench_name, groups in all_records.items():
+            write_jsonl(out_dir / f"{bench_name}.jsonl", [r for g in groups for r in g])
+
+    per_bench = {b: summarize(groups) for b, groups in all_records.items()}
+    averages = [r["avg"] for r in per_bench.values() if r.get("problems")]
+    results = {
+        "name": name, "model": str(model_dir),
+        "grader": "rules (justrl.grading)" + (f" + judge {judge_name}" if judge_name else ""),
+        "judge": judge_name,
+        "settings": {"temperature": cfg.temperature, "top_p": cfg.top_p, "max_new_tokens": cfg.max_new_tokens,
+                     "seed": cfg.seed},
+        "benchmarks": per_bench,
+        "average": sum(averages) / len(averages) if averages else None,
+        "all_nine": set(per_bench) == set(BENCHMARKS) and cfg.limit is None and cfg.samples is None,
+    }
+    tmp = out_dir / (RESULTS_JSON + ".tmp")
+    tmp.write_text(json.dumps(results, indent=2) + "\n")
+    os.replace(tmp, out_dir / RESULTS_JSON)
+    (out_dir / RESULTS_MD).write_text(markdown_table(results))
+    print(markdown_table(results))
+    print(f"results: {out_dir / RESULTS_JSON}")
+    return results
+
+
+@hydra.main(config_path="pkg://justrl.hydra_conf", config_name="evaluate", version_base=None)
+def main(cfg: DictConfig) -> None:
+    from justrl.rollout import EngineError
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    OmegaConf.resolve(cfg)
+    try:
+        run_evaluation(cfg)
+    except (ConfigError, EngineError, FileNotFoundError) as exc:
+        log.error("%s", exc)
+        sys.exit(f"justrl.evaluate: {exc}")
+
+
+if __name__ == "__main__":
+    main()
