@@ -154,3 +154,13 @@ def test_optimizer_state_round_trip(tiny_model_dir, tmp_path):
     wa, wb = weights(a), weights(b)
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
     assert b.optimizer.param_groups[0]["lr"] == a.optimizer.param_groups[0]["lr"] == pytest.approx(2e-3 / 3)
+
+
+def test_gradient_checkpointing_gives_the_same_update(tiny_model_dir):
+    plain = learner_for(tiny_model_dir, "optim.lr=1e-3", "optim.eps=1e-3", "learner.gradient_checkpointing=false")
+    recompute = learner_for(tiny_model_dir, "optim.lr=1e-3", "optim.eps=1e-3", "learner.gradient_checkpointing=true")
+    assert recompute.model.is_gradient_checkpointing and not plain.model.is_gradient_checkpointing
+    m_plain, m_recompute = plain.train_step(make_batch()), recompute.train_step(make_batch())
+    assert m_recompute["actor/grad_norm"] == pytest.approx(m_plain["actor/grad_norm"], rel=1e-5)
+    for key, value in weights(plain).items():
+        torch.testing.assert_close(weights(recompute)[key], value, rtol=1e-5, atol=1e-6, msg=key)
