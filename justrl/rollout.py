@@ -205,6 +205,8 @@ class LocalEngine:
         if spec.node:
             cmd = ["srun", "--overlap", "--nodes=1", "--ntasks=1", f"--nodelist={spec.node}", "--export=ALL",
                    *spec.srun_args, *cmd]
+        # The guard takes the server down if this process dies without cleaning up (kill -9).
+        cmd = [sys.executable, "-m", "justrl.engine_guard", str(os.getpid()), "--", *cmd]
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         with open(self.log_path, "ab") as out:
             out.write(f"\n=== justrl: starting {self.name}: {' '.join(cmd)}\n".encode())

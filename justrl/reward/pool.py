@@ -45,6 +45,10 @@ def _worker_main(conn: Connection, verifier: str) -> None:
     # training loop acts on them (it checkpoints), a worker must not die of them mid-step.
     for sig in (signal.SIGUSR1, signal.SIGUSR2):
         signal.signal(sig, signal.SIG_IGN)
+    # math-verify warns that its own (signal-based) timeouts are off: this pool's timeout replaces them.
+    import logging
+
+    logging.getLogger("math_verify").setLevel(logging.ERROR)
 
     score_fn = scorer(verifier)
     score_fn("warm-up \\boxed{1}", "1")  # import math-verify/sympy before the first deadline

@@ -1,0 +1,60 @@
+"""Run a command (a vLLM server) and take it down when the process that started it dies.
+
+    python -m justrl.engine_guard <watched pid> -- <command...>
+
+A controller killed with SIGKILL runs no cleanup, and a vLLM server started in a session of its
+own would outlive it, holding memory and a port. The guard leads the server's process group
+(justrl starts it with a new session), checks every second that the watched process is alive,
+and when it is not, stops the whole group: SIGTERM, then SIGKILL after `GRACE_S`. A SIGTERM sent
+to the group (LocalEngine.stop) reaches the server directly; the guard then waits for the server
+to exit before exiting itself, so that "stopped" means the memory is free again.
+"""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+POLL_S = 1.0
+GRACE_S = 15.0
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def main(argv: list[str]) -> int:
+    if len(argv) < 3 or argv[1] != "--":
+        print("usage: python -m justrl.engine_guard <pid> -- <command...>", file=sys.stderr)
+        return 2
+    watched, command = int(argv[0]), argv[2:]
+    child = subprocess.Popen(command)  # same process group as the guard
+
+    def shutdown(*_) -> None:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        try:
+            os.killpg(os.getpgrp(), signal.SIGTERM)
+            child.wait(timeout=GRACE_S)
+        except subprocess.TimeoutExpired:
+            os.killpg(os.getpgrp(), signal.SIGKILL)  # the guard goes too
+        sys.exit(child.returncode if child.returncode is not None else 1)
+
+    signal.signal(signal.SIGTERM, shutdown)
+    signal.signal(signal.SIGINT, shutdown)
+    while child.poll() is None:
+        if not _alive(watched):
+            shutdown()
+        time.sleep(POLL_S)
+    return child.returncode
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
