@@ -147,3 +147,11 @@ def test_installed_without_editable_finds_config(tmp_path):
     hydra_file, verifier = out.strip().splitlines()[-2:]
     assert hydra_file.startswith(str(target)) and verifier == "lenient"
     assert (target / "justrl" / "hydra_conf" / "ablation" / "lenient.yaml").is_file()
+
+
+def test_megatron_learner_is_refused_at_start_up():
+    import subprocess
+    import sys
+
+    result = subprocess.run([sys.executable, "-m", "justrl.launch", "learner=megatron"], capture_output=True, text=True)
+    assert result.returncode == 1 and "learner.name='megatron': the Megatron-core learner is not implemented yet" in result.stderr

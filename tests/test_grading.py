@@ -58,9 +58,9 @@ def test_both_ground_truth_styles_of_the_real_files(benchmark_dir):
 
 
 def test_a_never_ending_sympy_comparison_times_out_cleanly():
-    with ScorerPool("grader", num_workers=1, timeout_s=3.0) as pool:
+    with ScorerPool("grader", num_workers=1, timeout_s=8.0) as pool:
         start = time.monotonic()
         scores, stats = pool.score(["9^{9^{9^{9}}}", "4"], ["1", "4"])
         elapsed = time.monotonic() - start
     assert scores == [-1.0, 1.0] and stats.timeouts == 1 and stats.timed_out == [0]
-    assert elapsed < 30
+    assert elapsed < 60

@@ -53,3 +53,4 @@ def test_local_gpu_placement():
     cfg = compose(["cluster.gpus_per_node=8", "cluster.learner_gpus=4", "rollout.tensor_parallel_size=2"])
     assert local_placements(cfg.cluster, cfg.rollout) == [(None, [4, 5]), (None, [6, 7])]
     assert local_placements(compose([]).cluster, compose([]).rollout) is None  # CPU: rollout.engines engines
+
