@@ -3,11 +3,14 @@
     python -m justrl.launch experiment=tiny                 # embedded default: tiny model, CPU
     python -m justrl.launch model=openmath_nemotron_1.5b    # the recipe, on this machine's GPUs
     python -m justrl.launch trainer.output_dir=outputs/x    # relaunching the same directory resumes
+    python -m justrl.launch cluster=slurm                   # one Slurm job, submitted with submitit
+    python -m justrl.launch -m cluster=slurm ablation=length_penalty,lenient   # a job per ablation
 
 Placement with cluster=local: learner ranks 0..learner_gpus-1 take the first GPUs (one CPU rank
 when there are none), and the remaining GPUs are cut into vLLM engines of
 rollout.tensor_parallel_size GPUs each (rollout.engines engines on a CPU machine). Rank 0 runs the
-controller loop (justrl.trainer.train) and starts and stops the engines itself.
+controller loop (justrl.trainer.train) and starts and stops the engines itself. With
+cluster=slurm, see justrl/slurm.py.
 """
 from __future__ import annotations
 

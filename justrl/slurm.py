@@ -144,8 +144,13 @@ def executor_parameters(cluster, job_name: str) -> dict:
 
 def submit(cfg: DictConfig) -> str:
     """Submit the run as one Slurm job through submitit; returns the job id."""
+    import shutil
+
     import submitit
 
+    if shutil.which("sbatch") is None:
+        raise ConfigError("cluster.name='slurm' (the recipe's default) but there is no Slurm here (no sbatch on "
+                          "PATH); on this machine use cluster=local, or experiment=tiny for the CPU default")
     run_dir = Path(cfg.trainer.output_dir).absolute()
     cfg = OmegaConf.merge(cfg, {"trainer": {"output_dir": str(run_dir)}})
     executor = submitit.AutoExecutor(folder=run_dir / "submitit", cluster="slurm",

@@ -10,7 +10,8 @@ NODES = ["n1", "n2", "n3", "n4"]
 
 
 def test_recipe_layout_4x8_gpus_16_learner_16_engines():
-    cfg = compose(["cluster=slurm"])
+    cfg = compose([])  # the recipe's default: cluster=slurm
+    assert cfg.cluster.name == "slurm"
     assert learner_tasks(cfg.cluster) == (2, 8)
     engines = plan_engines(cfg.cluster, cfg.rollout, NODES)
     assert [(e.node, e.gpu_ids) for e in engines] == [(n, (g,)) for n in ("n3", "n4") for g in range(8)]
@@ -50,7 +51,9 @@ def test_submitit_parameters_follow_the_cluster_config():
 
 
 def test_local_gpu_placement():
-    cfg = compose(["cluster.gpus_per_node=8", "cluster.learner_gpus=4", "rollout.tensor_parallel_size=2"])
+    cfg = compose(["cluster=local", "cluster.gpus_per_node=8", "cluster.learner_gpus=4",
+                   "rollout.tensor_parallel_size=2"])
     assert local_placements(cfg.cluster, cfg.rollout) == [(None, [4, 5]), (None, [6, 7])]
-    assert local_placements(compose([]).cluster, compose([]).rollout) is None  # CPU: rollout.engines engines
+    cpu = compose(["cluster=local"])
+    assert local_placements(cpu.cluster, cpu.rollout) is None  # CPU: rollout.engines engines
 
