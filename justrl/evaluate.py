@@ -231,8 +231,9 @@ def run_evaluation(cfg: DictConfig) -> dict:
             settings = SamplingSettings(n, cfg.temperature, cfg.top_p, -1, cfg.max_new_tokens)
             with tqdm(total=len(prompts), initial=len(prompts) - len(todo), desc=f"{bench_name} (N={n})",
                       unit="problem", dynamic_ncols=True) as bar:
-                for start in range(0, len(todo), cfg.chunk_problems):
-                    chunk = todo[start:start + cfg.chunk_problems]
+                per_chunk = cfg.chunk_problems * len(engines)  # every engine gets chunk_problems
+                for start in range(0, len(todo), per_chunk):
+                    chunk = todo[start:start + per_chunk]
                     items = [EvalItem(p.problem.id, p.token_ids, p.problem.answer) for p in chunk]
                     seeds = [problem_seed(cfg.seed, bench_name, item.problem_id) for item in items]
                     graded = sample_and_grade(fleet, grader, tokenizer, items, settings, seeds)
