@@ -188,7 +188,10 @@ class HFLearner:
             loss.backward()
             sums += torch.tensor([m["actor/pg_loss"].item(), m["actor/pg_clipfrac"].item(), m["actor/ppo_kl"].item(),
                                   m["actor/pg_clipfrac_lower"].item(), entropy_term.item()], dtype=torch.float64)
-        params = [p for p in self.model.parameters() if p.grad is not None]
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        for p in params:  # a rank with no sequences in this mini-batch still joins the all-reduce
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
         if self.world_size > 1:
             for p in params:  # the loss is already divided by the global token count: sum
                 dist.all_reduce(p.grad)
