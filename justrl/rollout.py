@@ -292,7 +292,8 @@ class RolloutFleet:
                 raise
             except EngineError as exc:
                 if attempt == self.max_restarts:
-                    raise EngineError(f"{engine.name} failed {attempt + 1} times in a row; giving up "
+                    times = f"{attempt + 1} time{'s' if attempt else ''}"
+                    raise EngineError(f"{engine.name} failed {times} in a row; giving up "
                                       f"(rollout.max_restarts={self.max_restarts}). Last error: {exc}\n"
                                       f"log {engine.log_path}:\n{engine.log_tail()}") from exc
                 self._restart(engine, exc)

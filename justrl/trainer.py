@@ -25,7 +25,6 @@ Where this departs from the authors' veRL setup, on purpose (the math itself is 
 from __future__ import annotations
 
 import logging
-import os
 import random
 import shutil
 import signal
@@ -331,18 +330,17 @@ def train(cfg: DictConfig, engine_placements: list[tuple[str | None, list[int]]]
     total_steps = _broadcast(total_steps)
 
     def save(step: int) -> None:
-        def write(tmp: Path) -> None:
+        def write(tmp: Path) -> None:  # on rank 0
             learner.export_hf(tmp / "hf", tokenizer)
             learner.save_state(tmp)
-            if rank == 0:
-                torch.save({"sampler": sampler.state_dict(), "rng": _rng_state(), "state": state},
-                           tmp / TRAINER_STATE)
-                OmegaConf.save(cfg, tmp / RUN_CONFIG)
+            torch.save({"sampler": sampler.state_dict(), "rng": _rng_state(), "state": state}, tmp / TRAINER_STATE)
+            OmegaConf.save(cfg, tmp / RUN_CONFIG)
+
         if rank == 0:
             path = ckpt.save_checkpoint(run.checkpoints, step, write, cfg.trainer.keep_checkpoints)
             log.info("checkpoint %s", path)
         else:
-            write(Path(os.devnull))  # the non-zero ranks only join export_hf's barrier
+            learner.export_hf(None, tokenizer)  # the other ranks only join the export's barrier
         if dist.is_initialized():
             dist.barrier()
 

@@ -98,7 +98,24 @@ def test_engine_killed_mid_step_is_restarted_and_the_step_retried(fleet):
     assert "starting engine0" in engine.log_path.read_text()
 
 
-def test_bounded_restarts_then_a_clear_error(random_tiny_model_dir, tmp_path):
+def test_restarts_are_bounded_then_a_clear_error(fleet):
+    """With rollout.max_restarts=0 a dead engine is not restarted: the step fails, naming the
+    engine, the setting and the engine's log."""
+    engine = fleet.engines[0]
+    os.killpg(engine.process.pid, signal.SIGKILL)
+    engine.process.wait()
+    fleet.max_restarts = 0
+    settings = SamplingSettings(n=1, temperature=1.0, top_p=1.0, top_k=-1, max_tokens=4)
+    try:
+        with pytest.raises(EngineError, match=r"engine0 failed 1 time in a row; giving up "
+                                              r"\(rollout.max_restarts=0\)(.|\n)*engine0.log"):
+            fleet.generate(PROMPTS[:1], settings, seeds=[1])
+    finally:
+        fleet.max_restarts = 1
+        engine.start(fleet.weights_dir)  # leave the module's engine running for the teardown
+
+
+def test_an_engine_that_cannot_start_fails_with_its_log(tmp_path):
     broken = tmp_path / "broken"
     broken.mkdir()
     engine = LocalEngine("engine9", SPEC, tmp_path / "engine9.log")

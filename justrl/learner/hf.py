@@ -222,10 +222,11 @@ class HFLearner:
 
     # -- weights and state ------------------------------------------------------------------------
 
-    def export_hf(self, out_dir: str | Path, tokenizer, dtype: str = "float32") -> Path:
+    def export_hf(self, out_dir: str | Path | None, tokenizer, dtype: str = "float32") -> Path | None:
         """Write the weights as an HF directory (config.json, safetensors, tokenizer) atomically:
-        into `<out_dir>.tmp`, then renamed. Rank 0 writes; every rank must call (it is a barrier)."""
-        out = Path(out_dir)
+        into `<out_dir>.tmp`, then renamed. Rank 0 writes; every rank must call (it is a barrier),
+        and the other ranks may pass None."""
+        out = Path(out_dir) if out_dir is not None else None
         if self.rank == 0:
             tmp = out.with_name(out.name + ".tmp")
             shutil.rmtree(tmp, ignore_errors=True)
