@@ -1,10 +1,14 @@
 """Atomic checkpoints in the run directory, and finding the one to resume from.
 
     <run>/checkpoints/step_000050/      one complete checkpoint
-        hf/                             the weights as an HF directory (float32 master weights):
-                                        config.json, model.safetensors, tokenizer; transformers
-                                        and vLLM load it as it is
-        optimizer.pt                    learner state (optimizer, schedule)
+        hf/                             learner=hf: the weights as an HF directory (float32
+                                        master weights): config.json, model.safetensors,
+                                        tokenizer; transformers and vLLM load it as it is
+        optimizer.pt                    learner=hf: optimizer and schedule state
+        megatron/                       learner=megatron: a Megatron distributed checkpoint
+                                        (model, distributed optimizer, schedule position);
+                                        tools/merge_checkpoint.py turns it into an HF directory
+        hf_config/                      learner=megatron: config.json and tokenizer for the merge
         trainer_state.pt                step, sampler position, RNG states, counters
         config.yaml                     the run's whole configuration
         COMPLETE                        written last: the checkpoint is whole
@@ -48,20 +52,23 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def save_checkpoint(checkpoint_root: str | Path, step: int, write: Callable[[Path], None],
-                    keep: int | None = None) -> Path:
-    """Write checkpoint `step` atomically; `write(tmp_dir)` writes its files into `tmp_dir`.
-
-    `keep`: how many complete checkpoints to keep (the oldest are deleted after the new one is in
-    place; None keeps all).
-    """
+def begin_checkpoint(checkpoint_root: str | Path, step: int) -> Path:
+    """The empty `step_N.tmp/` directory to write checkpoint `step` into (a stale one from a
+    crashed save is removed first)."""
     root = Path(checkpoint_root)
     root.mkdir(parents=True, exist_ok=True)
-    final = root / step_dir_name(step)
-    tmp = root / (final.name + ".tmp")
+    tmp = root / (step_dir_name(step) + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
-    write(tmp)
+    return tmp
+
+
+def finish_checkpoint(checkpoint_root: str | Path, step: int, keep: int | None = None) -> Path:
+    """Mark `step_N.tmp/` complete, rename it to `step_N/`, point `latest` at it, and delete all
+    but the newest `keep` complete checkpoints (None keeps all)."""
+    root = Path(checkpoint_root)
+    final = root / step_dir_name(step)
+    tmp = root / (final.name + ".tmp")
     (tmp / COMPLETE).write_text(json.dumps({"step": step}) + "\n")
     _fsync_dir(tmp)
     if final.exists():  # the same step saved again (e.g. a rerun): replace it
@@ -75,6 +82,15 @@ def save_checkpoint(checkpoint_root: str | Path, step: int, write: Callable[[Pat
         for old in complete_checkpoints(root)[:-keep]:
             shutil.rmtree(old)
     return final
+
+
+def save_checkpoint(checkpoint_root: str | Path, step: int, write: Callable[[Path], None],
+                    keep: int | None = None) -> Path:
+    """Write checkpoint `step` atomically in one process; `write(tmp_dir)` writes its files.
+    (Collective writers call `begin_checkpoint`, write from every rank, then `finish_checkpoint`.)"""
+    tmp = begin_checkpoint(checkpoint_root, step)
+    write(tmp)
+    return finish_checkpoint(checkpoint_root, step, keep)
 
 
 def complete_checkpoints(checkpoint_root: str | Path) -> list[Path]:

@@ -266,6 +266,10 @@ def validate(cfg: DictConfig) -> None:
     _check(e, cl.max_requeues >= 0, "cluster.max_requeues", "must be >= 0", cl.max_requeues)
     _check(e, cl.gpus_per_node == 0 or cl.learner_gpus >= 1, "cluster.learner_gpus",
            "must be >= 1 when the nodes have GPUs", cl.learner_gpus)
+    learner_ranks = max(1, cl.learner_gpus)
+    _check(e, learner_ranks % lr.tensor_parallel_size == 0, "learner.tensor_parallel_size",
+           f"must divide the learner ranks (cluster.learner_gpus={cl.learner_gpus}, so {learner_ranks})",
+           lr.tensor_parallel_size)
 
     t = c.trainer
     _check(e, t.total_steps is None or t.total_steps >= 1, "trainer.total_steps",

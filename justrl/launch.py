@@ -89,7 +89,7 @@ def _sweep_run_dir(cfg: DictConfig) -> DictConfig:
 def main(cfg: DictConfig) -> None:
     """cluster=local: run here. cluster=slurm: inside a job's task (train.sbatch, submitit,
     hydra-submitit-launcher), run the loop; on a login node, submit the job with submitit."""
-    from justrl.learner import NonFiniteError, check_learner
+    from justrl.learner import NonFiniteError
     from justrl.rollout import EngineError
     from justrl.slurm import in_slurm_task, run_in_allocation, submit
 
@@ -97,7 +97,6 @@ def main(cfg: DictConfig) -> None:
     try:
         cfg = _sweep_run_dir(cfg)
         validate(cfg)
-        check_learner(cfg)  # before any job is submitted or model downloaded
         if cfg.cluster.name == "local":
             launch_local(cfg)
         elif in_slurm_task():

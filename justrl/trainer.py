@@ -298,7 +298,12 @@ def train(cfg: DictConfig, engine_placements: list[tuple[str | None, list[int]]]
         log.info("%s already holds step %d of trainer.total_steps=%d: nothing to do (raise "
                  "trainer.total_steps to train on)", resume, start_step, cfg.trainer.total_steps)
         return run.root
-    learner = build_learner(cfg, resume / "hf" if resume else model_path)
+    learner = build_learner(cfg, model_path, resume)
+    serve_dir = Path(model_path)  # what the engines load first
+    if resume:
+        learner.load_checkpoint(resume)
+        export = run.weights / ckpt.step_dir_name(start_step)
+        serve_dir = learner.export_hf(export if rank == 0 else None, tokenizer, cfg.rollout.dtype)
     total_steps = cfg.trainer.total_steps
 
     controller = sampler = tb = None
@@ -312,7 +317,6 @@ def train(cfg: DictConfig, engine_placements: list[tuple[str | None, list[int]]]
             total_steps = sampler.batches_per_epoch(cfg.algorithm.prompts_per_step)
         state = {"total_tokens": 0}
         if resume:
-            learner.load_state(resume)
             saved = torch.load(resume / TRAINER_STATE, weights_only=False)
             sampler.load_state_dict(saved["sampler"])
             _set_rng_state(saved["rng"])
@@ -323,24 +327,18 @@ def train(cfg: DictConfig, engine_placements: list[tuple[str | None, list[int]]]
             OmegaConf.save(cfg, run.root / RUN_CONFIG)
         tb = ScalarLog(run.tensorboard, resume_step=start_step if resume else None)
         placements = engine_placements or [(None, []) for _ in range(cfg.rollout.engines)]
-        controller = Controller(cfg, run, tokenizer, resume / "hf" if resume else model_path, placements)
+        controller = Controller(cfg, run, tokenizer, serve_dir, placements)
         controller.start()
-    elif resume:
-        learner.load_state(resume)
     total_steps = _broadcast(total_steps)
 
     def save(step: int) -> None:
-        def write(tmp: Path) -> None:  # on rank 0
-            learner.export_hf(tmp / "hf", tokenizer)
-            learner.save_state(tmp)
+        tmp = _broadcast(ckpt.begin_checkpoint(run.checkpoints, step) if rank == 0 else None)
+        learner.save_checkpoint(tmp, tokenizer)  # every rank: the learner's part
+        if rank == 0:
             torch.save({"sampler": sampler.state_dict(), "rng": _rng_state(), "state": state}, tmp / TRAINER_STATE)
             OmegaConf.save(cfg, tmp / RUN_CONFIG)
-
-        if rank == 0:
-            path = ckpt.save_checkpoint(run.checkpoints, step, write, cfg.trainer.keep_checkpoints)
+            path = ckpt.finish_checkpoint(run.checkpoints, step, cfg.trainer.keep_checkpoints)
             log.info("checkpoint %s", path)
-        else:
-            learner.export_hf(None, tokenizer)  # the other ranks only join the export's barrier
         if dist.is_initialized():
             dist.barrier()
 

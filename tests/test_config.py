@@ -149,9 +149,13 @@ def test_installed_without_editable_finds_config(tmp_path):
     assert (target / "justrl" / "hydra_conf" / "ablation" / "lenient.yaml").is_file()
 
 
-def test_megatron_learner_is_refused_at_start_up():
+def test_megatron_tensor_parallel_size_must_divide_the_learner_ranks():
+    """Checked before anything starts: the CPU launcher runs one learner rank."""
     import subprocess
     import sys
 
-    result = subprocess.run([sys.executable, "-m", "justrl.launch", "learner=megatron"], capture_output=True, text=True)
-    assert result.returncode == 1 and "learner.name='megatron': the Megatron-core learner is not implemented yet" in result.stderr
+    result = subprocess.run([sys.executable, "-m", "justrl.launch", "experiment=tiny", "learner=megatron",
+                             "learner.tensor_parallel_size=2"], capture_output=True, text=True)
+    assert result.returncode == 1
+    assert "learner.tensor_parallel_size: must divide the learner ranks (cluster.learner_gpus=0, so 1), got 2" \
+        in result.stderr

@@ -242,6 +242,15 @@ class HFLearner:
             dist.barrier()
         return out
 
+    def save_checkpoint(self, ckpt_dir: str | Path, tokenizer) -> None:
+        """The weights as `<ckpt_dir>/hf/` (float32) and the optimizer state. Every rank must call."""
+        self.export_hf(Path(ckpt_dir) / "hf" if self.rank == 0 else None, tokenizer)
+        self.save_state(ckpt_dir)
+
+    def load_checkpoint(self, ckpt_dir: str | Path) -> None:
+        """The optimizer state of a checkpoint whose `hf/` the model was built from."""
+        self.load_state(ckpt_dir)
+
     def save_state(self, out_dir: str | Path) -> None:
         """Optimizer and schedule state (the weights go in the HF export). Rank 0 writes."""
         if self.rank == 0:

@@ -3,8 +3,13 @@
 GQA (num_query_groups = KV heads), QKV bias, no other bias, RoPE with the config's theta, SwiGLU
 (gated linear unit with SiLU), RMSNorm with the config's eps, tied or untied output layer as the
 config says, vocabulary padded for tensor parallelism. Needs megatron.core.parallel_state to be
-initialised (TP size as wanted); builds on a CPU (`use_cpu_initialization`), but Megatron's
-forward needs CUDA.
+initialised (TP size as wanted); builds on a CPU (`use_cpu_initialization`). Megatron's forward
+asks for CUDA; `justrl.learner.mcore_cpu` lets it run on a CPU-only torch.
+
+Two layer specs: "local" (plain torch modules: runs anywhere, attention over packed rows through
+a block-diagonal mask) and "te" (Transformer Engine: fused kernels and packed `thd` attention
+with cu_seqlens, the GPU path; the norms live inside the linear layers, hence the adapter's
+`fused_norms`).
 """
 from __future__ import annotations
 
@@ -15,7 +20,8 @@ from justrl.learner.mcore_adapter import Qwen2Shape, padded_vocab_size
 
 
 def transformer_config(shape: Qwen2Shape, tp: int = 1, params_dtype: torch.dtype = torch.float32,
-                       on_cpu: bool = True, initialize: bool = True, recompute: bool = False):
+                       on_cpu: bool = True, initialize: bool = True, recompute: bool = False,
+                       bf16: bool = False, per_token_loss: bool = False):
     from megatron.core.transformer.transformer_config import TransformerConfig
 
     return TransformerConfig(
@@ -27,16 +33,24 @@ def transformer_config(shape: Qwen2Shape, tp: int = 1, params_dtype: torch.dtype
         hidden_dropout=0.0, attention_dropout=0.0, bias_activation_fusion=False, masked_softmax_fusion=False,
         persist_layer_norm=False, bias_dropout_fusion=False, apply_rope_fusion=False,
         recompute_granularity="full" if recompute else None, recompute_method="uniform" if recompute else None,
-        recompute_num_layers=1 if recompute else None,
+        recompute_num_layers=1 if recompute else None, bf16=bf16,
+        # the loss is already divided by the mini-batch's token count: DDP must sum, not average
+        calculate_per_token_loss=per_token_loss,
     )
 
 
-def build_gpt_model(shape: Qwen2Shape, tp: int = 1, **config_kwargs):
-    """The GPTModel (local layer spec: plain torch modules, no Transformer Engine)."""
+def build_gpt_model(shape: Qwen2Shape, tp: int = 1, spec: str = "local", **config_kwargs):
+    """The GPTModel with the "local" or the "te" (Transformer Engine) layer spec."""
     from megatron.core.models.gpt import GPTModel
-    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+    from megatron.core.models.gpt import gpt_layer_specs
 
-    return GPTModel(transformer_config(shape, tp, **config_kwargs), get_gpt_layer_local_spec(),
+    if spec == "te":
+        layer_spec = gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec()
+    elif spec == "local":
+        layer_spec = gpt_layer_specs.get_gpt_layer_local_spec()
+    else:
+        raise ValueError(f"unknown layer spec {spec!r} (local or te)")
+    return GPTModel(transformer_config(shape, tp, **config_kwargs), layer_spec,
                     vocab_size=padded_vocab_size(shape.vocab_size, tp), max_sequence_length=shape.max_position_embeddings,
                     position_embedding_type="rope", rotary_base=int(shape.rope_theta),
                     share_embeddings_and_output_weights=shape.tie_word_embeddings)

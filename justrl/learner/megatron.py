@@ -1,0 +1,482 @@
+"""The `megatron` learner: a Megatron-core GPTModel trained with tensor x data parallelism.
+
+The same step as the `hf` learner (`justrl.learner.hf`), with Megatron-core's parallel pieces:
+
+- the model is `justrl.learner.mcore_model.build_gpt_model` from the HF config.json, loaded from
+  the HF safetensors through `justrl.learner.mcore_adapter` (this TP rank's shard only);
+- tensor parallelism over `learner.tensor_parallel_size` ranks, data parallelism over the rest;
+  every rank of a TP group trains on the same micro-batches (the step is split over DP ranks);
+- Megatron's DDP and distributed optimizer: gradients are reduce-scattered (summed: the loss is
+  already divided by the mini-batch's token count, hence `calculate_per_token_loss`), each DP rank
+  updates its shard of the fp32 master weights and Adam moments, and the bf16 weights are
+  gathered back;
+- `learner.dtype=bfloat16`: bf16 weights and compute, fp32 master weights and optimizer state;
+- `learner.gradient_checkpointing`: full recomputation of every transformer layer;
+- packed micro-batches: Transformer Engine's `thd` attention with cu_seqlens on GPUs; on a CPU
+  (tests, the tiny experiment) the local layer spec with a block-diagonal mask (RoPE is relative,
+  so a sequence's offset in its row does not change its attention);
+- log-probs and entropy from vocabulary-parallel logits (`justrl.learner.vocab_parallel`), the
+  output layer applied `LOGIT_CHUNK_TOKENS` positions at a time under activation checkpointing;
+  the GRPO loss is `justrl.grpo.policy_loss`, as for the `hf` learner.
+
+Differences from the `hf` learner, on purpose: weight exports (for the engines and the merge tool)
+hold the model's compute-dtype weights (bf16 under bf16; the fp32 master weights are in the
+optimizer's checkpoint); checkpoints are Megatron distributed checkpoints (`save_checkpoint`).
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import os
+import shutil
+import warnings
+from datetime import timedelta
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch.utils.checkpoint import checkpoint
+
+from justrl.grpo import policy_loss
+from justrl.hf_io import EXTRA_FILES
+from justrl.learner import mcore_cpu
+from justrl.learner.hf import NonFiniteError, constant_with_warmup
+from justrl.learner.mcore_adapter import Qwen2Shape, hf_to_mcore, mcore_to_hf
+from justrl.learner.mcore_checkpoint import HF_CONFIG_DIR, MEGATRON_DIR
+from justrl.learner.mcore_model import build_gpt_model
+from justrl.learner.packing import MicroBatch, Sequence, micro_batch_fill, padding_fraction, plan_mini_batch
+from justrl.learner.vocab_parallel import vocab_parallel_logprobs_entropy
+
+log = logging.getLogger(__name__)
+
+LOGIT_CHUNK_TOKENS = 2048
+# DP-reshardable: each DP rank saves its optimizer shard as is (no gather); a checkpoint loads
+# with the same TP size and any DP size.
+_OPTIMIZER_SHARDING = {"distrib_optim_sharding_type": "dp_reshardable"}
+
+
+def _init_single_process_group(on_cpu: bool) -> None:
+    """Megatron needs torch.distributed even for one rank."""
+    from justrl.rollout import free_port
+
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    os.environ.setdefault("MASTER_PORT", str(free_port()))
+    dist.init_process_group("gloo" if on_cpu else "nccl", rank=0, world_size=1, timeout=timedelta(minutes=30))
+
+
+def layer_spec(on_cpu: bool) -> str:
+    """"te" on GPUs (required: packed attention needs it), "local" on a CPU."""
+    if on_cpu:
+        return "local"
+    try:
+        import transformer_engine  # noqa: F401
+    except ImportError as e:
+        raise RuntimeError(
+            "learner=megatron on GPUs needs Transformer Engine (pip install transformer-engine[pytorch]) "
+            "for packed-sequence attention; without it use learner=hf") from e
+    return "te"
+
+
+def read_shape(model_path: str | Path) -> tuple[dict, Qwen2Shape]:
+    config_file = Path(model_path) / "config.json"
+    if not config_file.is_file():
+        raise FileNotFoundError(f"{config_file}: no config.json (learner=megatron loads an HF model directory)")
+    config = json.loads(config_file.read_text())
+    try:
+        return config, Qwen2Shape.from_hf_config(config)
+    except (KeyError, ValueError) as e:
+        raise ValueError(f"{config_file}: {e}") from e
+
+
+def load_hf_state(model_path: str | Path) -> dict[str, torch.Tensor]:
+    """Every tensor of the HF safetensors in `model_path` (one file or an indexed set)."""
+    from safetensors.torch import load_file
+
+    files = sorted(Path(model_path).glob("*.safetensors"))
+    if not files:
+        raise FileNotFoundError(f"{model_path}: no *.safetensors weights")
+    state: dict[str, torch.Tensor] = {}
+    for f in files:
+        state.update(load_file(f))
+    return state
+
+
+def _block_causal_mask(position_ids: torch.Tensor) -> torch.Tensor:
+    """`[1, 1, L, L]` bool, True where attention is not allowed: across sequences (a sequence
+    starts where its position id is 0) and to later positions."""
+    seq = torch.cumsum((position_ids[0] == 0).long(), 0)
+    same = seq[:, None] == seq[None, :]
+    causal = torch.ones_like(same).tril()
+    return ~(same & causal)[None, None]
+
+
+def _packed_seq_params(position_ids: torch.Tensor, device: torch.device):
+    from megatron.core.packed_seq_params import PackedSeqParams
+
+    starts = torch.nonzero(position_ids[0] == 0).flatten().tolist() + [position_ids.shape[1]]
+    cu = torch.tensor(starts, dtype=torch.int32, device=device)
+    longest = int((cu[1:] - cu[:-1]).max())
+    return PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu, max_seqlen_q=longest,
+                           max_seqlen_kv=longest)
+
+
+class MegatronLearner:
+    """Policy model, distributed optimizer and schedule of the `megatron` backend.
+
+    Same arguments and methods as `justrl.learner.hf.HFLearner`. Call on every rank of the
+    job after torch.distributed is initialised (one process: it initialises a group of one).
+    """
+
+    def __init__(self, model_path: str | Path, learner, optim, algorithm, mini_batch_size: int,
+                 temperature: float):
+        from megatron.core import parallel_state as ps
+        from megatron.core import tensor_parallel
+        from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+        from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+        from megatron.core.transformer.module import Float16Module
+
+        self.on_cpu = mcore_cpu.enable()
+        if not dist.is_initialized():
+            _init_single_process_group(self.on_cpu)
+        self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
+        tp = learner.tensor_parallel_size
+        if self.world_size % tp:
+            raise ValueError(f"learner.tensor_parallel_size={tp} must divide the {self.world_size} learner ranks")
+        self.model_path = Path(model_path)
+        self.config, self.shape = read_shape(model_path)
+        if not ps.model_parallel_is_initialized():
+            ps.initialize_model_parallel(tensor_model_parallel_size=tp)
+        elif ps.get_tensor_model_parallel_world_size() != tp:
+            raise RuntimeError(f"Megatron is already initialised with TP={ps.get_tensor_model_parallel_world_size()}")
+        self.tp, self.tp_rank, self.tp_group = tp, ps.get_tensor_model_parallel_rank(), ps.get_tensor_model_parallel_group()
+        self.dp, self.dp_rank = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
+        if self.on_cpu:
+            self.device = torch.device("cpu")
+        else:
+            self.device = torch.device("cuda", torch.cuda.current_device())
+            tensor_parallel.model_parallel_cuda_manual_seed(1234)
+        self.cfg, self.algorithm = learner, algorithm
+        self.mini_batch_size, self.temperature = mini_batch_size, temperature
+        self.bf16 = learner.dtype == "bfloat16"
+        self.spec = layer_spec(self.on_cpu)
+
+        params_dtype = torch.bfloat16 if self.bf16 else torch.float32
+        # initialize=True although the weights are overwritten next: Megatron marks a parameter as
+        # tensor-parallel (which the gradient norm relies on) only in its initialisation code
+        gpt = build_gpt_model(self.shape, tp, spec=self.spec, params_dtype=params_dtype, on_cpu=True,
+                              initialize=True, recompute=learner.gradient_checkpointing, bf16=self.bf16,
+                              per_token_loss=True)
+        unmarked = [n for n, p in gpt.named_parameters()  # every matrix of a Qwen2 model is TP-split
+                    if tp > 1 and p.dim() == 2 and not getattr(p, "tensor_model_parallel", False)]
+        if unmarked:
+            raise RuntimeError(f"Megatron did not mark these weights tensor-parallel: {unmarked[:4]}")
+        shard = hf_to_mcore(load_hf_state(model_path), self.shape, tp, fused_norms=self.spec == "te")[self.tp_rank]
+        self._load_model_state(gpt, shard)
+        gpt = gpt.to(self.device)
+        module = Float16Module(gpt.config, gpt) if self.bf16 else gpt
+        self.gpt = gpt
+        self.model = DistributedDataParallel(
+            gpt.config, DistributedDataParallelConfig(use_distributed_optimizer=True, grad_reduce_in_fp32=True),
+            module)
+        self.model.train()
+        self.optimizer = get_megatron_optimizer(
+            OptimizerConfig(optimizer="adam", lr=optim.lr, weight_decay=optim.weight_decay, adam_beta1=optim.betas[0],
+                            adam_beta2=optim.betas[1], adam_eps=optim.eps, clip_grad=optim.grad_clip, bf16=self.bf16,
+                            params_dtype=params_dtype, use_distributed_optimizer=True),
+            [self.model],
+            config_overrides={},  # weight decay on every parameter, as torch AdamW in the hf learner
+        )
+        self.base_lr = optim.lr
+        self.lr_factor = constant_with_warmup(optim.warmup_steps)
+        self.schedule_step = 0
+        self._set_lr()
+        self.consecutive_nonfinite = 0
+        self.adam_steps = 0  # updates taken (Adam's bias correction counts them)
+
+    @staticmethod
+    def _load_model_state(gpt, shard: dict[str, torch.Tensor]) -> None:
+        own = gpt.state_dict()
+        expected = {k for k in own if not k.endswith("_extra_state")}
+        if expected != shard.keys():
+            raise RuntimeError(f"HF -> Megatron mapping does not match the model: missing "
+                               f"{sorted(expected - shard.keys())[:5]}, unexpected {sorted(shard.keys() - expected)[:5]}")
+        for key in expected:
+            if own[key].shape != shard[key].shape:
+                raise RuntimeError(f"{key}: the model has shape {tuple(own[key].shape)}, the mapped weights "
+                                   f"{tuple(shard[key].shape)}")
+        gpt.load_state_dict({k: v.to(own[k].dtype) for k, v in shard.items()}, strict=False)
+
+    def _set_lr(self) -> None:
+        for group in self.optimizer.param_groups:
+            group["lr"] = self.base_lr * self.lr_factor(self.schedule_step)
+
+    # -- forward ------------------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def _hidden_states_only(self):
+        """GPTModel returns its final hidden states (after the final norm) instead of logits: the
+        output layer is applied by `_forward` in chunks."""
+        self.gpt.post_process = False
+        try:
+            yield
+        finally:
+            self.gpt.post_process = True
+
+    def _logprobs_entropy(self, hidden: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        weight = self.gpt.shared_embedding_or_output_weight() if self.shape.tie_word_embeddings else None
+        logits, _ = self.gpt.output_layer(hidden, weight=weight)  # [c, 1, V_pad / tp]
+        vocab_start = self.tp_rank * logits.shape[-1]
+        return vocab_parallel_logprobs_entropy(logits[:, 0], targets, vocab_start, self.shape.vocab_size,
+                                               self.temperature, self.tp_group if self.tp > 1 else None)
+
+    def _forward(self, mb: MicroBatch, need_entropy: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """Log-probs and entropies `[1, L]` of a packed micro-batch."""
+        input_ids, position_ids = mb.input_ids.to(self.device), mb.position_ids.to(self.device)
+        targets = mb.targets[0].to(self.device)
+        if self.spec == "te":
+            mask, packed = None, _packed_seq_params(position_ids, self.device)
+        else:
+            mask, packed = _block_causal_mask(position_ids), None
+        with self._hidden_states_only():
+            hidden = self.model(input_ids, position_ids, mask, packed_seq_params=packed)  # [L, 1, H]
+        out_dtype = self.gpt.output_layer.weight.dtype if self.gpt.output_layer.weight is not None \
+            else self.gpt.shared_embedding_or_output_weight().dtype
+        hidden = hidden.to(out_dtype)
+        logprobs, entropies = [], []
+        for start in range(0, hidden.shape[0], LOGIT_CHUNK_TOKENS):
+            piece = slice(start, start + LOGIT_CHUNK_TOKENS)
+            if torch.is_grad_enabled():
+                lp, ent = checkpoint(self._logprobs_entropy, hidden[piece], targets[piece], use_reentrant=False)
+            else:
+                lp, ent = self._logprobs_entropy(hidden[piece], targets[piece])
+            logprobs.append(lp)
+            entropies.append(ent if need_entropy else ent.detach())
+        return torch.cat(logprobs)[None], torch.cat(entropies)[None]
+
+    # -- one training step ----------------------------------------------------------------------
+
+    def train_step(self, sequences: list[Sequence]) -> dict[str, float]:
+        """As `HFLearner.train_step`; the step is split over the data-parallel ranks, and the ranks
+        of a tensor-parallel group train on the same micro-batches."""
+        if len(sequences) % self.mini_batch_size:
+            raise ValueError(f"{len(sequences)} sequences do not split into mini-batches of {self.mini_batch_size}")
+        mini_batches = [sequences[i:i + self.mini_batch_size] for i in range(0, len(sequences), self.mini_batch_size)]
+        plans = [plan_mini_batch(mb, self.dp_rank, self.dp, self.cfg.micro_batch_tokens) for mb in mini_batches]
+        token_counts = [sum(len(s.response_ids) for s in mb) for mb in mini_batches]
+
+        self.model.eval()  # no dropout either way; eval() only skips recomputation under no_grad
+        with torch.no_grad():
+            for plan in plans:
+                for micro in plan:
+                    micro.old_logprobs = self._forward(micro, need_entropy=False)[0].cpu()
+        self.model.train()
+
+        lr = self.optimizer.param_groups[0]["lr"]
+        totals: dict[str, float] = {}
+        skipped = 0
+        for _ in range(self.algorithm.ppo_epochs):
+            for plan, num_tokens in zip(plans, token_counts):
+                metrics = self._update(plan, num_tokens)
+                skipped += int(metrics.pop("actor/nonfinite"))
+                for key, value in metrics.items():
+                    totals[key] = totals.get(key, 0.0) + value
+        self.schedule_step += 1
+        self._set_lr()
+        updates = len(plans) * self.algorithm.ppo_epochs
+        result = {key: value / updates for key, value in totals.items()}
+        all_micro = [m for plan in plans for m in plan]
+        result.update({
+            "actor/lr": lr,
+            "actor/skipped_updates": float(skipped),
+            "perf/padding_fraction": padding_fraction(all_micro),
+            "perf/micro_batch_fill": micro_batch_fill(all_micro, self.cfg.micro_batch_tokens),
+            "perf/micro_batches": float(len(all_micro)),
+        })
+        return result
+
+    def _update(self, plan: list[MicroBatch], num_tokens: int) -> dict[str, float]:
+        """One optimizer step on one mini-batch (this DP rank's micro-batches of it)."""
+        self.model.zero_grad_buffer()
+        self.optimizer.zero_grad()
+        sums = torch.zeros(5, dtype=torch.float64)  # pg_loss, clipfrac, ppo_kl, clipfrac_lower, entropy
+        coef = self.algorithm.entropy_coef
+        for micro in plan:
+            logprobs, entropy = self._forward(micro, need_entropy=coef > 0)
+            mask = micro.mask.to(self.device)
+            loss, m = policy_loss(logprobs, micro.old_logprobs.to(self.device), micro.advantages.to(self.device),
+                                  mask, self.algorithm.clip_low, self.algorithm.clip_high, self.algorithm.clip_c,
+                                  num_tokens=num_tokens)
+            entropy_term = (entropy * mask).sum() / max(num_tokens, 1)
+            if coef > 0:
+                loss = loss - coef * entropy_term
+            loss.backward()
+            sums += torch.tensor([m["actor/pg_loss"].item(), m["actor/pg_clipfrac"].item(), m["actor/ppo_kl"].item(),
+                                  m["actor/pg_clipfrac_lower"].item(), entropy_term.item()], dtype=torch.float64)
+        self.model.finish_grad_sync()  # reduce-scatter (sum) over the data-parallel ranks
+        # The metrics are sums over DP ranks (the TP ranks of a group hold the same values).
+        dp_group = self._dp_group()
+        sums_dev = sums.to(self.device)
+        if self.dp > 1:
+            dist.all_reduce(sums_dev, group=dp_group)
+        sums = sums_dev.cpu()
+        # A NaN/inf anywhere in any rank's gradient buffer (own shard reduced, the rest local)
+        # means a non-finite gradient somewhere: skip the update on every rank.
+        bad = torch.tensor([0.0 if math.isfinite(sums[0].item()) else 1.0], device=self.device)
+        for p in self.model.module.parameters():
+            if p.requires_grad and not torch.isfinite(p.main_grad).all():
+                bad += 1
+                break
+        dist.all_reduce(bad, op=dist.ReduceOp.MAX)
+        finite = bad.item() == 0
+        grad_norm = float("nan")
+        if finite:
+            ok, grad_norm, _ = self.optimizer.step()
+            self.adam_steps += int(bool(ok))
+            finite = bool(ok) and grad_norm is not None and math.isfinite(grad_norm)
+        if finite:
+            self.consecutive_nonfinite = 0
+        else:
+            self.consecutive_nonfinite += 1
+            log.warning("non-finite update skipped (loss %s, grad norm %s); %d in a row", sums[0].item(),
+                        grad_norm, self.consecutive_nonfinite)
+            if self.consecutive_nonfinite >= self.cfg.max_nonfinite_updates:
+                raise NonFiniteError(
+                    f"{self.consecutive_nonfinite} updates in a row had a non-finite loss or gradient "
+                    f"(last: loss={sums[0].item()}, grad_norm={grad_norm}); stopping "
+                    f"(learner.max_nonfinite_updates={self.cfg.max_nonfinite_updates}). The weights are those of "
+                    f"the last finite update; the latest checkpoint is intact. Lower optim.lr or inspect the batch.")
+        names = ("actor/pg_loss", "actor/pg_clipfrac", "actor/ppo_kl", "actor/pg_clipfrac_lower", "actor/entropy")
+        metrics = {name: value for name, value in zip(names, sums.tolist())}
+        metrics["actor/grad_norm"] = float(grad_norm)
+        metrics["actor/nonfinite"] = float(not finite)
+        return metrics
+
+    @staticmethod
+    def _dp_group():
+        from megatron.core import parallel_state as ps
+
+        return ps.get_data_parallel_group()
+
+    # -- weights and state ------------------------------------------------------------------------
+
+    def gather_hf_state(self) -> dict[str, torch.Tensor] | None:
+        """The HF state dict (model dtype) on rank 0, gathered from the TP ranks of DP rank 0;
+        None elsewhere. Every rank must call."""
+        local = {k: v.detach() for k, v in self.gpt.state_dict().items() if not k.endswith("_extra_state")}
+        shards = None
+        if self.dp_rank == 0:
+            src = dist.get_global_rank(self.tp_group, 0) if self.tp > 1 else self.rank
+            shards = [dict() for _ in range(self.tp)]
+            for key in sorted(local):
+                tensor = local[key].contiguous()
+                if self.tp > 1:
+                    gathered = [torch.empty_like(tensor) for _ in range(self.tp)] if self.tp_rank == 0 else None
+                    dist.gather(tensor, gathered, dst=src, group=self.tp_group)
+                else:
+                    gathered = [tensor]
+                if self.tp_rank == 0:
+                    for r in range(self.tp):
+                        shards[r][key] = gathered[r].cpu()
+        if self.rank != 0:
+            return None
+        return mcore_to_hf(shards, self.shape, fused_norms=self.spec == "te")
+
+    def export_hf(self, out_dir: str | Path | None, tokenizer, dtype: str = "float32") -> Path | None:
+        """Write the weights as an HF directory (config.json, safetensors, tokenizer) atomically.
+        Every rank must call; only rank 0 writes (the others may pass None)."""
+        from justrl.hf_io import write_hf_dir
+
+        state = self.gather_hf_state()
+        out = Path(out_dir) if out_dir is not None else None
+        if self.rank == 0:
+            target = getattr(torch, dtype)
+            write_hf_dir(out, {k: v.to(target) for k, v in state.items()}, self.config, tokenizer,
+                         extra_from=self.model_path)
+        dist.barrier()
+        return out
+
+    def save_checkpoint(self, ckpt_dir: str | Path, tokenizer) -> None:
+        """A Megatron distributed checkpoint (model, distributed optimizer, schedule position and
+        the non-finite counter) in `<ckpt_dir>/megatron/`, and the HF config and tokenizer the
+        merge tool needs in `<ckpt_dir>/hf_config/`. Every rank must call."""
+        from megatron.core import dist_checkpointing
+
+        ckpt_dir = Path(ckpt_dir)
+        if self.rank == 0:
+            (ckpt_dir / MEGATRON_DIR).mkdir(parents=True, exist_ok=True)
+            hf_config = ckpt_dir / HF_CONFIG_DIR
+            hf_config.mkdir(parents=True, exist_ok=True)
+            (hf_config / "config.json").write_text(json.dumps(self.config, indent=2) + "\n")
+            tokenizer.save_pretrained(hf_config)
+            for name in EXTRA_FILES:
+                if (self.model_path / name).is_file():
+                    shutil.copy(self.model_path / name, hf_config / name)
+        dist.barrier()
+        dist_checkpointing.save(self._sharded_state(is_loading=False), str(ckpt_dir / MEGATRON_DIR))
+        dist.barrier()
+
+    def load_checkpoint(self, ckpt_dir: str | Path) -> None:
+        """Load what `save_checkpoint` wrote (same TP size; any DP size). Every rank must call."""
+        from megatron.core import dist_checkpointing
+
+        path = Path(ckpt_dir) / MEGATRON_DIR
+        if not (path / "metadata.json").is_file():
+            raise FileNotFoundError(f"{path}: no Megatron distributed checkpoint (was it written by learner=hf?)")
+        self._materialise_optimizer_state()
+        state = dist_checkpointing.load(self._sharded_state(is_loading=True), str(path))
+        self.gpt.load_state_dict(state["model"], strict=False)
+        with torch.no_grad():  # Megatron copies into views of the parameters
+            self.optimizer.load_state_dict(state["optimizer"])
+        learner_state = state["learner"]
+        if learner_state["tensor_parallel_size"] != self.tp:
+            raise RuntimeError(f"{path} was written with learner.tensor_parallel_size="
+                               f"{learner_state['tensor_parallel_size']}, this run has {self.tp}")
+        self.schedule_step = learner_state["schedule_step"]
+        self.consecutive_nonfinite = learner_state["consecutive_nonfinite"]
+        self.adam_steps = learner_state["adam_steps"]
+        self._set_adam_step()
+        self._set_lr()
+
+    def _materialise_optimizer_state(self) -> None:
+        """torch's Adam creates its state at its first step, and Megatron's loader needs the state
+        to exist: take one step with zero gradients and learning rate 0 (no parameter moves, not
+        even by weight decay); the loaded state replaces it."""
+        for opt in [o.optimizer for o in getattr(self.optimizer, "chained_optimizers", [self.optimizer])]:
+            if len(opt.state):
+                continue
+            lrs = [group["lr"] for group in opt.param_groups]
+            with warnings.catch_warnings():  # fp32 shards are views: "grad of a non-leaf Tensor"
+                warnings.simplefilter("ignore", UserWarning)
+                for group in opt.param_groups:
+                    group["lr"] = 0.0
+                    for p in group["params"]:
+                        p.grad = torch.zeros_like(p)
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+            for group, lr in zip(opt.param_groups, lrs):
+                group["lr"] = lr
+
+    def _set_adam_step(self) -> None:
+        """Adam's step count after a load. torch's Adam keeps it per parameter, and Megatron's
+        DP-reshardable loader (written for Apex/TE's FusedAdam, which keeps it per group) leaves
+        the placeholder's count there: set it in both places."""
+        for opt in [o.optimizer for o in getattr(self.optimizer, "chained_optimizers", [self.optimizer])]:
+            for group in opt.param_groups:
+                if "step" in group:
+                    group["step"] = self.adam_steps
+            for state in opt.state.values():
+                if "step" in state:
+                    state["step"] = torch.tensor(float(self.adam_steps), dtype=state["step"].dtype,
+                                                 device=state["step"].device)
+
+    def _sharded_state(self, is_loading: bool) -> dict:
+        model = self.gpt.sharded_state_dict()
+        return {
+            "model": model,
+            "optimizer": self.optimizer.sharded_state_dict(model, is_loading=is_loading, metadata=_OPTIMIZER_SHARDING),
+            # plain values are "common" state, written once by rank 0
+            "learner": {"schedule_step": self.schedule_step, "consecutive_nonfinite": self.consecutive_nonfinite,
+                        "adam_steps": self.adam_steps, "tensor_parallel_size": self.tp},
+        }
