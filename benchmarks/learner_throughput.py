@@ -94,7 +94,7 @@ def time_learner(name: str, model_dir: Path, seqs, micro_tokens: int) -> float:
 
     cfg = compose([f"learner={name}", "cluster=local", "learner.tensor_parallel_size=1", "learner.dtype=bfloat16",
                    "learner.gradient_checkpointing=true", f"learner.micro_batch_tokens={micro_tokens}",
-                   f"rollout.n=8", f"algorithm.prompts_per_step={len(seqs) // 8}",
+                   "rollout.n=8", f"algorithm.prompts_per_step={len(seqs) // 8}",
                    f"algorithm.mini_batch_prompts={len(seqs) // 8}", "optim.warmup_steps=0"])
     learner = build_learner(cfg, model_dir)
     learner.train_step(seqs)  # warm-up: allocations, kernels, optimizer state
@@ -129,10 +129,9 @@ def main() -> None:
 
     from justrl.rollout import free_port
 
-    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    os.environ.setdefault("MASTER_PORT", str(free_port()))
     torch.cuda.set_device(0)
-    dist.init_process_group("nccl", rank=0, world_size=1, device_id=torch.device("cuda", 0))
+    dist.init_process_group("nccl", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1,
+                            device_id=torch.device("cuda", 0))
 
     seqs = make_step(args.tokens_per_micro_batch * args.micro_batches)
     tokens = sum(len(s) for s in seqs)

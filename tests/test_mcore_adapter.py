@@ -2,7 +2,6 @@
 with HF's parameter count, HF -> Megatron -> HF is bitwise identical, TP=2 and TP=4 split then merge
 exactly, and the mapped state dict loads into the GPTModel by name and shape."""
 import json
-import os
 
 import pytest
 import torch
@@ -86,8 +85,7 @@ def megatron_tp1():
 
     from justrl.rollout import free_port
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
-    dist.init_process_group("gloo", rank=0, world_size=1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
     parallel_state.initialize_model_parallel(1, 1)
     yield
     parallel_state.destroy_model_parallel()

@@ -10,7 +10,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from justrl.learner.packing import build_micro_batch
-from test_learner import make_batch, tiny_cfg
+from test_learner import DP_OPTIM, make_batch, tiny_cfg
 
 
 def _have_te() -> bool:
@@ -33,7 +33,7 @@ LOGPROB_MEAN_ATOL = 5e-3
 
 def gpu_cfg(*overrides):
     return tiny_cfg("rollout.n=4", "algorithm.prompts_per_step=4", "algorithm.mini_batch_prompts=2",
-                    "optim.warmup_steps=0", "optim.lr=1e-5", "learner.dtype=bfloat16",
+                    "optim.warmup_steps=0", *DP_OPTIM, "learner.dtype=bfloat16",
                     "learner.gradient_checkpointing=true", "learner.micro_batch_tokens=4096", *overrides)
 
 
@@ -99,7 +99,8 @@ def _compare(got, ref):
     assert got["metrics"]["actor/pg_loss"] == pytest.approx(ref["metrics"]["actor/pg_loss"], abs=2e-3)
     assert got["metrics"]["actor/grad_norm"] == pytest.approx(ref["metrics"]["actor/grad_norm"], rel=5e-2)
     # "nearly the same new weights": each tensor's update points the same way as the hf
-    # learner's (cosine > 0.9) and has nearly the same size
+    # learner's (cosine > 0.9) and has nearly the same size. Megatron's exported weights are its
+    # bf16 model weights: lr 1e-3 (DP_OPTIM) makes the update large against bf16's rounding.
     for key, after in ref["after"].items():
         if key not in got["weights"]:
             continue

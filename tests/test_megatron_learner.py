@@ -160,6 +160,38 @@ def test_one_grpo_step_equals_the_hf_learner(tiny_model_dir, gqa_model_dir, tmp_
     assert moved < 2e-5
 
 
+def _nonfinite_worker(rank, world, port, model_dir, out):
+    from justrl.learner import NonFiniteError, build_learner
+    from justrl.learner.packing import Sequence
+
+    _init(rank, world, port)
+    learner = build_learner(megatron_cfg(1, "learner.max_nonfinite_updates=3"), model_dir)
+    before = learner.gather_hf_state()
+    bad = [Sequence(s.prompt_ids, s.response_ids, float("nan")) for s in make_batch()]
+    first = learner.train_step(bad)  # two mini-batches: two skipped updates
+    unchanged = all(torch.equal(before[k], v) for k, v in learner.gather_hf_state().items())
+    learner.train_step(make_batch())
+    reset = learner.consecutive_nonfinite
+    learner.train_step(bad)
+    try:
+        learner.train_step(bad)
+        message = None
+    except NonFiniteError as e:
+        message = str(e)
+    torch.save({"first": first, "unchanged": unchanged, "reset": reset, "message": message}, out)
+    dist.destroy_process_group()
+
+
+def test_non_finite_updates_are_skipped_then_stop_the_run(tiny_model_dir, tmp_path):
+    """NaN advantages: the update is skipped on every rank (the weights do not move), a finite
+    step resets the count, and the third in a row stops the run with the setting's name."""
+    _spawn(_nonfinite_worker, 1, str(tiny_model_dir), str(tmp_path / "out.pt"))
+    got = torch.load(tmp_path / "out.pt")
+    assert got["first"]["actor/skipped_updates"] == 2.0 and got["unchanged"] and got["reset"] == 0
+    assert got["message"] is not None and "3 updates in a row" in got["message"]
+    assert "learner.max_nonfinite_updates=3" in got["message"]
+
+
 # -- checkpoints: resume with another DP size, merge TP shards into HF -------------------------------
 
 def _checkpoint_worker(rank, world, port, tp, model_dir, root, phase):

@@ -14,6 +14,8 @@ from pathlib import Path
 
 from omegaconf import DictConfig
 
+from justrl.config import ConfigError
+
 from justrl.learner.hf import HFLearner, NonFiniteError
 from justrl.learner.packing import Sequence
 
@@ -23,6 +25,10 @@ def init_source(cfg: DictConfig, model_path: str | Path, resume: Path | None) ->
     `hf/` export when resuming; the megatron learner always builds from the model and then loads
     its distributed checkpoint."""
     if resume is not None and cfg.learner.name == "hf":
+        if not (resume / "hf").is_dir():
+            raise ConfigError(f"{resume} has no hf/ weights: it was written by learner=megatron; resume it with "
+                              f"learner=megatron, or merge it (tools/merge_checkpoint.py) and start a new run from "
+                              f"the merged directory (model.path)")
         return resume / "hf"
     return Path(model_path)
 

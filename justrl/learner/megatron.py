@@ -29,7 +29,6 @@ import contextlib
 import json
 import logging
 import math
-import os
 import shutil
 import warnings
 from datetime import timedelta
@@ -39,6 +38,7 @@ import torch
 import torch.distributed as dist
 from torch.utils.checkpoint import checkpoint
 
+from justrl.config import ConfigError
 from justrl.grpo import policy_loss
 from justrl.hf_io import EXTRA_FILES
 from justrl.learner import mcore_cpu
@@ -61,9 +61,9 @@ def _init_single_process_group(on_cpu: bool) -> None:
     """Megatron needs torch.distributed even for one rank."""
     from justrl.rollout import free_port
 
-    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    os.environ.setdefault("MASTER_PORT", str(free_port()))
-    dist.init_process_group("gloo" if on_cpu else "nccl", rank=0, world_size=1, timeout=timedelta(minutes=30))
+    # an explicit address: a MASTER_PORT inherited from the environment may be taken
+    dist.init_process_group("gloo" if on_cpu else "nccl", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0,
+                            world_size=1, timeout=timedelta(minutes=30))
 
 
 def layer_spec(on_cpu: bool) -> str:
@@ -323,11 +323,9 @@ class MegatronLearner:
         sums = sums_dev.cpu()
         # A NaN/inf anywhere in any rank's gradient buffer (own shard reduced, the rest local)
         # means a non-finite gradient somewhere: skip the update on every rank.
-        bad = torch.tensor([0.0 if math.isfinite(sums[0].item()) else 1.0], device=self.device)
-        for p in self.model.module.parameters():
-            if p.requires_grad and not torch.isfinite(p.main_grad).all():
-                bad += 1
-                break
+        grads_finite = torch.stack([torch.isfinite(p.main_grad).all() for p in self.model.module.parameters()
+                                    if p.requires_grad]).all()
+        bad = (~grads_finite).float().reshape(1) + (0.0 if math.isfinite(sums[0].item()) else 1.0)
         dist.all_reduce(bad, op=dist.ReduceOp.MAX)
         finite = bad.item() == 0
         grad_norm = float("nan")
@@ -423,7 +421,9 @@ class MegatronLearner:
 
         path = Path(ckpt_dir) / MEGATRON_DIR
         if not (path / "metadata.json").is_file():
-            raise FileNotFoundError(f"{path}: no Megatron distributed checkpoint (was it written by learner=hf?)")
+            raise ConfigError(f"{ckpt_dir} holds no Megatron distributed checkpoint ({MEGATRON_DIR}/metadata.json): "
+                              f"it was written by learner=hf; resume it with learner=hf, or start a new run "
+                              f"(trainer.output_dir) from its hf/ weights (model.path)")
         self._materialise_optimizer_state()
         state = dist_checkpointing.load(self._sharded_state(is_loading=True), str(path))
         self.gpt.load_state_dict(state["model"], strict=False)
@@ -431,7 +431,7 @@ class MegatronLearner:
             self.optimizer.load_state_dict(state["optimizer"])
         learner_state = state["learner"]
         if learner_state["tensor_parallel_size"] != self.tp:
-            raise RuntimeError(f"{path} was written with learner.tensor_parallel_size="
+            raise ConfigError(f"{path} was written with learner.tensor_parallel_size="
                                f"{learner_state['tensor_parallel_size']}, this run has {self.tp}")
         self.schedule_step = learner_state["schedule_step"]
         self.consecutive_nonfinite = learner_state["consecutive_nonfinite"]
