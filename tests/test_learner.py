@@ -10,7 +10,7 @@ import torch.multiprocessing as mp
 
 from justrl.config import compose
 from justrl.learner import HFLearner, NonFiniteError, build_learner
-from justrl.learner.hf import constant_with_warmup
+from justrl.learner.step import constant_with_warmup
 from justrl.learner.packing import Sequence
 
 

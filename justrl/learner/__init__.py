@@ -16,7 +16,8 @@ from omegaconf import DictConfig
 
 from justrl.config import ConfigError
 
-from justrl.learner.hf import HFLearner, NonFiniteError
+from justrl.learner.hf import HFLearner
+from justrl.learner.step import NonFiniteError
 from justrl.learner.packing import Sequence
 
 

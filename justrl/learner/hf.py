@@ -1,16 +1,8 @@
 """The `hf` learner: a transformers causal LM trained with torch, data parallel over torch.distributed.
 
-One training step, on every rank (each rank holds the whole step's sequences; see
-`justrl.trainer`):
-
-1. cut the step into PPO mini-batches (consecutive groups, no shuffle), split each mini-batch
-   over the ranks by token count and pack each rank's share into micro-batches;
-2. recompute the old log-probs of every response token with the current weights (no grad);
-3. per mini-batch: forward/backward every micro-batch with the loss divided by the mini-batch's
-   response-token count over all ranks, all-reduce (sum) the gradients, clip their norm, and take
-   an AdamW step, unless the loss or the gradient norm is not finite, in which case the update is
-   skipped and counted;
-4. advance the learning-rate schedule once (per training step, as veRL does).
+One training step (`justrl.learner.step.PolicyStep`) on every rank, each rank holding the whole
+step's sequences (see `justrl.trainer`); gradients are summed over the ranks with an all-reduce
+(no DDP, so ranks may run different numbers of micro-batches), clipped, and AdamW steps.
 
 Every rank ends the step with the same weights and optimizer state (plain data parallelism, no
 sharding), so rank 0 alone writes checkpoints and weight exports. The master weights and the
@@ -22,7 +14,6 @@ micro-batch of a 152k-vocabulary model needs ~1 GiB of logits instead of ~19 GiB
 """
 from __future__ import annotations
 
-import logging
 import math
 import re
 import shutil
@@ -33,27 +24,13 @@ import torch
 import torch.distributed as dist
 from torch.utils.checkpoint import checkpoint
 
-from justrl.grpo import entropy_from_logits, policy_loss, token_logprobs
-from justrl.learner.packing import MicroBatch, Sequence, micro_batch_fill, padding_fraction, plan_mini_batch
-
-log = logging.getLogger(__name__)
+from justrl.grpo import entropy_from_logits, token_logprobs
+from justrl.learner.packing import MicroBatch
+from justrl.learner.step import PolicyStep, constant_with_warmup
 
 # Positions whose logits are computed at once (2048 x 151936 float32 logits = 1.2 GiB).
 LOGIT_CHUNK_TOKENS = 2048
 OPTIMIZER_FILE = "optimizer.pt"
-
-
-class NonFiniteError(RuntimeError):
-    """Too many updates in a row had a NaN/inf loss or gradient."""
-
-
-def constant_with_warmup(warmup_steps: int):
-    """veRL's (and transformers') constant schedule with linear warm-up: factor step / warmup
-    for step < warmup, then 1. Note step 0 has factor 0: the first training step moves only the
-    optimizer's moments, exactly as in the reference."""
-    def factor(step: int) -> float:
-        return step / max(1.0, warmup_steps) if step < warmup_steps else 1.0
-    return factor
 
 
 def _logprobs_and_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
@@ -63,7 +40,7 @@ def _logprobs_and_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: t
     return token_logprobs(logits, targets, temperature), entropy_from_logits(logits, temperature)
 
 
-class HFLearner:
+class HFLearner(PolicyStep):
     """Policy model, optimizer and schedule of the `hf` backend.
 
     Args:
@@ -125,69 +102,24 @@ class HFLearner:
             entropies.append(ent if need_entropy else ent.detach())
         return torch.cat(logprobs)[None], torch.cat(entropies)[None]
 
-    # -- one training step ----------------------------------------------------------------------
+    # -- the step's hooks (justrl.learner.step.PolicyStep) -----------------------------------------
 
-    def train_step(self, sequences: list[Sequence]) -> dict[str, float]:
-        """Old log-probs, then the PPO mini-batch updates, then one schedule step.
+    def _data_parallel(self) -> tuple[int, int]:
+        return self.rank, self.world_size
 
-        Returns the step's metrics (identical on every rank): the `actor/*` values are token means
-        over each mini-batch, averaged over the mini-batches (as veRL reports them).
-        """
-        if len(sequences) % self.mini_batch_size:
-            raise ValueError(f"{len(sequences)} sequences do not split into mini-batches of {self.mini_batch_size}")
-        mini_batches = [sequences[i:i + self.mini_batch_size] for i in range(0, len(sequences), self.mini_batch_size)]
-        plans = [plan_mini_batch(mb, self.rank, self.world_size, self.cfg.micro_batch_tokens) for mb in mini_batches]
-        # The token-mean's denominator: the mini-batch's response tokens over all ranks. Every rank
-        # holds the whole mini-batch, so no all-reduce is needed to know it.
-        token_counts = [sum(len(s.response_ids) for s in mb) for mb in mini_batches]
+    def _zero_grad(self) -> None:
+        self.optimizer.zero_grad(set_to_none=False)
 
-        with torch.no_grad():
-            for plan in plans:
-                for micro in plan:
-                    micro.old_logprobs = self._forward(micro, need_entropy=False)[0].cpu()
+    def _current_lr(self) -> float:
+        return self.optimizer.param_groups[0]["lr"]
 
-        lr = self.optimizer.param_groups[0]["lr"]
-        totals: dict[str, float] = {}
-        skipped = 0
-        for _ in range(self.algorithm.ppo_epochs):
-            for plan, num_tokens in zip(plans, token_counts):
-                metrics = self._update(plan, num_tokens)
-                skipped += int(metrics.pop("actor/nonfinite"))
-                for key, value in metrics.items():
-                    totals[key] = totals.get(key, 0.0) + value
+    def _advance_schedule(self) -> None:
         with warnings.catch_warnings():
             # a step whose updates were all skipped (non-finite) still advances the schedule
             warnings.filterwarnings("ignore", message=re.escape("Detected call of `lr_scheduler.step()` before"))
             self.scheduler.step()
-        updates = len(plans) * self.algorithm.ppo_epochs
-        result = {key: value / updates for key, value in totals.items()}
-        all_micro = [m for plan in plans for m in plan]
-        result.update({
-            "actor/lr": lr,
-            "actor/skipped_updates": float(skipped),
-            "perf/padding_fraction": padding_fraction(all_micro),
-            "perf/micro_batch_fill": micro_batch_fill(all_micro, self.cfg.micro_batch_tokens),
-            "perf/micro_batches": float(len(all_micro)),
-        })
-        return result
 
-    def _update(self, plan: list[MicroBatch], num_tokens: int) -> dict[str, float]:
-        """One optimizer step on one mini-batch (this rank's micro-batches of it)."""
-        self.optimizer.zero_grad(set_to_none=False)
-        sums = torch.zeros(5, dtype=torch.float64)  # pg_loss, clipfrac, ppo_kl, clipfrac_lower, entropy
-        coef = self.algorithm.entropy_coef
-        for micro in plan:
-            logprobs, entropy = self._forward(micro, need_entropy=coef > 0)
-            mask = micro.mask.to(self.device)
-            loss, m = policy_loss(logprobs, micro.old_logprobs.to(self.device), micro.advantages.to(self.device),
-                                  mask, self.algorithm.clip_low, self.algorithm.clip_high, self.algorithm.clip_c,
-                                  num_tokens=num_tokens)
-            entropy_term = (entropy * mask).sum() / max(num_tokens, 1)
-            if coef > 0:
-                loss = loss - coef * entropy_term
-            loss.backward()
-            sums += torch.tensor([m["actor/pg_loss"].item(), m["actor/pg_clipfrac"].item(), m["actor/ppo_kl"].item(),
-                                  m["actor/pg_clipfrac_lower"].item(), entropy_term.item()], dtype=torch.float64)
+    def _reduce_and_step(self, sums: torch.Tensor) -> tuple[torch.Tensor, float, bool]:
         params = [p for p in self.model.parameters() if p.requires_grad]
         for p in params:  # a rank with no sequences in this mini-batch still joins the all-reduce
             if p.grad is None:
@@ -202,23 +134,9 @@ class HFLearner:
         finite = math.isfinite(grad_norm) and math.isfinite(sums[0].item())
         if finite:
             self.optimizer.step()
-            self.consecutive_nonfinite = 0
         else:
             self.optimizer.zero_grad(set_to_none=False)
-            self.consecutive_nonfinite += 1
-            log.warning("non-finite update skipped (loss %s, grad norm %s); %d in a row", sums[0].item(),
-                        grad_norm, self.consecutive_nonfinite)
-            if self.consecutive_nonfinite >= self.cfg.max_nonfinite_updates:
-                raise NonFiniteError(
-                    f"{self.consecutive_nonfinite} updates in a row had a non-finite loss or gradient "
-                    f"(last: loss={sums[0].item()}, grad_norm={grad_norm}); stopping "
-                    f"(learner.max_nonfinite_updates={self.cfg.max_nonfinite_updates}). The weights are those of "
-                    f"the last finite update; the latest checkpoint is intact. Lower optim.lr or inspect the batch.")
-        names = ("actor/pg_loss", "actor/pg_clipfrac", "actor/ppo_kl", "actor/pg_clipfrac_lower", "actor/entropy")
-        metrics = {name: value for name, value in zip(names, sums.tolist())}
-        metrics["actor/grad_norm"] = grad_norm
-        metrics["actor/nonfinite"] = float(not finite)
-        return metrics
+        return sums, grad_norm, finite
 
     # -- weights and state ------------------------------------------------------------------------
 

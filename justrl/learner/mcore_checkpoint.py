@@ -64,9 +64,6 @@ def read_model_tensors(megatron_dir: str | Path) -> dict[str, torch.Tensor]:
     state = {key: torch.empty(meta.size, dtype=meta.properties.dtype)
              for key, meta in metadata.state_dict_metadata.items()
              if isinstance(meta, TensorStorageMetadata) and not key.startswith("optimizer.")}
-    for key in state:
-        if "/" in key:  # sharded non-tensor state is stored as bytes; model tensors never have "/"
-            raise NotAMegatronCheckpoint(f"{megatron_dir}: unexpected tensor key {key!r}")
     try:
         dcp.load(state, storage_reader=reader, no_dist=True)
     except (Exception, dcp.api.CheckpointException) as e:  # a missing or truncated shard file

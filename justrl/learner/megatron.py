@@ -17,7 +17,8 @@ The same step as the `hf` learner (`justrl.learner.hf`), with Megatron-core's pa
   so a sequence's offset in its row does not change its attention);
 - log-probs and entropy from vocabulary-parallel logits (`justrl.learner.vocab_parallel`), the
   output layer applied `LOGIT_CHUNK_TOKENS` positions at a time under activation checkpointing;
-  the GRPO loss is `justrl.grpo.policy_loss`, as for the `hf` learner.
+  the step itself (old log-probs, PPO mini-batch updates, GRPO loss, non-finite skips) is
+  `justrl.learner.step.PolicyStep`, as for the `hf` learner.
 
 Differences from the `hf` learner, on purpose: weight exports (for the engines and the merge tool)
 hold the model's compute-dtype weights (bf16 under bf16; the fp32 master weights are in the
@@ -27,7 +28,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import logging
 import math
 import shutil
 import warnings
@@ -39,17 +39,14 @@ import torch.distributed as dist
 from torch.utils.checkpoint import checkpoint
 
 from justrl.config import ConfigError
-from justrl.grpo import policy_loss
 from justrl.hf_io import EXTRA_FILES
 from justrl.learner import mcore_cpu
-from justrl.learner.hf import NonFiniteError, constant_with_warmup
 from justrl.learner.mcore_adapter import Qwen2Shape, hf_to_mcore, mcore_to_hf
 from justrl.learner.mcore_checkpoint import HF_CONFIG_DIR, MEGATRON_DIR
 from justrl.learner.mcore_model import build_gpt_model
-from justrl.learner.packing import MicroBatch, Sequence, micro_batch_fill, padding_fraction, plan_mini_batch
+from justrl.learner.packing import MicroBatch
+from justrl.learner.step import PolicyStep, constant_with_warmup
 from justrl.learner.vocab_parallel import vocab_parallel_logprobs_entropy
-
-log = logging.getLogger(__name__)
 
 LOGIT_CHUNK_TOKENS = 2048
 # DP-reshardable: each DP rank saves its optimizer shard as is (no gather); a checkpoint loads
@@ -122,7 +119,7 @@ def _packed_seq_params(position_ids: torch.Tensor, device: torch.device):
                            max_seqlen_kv=longest)
 
 
-class MegatronLearner:
+class MegatronLearner(PolicyStep):
     """Policy model, distributed optimizer and schedule of the `megatron` backend.
 
     Same arguments and methods as `justrl.learner.hf.HFLearner`. Call on every rank of the
@@ -255,71 +252,31 @@ class MegatronLearner:
             entropies.append(ent if need_entropy else ent.detach())
         return torch.cat(logprobs)[None], torch.cat(entropies)[None]
 
-    # -- one training step ----------------------------------------------------------------------
+    # -- the step's hooks (justrl.learner.step.PolicyStep) -----------------------------------------
 
-    def train_step(self, sequences: list[Sequence]) -> dict[str, float]:
-        """As `HFLearner.train_step`; the step is split over the data-parallel ranks, and the ranks
-        of a tensor-parallel group train on the same micro-batches."""
-        if len(sequences) % self.mini_batch_size:
-            raise ValueError(f"{len(sequences)} sequences do not split into mini-batches of {self.mini_batch_size}")
-        mini_batches = [sequences[i:i + self.mini_batch_size] for i in range(0, len(sequences), self.mini_batch_size)]
-        plans = [plan_mini_batch(mb, self.dp_rank, self.dp, self.cfg.micro_batch_tokens) for mb in mini_batches]
-        token_counts = [sum(len(s.response_ids) for s in mb) for mb in mini_batches]
+    def _data_parallel(self) -> tuple[int, int]:
+        """The step is split over the DP ranks; the ranks of a TP group train on the same micro-batches."""
+        return self.dp_rank, self.dp
 
-        self.model.eval()  # no dropout either way; eval() only skips recomputation under no_grad
-        with torch.no_grad():
-            for plan in plans:
-                for micro in plan:
-                    micro.old_logprobs = self._forward(micro, need_entropy=False)[0].cpu()
-        self.model.train()
-
-        lr = self.optimizer.param_groups[0]["lr"]
-        totals: dict[str, float] = {}
-        skipped = 0
-        for _ in range(self.algorithm.ppo_epochs):
-            for plan, num_tokens in zip(plans, token_counts):
-                metrics = self._update(plan, num_tokens)
-                skipped += int(metrics.pop("actor/nonfinite"))
-                for key, value in metrics.items():
-                    totals[key] = totals.get(key, 0.0) + value
-        self.schedule_step += 1
-        self._set_lr()
-        updates = len(plans) * self.algorithm.ppo_epochs
-        result = {key: value / updates for key, value in totals.items()}
-        all_micro = [m for plan in plans for m in plan]
-        result.update({
-            "actor/lr": lr,
-            "actor/skipped_updates": float(skipped),
-            "perf/padding_fraction": padding_fraction(all_micro),
-            "perf/micro_batch_fill": micro_batch_fill(all_micro, self.cfg.micro_batch_tokens),
-            "perf/micro_batches": float(len(all_micro)),
-        })
-        return result
-
-    def _update(self, plan: list[MicroBatch], num_tokens: int) -> dict[str, float]:
-        """One optimizer step on one mini-batch (this DP rank's micro-batches of it)."""
+    def _zero_grad(self) -> None:
         self.model.zero_grad_buffer()
         self.optimizer.zero_grad()
-        sums = torch.zeros(5, dtype=torch.float64)  # pg_loss, clipfrac, ppo_kl, clipfrac_lower, entropy
-        coef = self.algorithm.entropy_coef
-        for micro in plan:
-            logprobs, entropy = self._forward(micro, need_entropy=coef > 0)
-            mask = micro.mask.to(self.device)
-            loss, m = policy_loss(logprobs, micro.old_logprobs.to(self.device), micro.advantages.to(self.device),
-                                  mask, self.algorithm.clip_low, self.algorithm.clip_high, self.algorithm.clip_c,
-                                  num_tokens=num_tokens)
-            entropy_term = (entropy * mask).sum() / max(num_tokens, 1)
-            if coef > 0:
-                loss = loss - coef * entropy_term
-            loss.backward()
-            sums += torch.tensor([m["actor/pg_loss"].item(), m["actor/pg_clipfrac"].item(), m["actor/ppo_kl"].item(),
-                                  m["actor/pg_clipfrac_lower"].item(), entropy_term.item()], dtype=torch.float64)
+
+    def _current_lr(self) -> float:
+        return self.optimizer.param_groups[0]["lr"]
+
+    def _advance_schedule(self) -> None:
+        self.schedule_step += 1
+        self._set_lr()
+
+    def _reduce_and_step(self, sums: torch.Tensor) -> tuple[torch.Tensor, float, bool]:
+        from megatron.core import parallel_state as ps
+
         self.model.finish_grad_sync()  # reduce-scatter (sum) over the data-parallel ranks
-        # The metrics are sums over DP ranks (the TP ranks of a group hold the same values).
-        dp_group = self._dp_group()
+        # The metric sums are summed over DP ranks (the TP ranks of a group hold the same values).
         sums_dev = sums.to(self.device)
         if self.dp > 1:
-            dist.all_reduce(sums_dev, group=dp_group)
+            dist.all_reduce(sums_dev, group=ps.get_data_parallel_group())
         sums = sums_dev.cpu()
         # A NaN/inf anywhere in any rank's gradient buffer (own shard reduced, the rest local)
         # means a non-finite gradient somewhere: skip the update on every rank.
@@ -327,35 +284,11 @@ class MegatronLearner:
                                     if p.requires_grad]).all()
         bad = (~grads_finite).float().reshape(1) + (0.0 if math.isfinite(sums[0].item()) else 1.0)
         dist.all_reduce(bad, op=dist.ReduceOp.MAX)
-        finite = bad.item() == 0
-        grad_norm = float("nan")
-        if finite:
-            ok, grad_norm, _ = self.optimizer.step()
-            self.adam_steps += int(bool(ok))
-            finite = bool(ok) and grad_norm is not None and math.isfinite(grad_norm)
-        if finite:
-            self.consecutive_nonfinite = 0
-        else:
-            self.consecutive_nonfinite += 1
-            log.warning("non-finite update skipped (loss %s, grad norm %s); %d in a row", sums[0].item(),
-                        grad_norm, self.consecutive_nonfinite)
-            if self.consecutive_nonfinite >= self.cfg.max_nonfinite_updates:
-                raise NonFiniteError(
-                    f"{self.consecutive_nonfinite} updates in a row had a non-finite loss or gradient "
-                    f"(last: loss={sums[0].item()}, grad_norm={grad_norm}); stopping "
-                    f"(learner.max_nonfinite_updates={self.cfg.max_nonfinite_updates}). The weights are those of "
-                    f"the last finite update; the latest checkpoint is intact. Lower optim.lr or inspect the batch.")
-        names = ("actor/pg_loss", "actor/pg_clipfrac", "actor/ppo_kl", "actor/pg_clipfrac_lower", "actor/entropy")
-        metrics = {name: value for name, value in zip(names, sums.tolist())}
-        metrics["actor/grad_norm"] = float(grad_norm)
-        metrics["actor/nonfinite"] = float(not finite)
-        return metrics
-
-    @staticmethod
-    def _dp_group():
-        from megatron.core import parallel_state as ps
-
-        return ps.get_data_parallel_group()
+        if bad.item() != 0:
+            return sums, float("nan"), False
+        ok, grad_norm, _ = self.optimizer.step()
+        self.adam_steps += int(bool(ok))
+        return sums, grad_norm, bool(ok) and grad_norm is not None and math.isfinite(grad_norm)
 
     # -- weights and state ------------------------------------------------------------------------
 

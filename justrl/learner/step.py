@@ -1,0 +1,134 @@
+"""One GRPO training step, as both learners run it; they differ only in how they compute
+log-probs and how they synchronise gradients and step the optimizer.
+
+1. cut the step into PPO mini-batches (consecutive groups, no shuffle), split each mini-batch
+   over the data-parallel ranks by token count and pack each rank's share into micro-batches;
+2. recompute the old log-probs of every response token with the current weights (no grad);
+3. per mini-batch: forward/backward every micro-batch with the loss divided by the mini-batch's
+   response-token count over all ranks (`justrl.grpo.policy_loss`), then let the learner sum the
+   gradients over the ranks, clip and step, unless the loss or the gradient is not finite; too
+   many non-finite updates in a row stop the run;
+4. advance the learning-rate schedule once (per training step, as veRL does).
+
+Returns the step's metrics (identical on every rank): the `actor/*` values are token means over
+each mini-batch, averaged over the mini-batches (as veRL reports them).
+"""
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from justrl.grpo import policy_loss
+from justrl.learner.packing import MicroBatch, Sequence, micro_batch_fill, padding_fraction, plan_mini_batch
+
+log = logging.getLogger(__name__)
+
+# Per-mini-batch sums kept by `PolicyStep._update`, in this order.
+SUMMED_METRICS = ("actor/pg_loss", "actor/pg_clipfrac", "actor/ppo_kl", "actor/pg_clipfrac_lower", "actor/entropy")
+
+
+class NonFiniteError(RuntimeError):
+    """Too many updates in a row had a NaN/inf loss or gradient."""
+
+
+def constant_with_warmup(warmup_steps: int):
+    """veRL's (and transformers') constant schedule with linear warm-up: factor step / warmup
+    for step < warmup, then 1. Note step 0 has factor 0: the first training step moves only the
+    optimizer's moments, exactly as in the reference."""
+    def factor(step: int) -> float:
+        return step / max(1.0, warmup_steps) if step < warmup_steps else 1.0
+    return factor
+
+
+class PolicyStep:
+    """The step above, for a learner that has `cfg` (the learner config), `algorithm`,
+    `mini_batch_size`, `device`, `model` and `consecutive_nonfinite`, and implements:
+
+        _forward(micro, need_entropy) -> (logprobs [1, L], entropies [1, L])
+        _data_parallel() -> (rank, size)          how the step is split
+        _zero_grad()
+        _reduce_and_step(sums) -> (sums, grad_norm, finite)
+            sum the gradients and the metric sums over the data-parallel ranks, and step the
+            optimizer unless the loss (sums[0]) or the gradient is not finite
+        _current_lr() -> float
+        _advance_schedule()
+    """
+
+    def train_step(self, sequences: list[Sequence]) -> dict[str, float]:
+        """Old log-probs, then the PPO mini-batch updates, then one schedule step."""
+        if len(sequences) % self.mini_batch_size:
+            raise ValueError(f"{len(sequences)} sequences do not split into mini-batches of {self.mini_batch_size}")
+        mini_batches = [sequences[i:i + self.mini_batch_size] for i in range(0, len(sequences), self.mini_batch_size)]
+        rank, size = self._data_parallel()
+        plans = [plan_mini_batch(mb, rank, size, self.cfg.micro_batch_tokens) for mb in mini_batches]
+        # The token-mean's denominator: the mini-batch's response tokens over all ranks. Every rank
+        # holds the whole mini-batch, so no all-reduce is needed to know it.
+        token_counts = [sum(len(s.response_ids) for s in mb) for mb in mini_batches]
+
+        self.model.eval()  # no dropout either way; eval() only skips recomputation under no_grad
+        with torch.no_grad():
+            for plan in plans:
+                for micro in plan:
+                    micro.old_logprobs = self._forward(micro, need_entropy=False)[0].cpu()
+        self.model.train()
+
+        lr = self._current_lr()
+        totals: dict[str, float] = {}
+        skipped = 0
+        for _ in range(self.algorithm.ppo_epochs):
+            for plan, num_tokens in zip(plans, token_counts):
+                metrics = self._update(plan, num_tokens)
+                skipped += int(metrics.pop("actor/nonfinite"))
+                for key, value in metrics.items():
+                    totals[key] = totals.get(key, 0.0) + value
+        self._advance_schedule()  # also after a step whose updates were all skipped
+        updates = len(plans) * self.algorithm.ppo_epochs
+        result = {key: value / updates for key, value in totals.items()}
+        all_micro = [m for plan in plans for m in plan]
+        result.update({
+            "actor/lr": lr,
+            "actor/skipped_updates": float(skipped),
+            "perf/padding_fraction": padding_fraction(all_micro),
+            "perf/micro_batch_fill": micro_batch_fill(all_micro, self.cfg.micro_batch_tokens),
+            "perf/micro_batches": float(len(all_micro)),
+        })
+        return result
+
+    def _update(self, plan: list[MicroBatch], num_tokens: int) -> dict[str, float]:
+        """One optimizer step on one mini-batch (this rank's micro-batches of it)."""
+        self._zero_grad()
+        sums = torch.zeros(len(SUMMED_METRICS), dtype=torch.float64)
+        coef = self.algorithm.entropy_coef
+        for micro in plan:
+            logprobs, entropy = self._forward(micro, need_entropy=coef > 0)
+            mask = micro.mask.to(self.device)
+            loss, m = policy_loss(logprobs, micro.old_logprobs.to(self.device), micro.advantages.to(self.device),
+                                  mask, self.algorithm.clip_low, self.algorithm.clip_high, self.algorithm.clip_c,
+                                  num_tokens=num_tokens)
+            entropy_term = (entropy * mask).sum() / max(num_tokens, 1)
+            if coef > 0:
+                loss = loss - coef * entropy_term
+            loss.backward()
+            m["actor/entropy"] = entropy_term
+            sums += torch.tensor([m[name].item() for name in SUMMED_METRICS], dtype=torch.float64)
+        sums, grad_norm, finite = self._reduce_and_step(sums)
+        self._count_nonfinite(finite, sums[0].item(), grad_norm)
+        metrics = {name: value for name, value in zip(SUMMED_METRICS, sums.tolist())}
+        metrics["actor/grad_norm"] = float(grad_norm)
+        metrics["actor/nonfinite"] = float(not finite)
+        return metrics
+
+    def _count_nonfinite(self, finite: bool, loss: float, grad_norm: float) -> None:
+        if finite:
+            self.consecutive_nonfinite = 0
+            return
+        self.consecutive_nonfinite += 1
+        log.warning("non-finite update skipped (loss %s, grad norm %s); %d in a row", loss, grad_norm,
+                    self.consecutive_nonfinite)
+        if self.consecutive_nonfinite >= self.cfg.max_nonfinite_updates:
+            raise NonFiniteError(
+                f"{self.consecutive_nonfinite} updates in a row had a non-finite loss or gradient "
+                f"(last: loss={loss}, grad_norm={grad_norm}); stopping "
+                f"(learner.max_nonfinite_updates={self.cfg.max_nonfinite_updates}). The weights are those of "
+                f"the last finite update; the latest checkpoint is intact. Lower optim.lr or inspect the batch.")
