@@ -16,18 +16,22 @@ development endpoints on (`VLLM_SERVER_DEV_MODE=1`). The controller talks to it 
 
 The same client serves engines started here (`LocalEngine`: a subprocess of the controller, logs in
 the run directory) and engines started elsewhere (an srun step on another node): only how an
-engine is started and restarted differs. `RolloutFleet` spreads a step's prompts over the engines,
-and restarts an engine that died mid-step and retries its share, a bounded number of times.
+engine is started and restarted differs. `RolloutFleet` sends each prompt's request to the
+least-loaded live engine, restarts an engine that died mid-step and retries only the requests it
+had outstanding, a bounded number of times.
 """
 from __future__ import annotations
 
 import logging
 import os
+import queue
 import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
+from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -252,19 +256,40 @@ class LocalEngine:
 
 
 class RolloutFleet:
-    """The step's rollout engines: spreads prompts over them, syncs weights, restarts the dead.
+    """The step's rollout engines: dispatches requests to them, reloads weights, restarts the dead.
 
     `weights_dir` is the directory the engines serve now (the model at start, then each step's
     synced weights); an engine that is restarted comes back serving it.
+
+    Dispatch (`generate`): one request = one prompt's n samples. Requests wait in a queue here and
+    each goes to the live engine with the fewest outstanding requests (ties: the lowest index),
+    at most `max_requests_per_engine` outstanding per engine. The cap matters: vLLM batches up to
+    `--max-num-seqs` sequences and queues the rest inside the engine, where a request can no longer
+    move to an engine that frees up first; holding the surplus here lets an engine that drew
+    short responses take more, so the engine that draws the long tails does not hold up the step
+    with work queued behind them (the "least-loaded worker" idea of veRL's and SGLang's routers).
+    When an engine fails, its outstanding requests, and only those, go back to the front of the
+    queue and run on another engine or on it once restarted; each prompt keeps its seed, so the
+    results do not depend on where or how often a request ran.
     """
 
-    def __init__(self, engines: list[LocalEngine], weights_dir: str | Path, max_restarts: int = 2):
+    def __init__(self, engines: list[LocalEngine], weights_dir: str | Path, max_restarts: int = 2,
+                 max_requests_per_engine: int = MAX_IN_FLIGHT_PER_ENGINE):
         if not engines:
             raise ValueError("a rollout fleet needs at least one engine")
+        if max_requests_per_engine < 1:
+            raise ValueError(f"max_requests_per_engine must be >= 1, got {max_requests_per_engine}")
         self.engines = engines
         self.weights_dir = Path(weights_dir)
         self.max_restarts = max_restarts
+        self.max_requests_per_engine = max_requests_per_engine
         self.restarts = 0
+        self.last_dispatch: DispatchRecord | None = None
+        # Busy time per engine (seconds with at least one outstanding request), for
+        # perf/engine_idle_fraction; read by another thread while a generate call runs.
+        self._busy_lock = threading.Lock()
+        self._busy_total = [0.0] * len(engines)
+        self._busy_since: list[float | None] = [None] * len(engines)
 
     def start(self) -> None:
         with ThreadPoolExecutor(max_workers=len(self.engines)) as pool:
@@ -274,11 +299,34 @@ class RolloutFleet:
         for engine in self.engines:
             engine.stop()
 
+    def busy_seconds(self) -> list[float]:
+        """Cumulative seconds each engine had at least one request outstanding (ongoing included)."""
+        now = time.monotonic()
+        with self._busy_lock:
+            return [total + (now - since if since is not None else 0.0)
+                    for total, since in zip(self._busy_total, self._busy_since)]
+
+    def _set_busy(self, index: int, busy: bool) -> None:
+        now = time.monotonic()
+        with self._busy_lock:
+            since = self._busy_since[index]
+            if busy and since is None:
+                self._busy_since[index] = now
+            elif not busy and since is not None:
+                self._busy_total[index] += now - since
+                self._busy_since[index] = None
+
     def _restart(self, engine: LocalEngine, error: Exception) -> None:
         self.restarts += 1
         log.warning("%s failed (%s); restarting it from %s", engine.name, error, self.weights_dir)
         engine.stop()
         engine.start(self.weights_dir)
+
+    def _give_up(self, engine: LocalEngine, failures: int, error: Exception) -> EngineError:
+        times = f"{failures} time{'s' if failures > 1 else ''}"
+        return EngineError(f"{engine.name} failed {times} in a row; giving up "
+                           f"(rollout.max_restarts={self.max_restarts}). Last error: {error}\n"
+                           f"log {engine.log_path}:\n{engine.log_tail()}")
 
     def _on_engine(self, engine: LocalEngine, work):
         """Run `work(client)`; if the engine dies, restart it and retry, `max_restarts` times."""
@@ -292,36 +340,132 @@ class RolloutFleet:
                 raise
             except EngineError as exc:
                 if attempt == self.max_restarts:
-                    times = f"{attempt + 1} time{'s' if attempt else ''}"
-                    raise EngineError(f"{engine.name} failed {times} in a row; giving up "
-                                      f"(rollout.max_restarts={self.max_restarts}). Last error: {exc}\n"
-                                      f"log {engine.log_path}:\n{engine.log_tail()}") from exc
+                    raise self._give_up(engine, attempt + 1, exc) from exc
                 self._restart(engine, exc)
 
-    def generate(self, prompts: list[list[int]], settings: SamplingSettings,
+    def generate(self, prompts: list[list[int]], settings: SamplingSettings | list[SamplingSettings],
                  seeds: list[int]) -> list[list[Completion]]:
-        """`settings.n` completions per prompt; prompt i is sampled with seed `seeds[i]`.
+        """`n` completions per prompt; prompt i is sampled with seed `seeds[i]` and
+        `settings` (or `settings[i]` when a list is given: per-prompt limits, e.g. benchmarks).
 
-        The prompts are cut into one contiguous share per engine. A share whose engine dies is
-        regenerated from scratch on the restarted engine, with the same seeds.
+        Requests are dispatched to the least-loaded live engine (see the class docstring). An
+        engine that fails is restarted in the background (up to `max_restarts` times in a row; a
+        completed request resets its count) while the others go on; only its outstanding requests
+        are retried. `last_dispatch` records where every request ran.
         """
         if len(prompts) != len(seeds):
             raise ValueError(f"{len(prompts)} prompts but {len(seeds)} seeds")
-        k = len(self.engines)
-        bounds = [len(prompts) * i // k for i in range(k + 1)]
+        per_prompt = list(settings) if isinstance(settings, (list, tuple)) else [settings] * len(prompts)
+        if len(per_prompt) != len(prompts):
+            raise ValueError(f"{len(prompts)} prompts but {len(per_prompt)} sampling settings")
+        engines, cap = self.engines, self.max_requests_per_engine
+        results: list[list[Completion] | None] = [None] * len(prompts)
+        record = DispatchRecord([[] for _ in prompts], [None] * len(prompts), [], [])
+        self.last_dispatch = record
+        queue_ = deque(range(len(prompts)))
+        outstanding: list[set[int]] = [set() for _ in engines]
+        restarting = [False] * len(engines)
+        failures = [0] * len(engines)
+        # Bumped when an engine is marked failed: a request sent to the engine before that
+        # (its process is gone) is requeued when its error arrives, without counting again.
+        generation = [0] * len(engines)
+        done: queue.Queue = queue.Queue()  # (kind, engine index, request index, payload)
+        remaining = len(prompts)
+        pool = ThreadPoolExecutor(max_workers=cap * len(engines) + len(engines),
+                                  thread_name_prefix="justrl-rollout")
 
-        def share(i: int) -> list[list[Completion]]:
-            lo, hi = bounds[i], bounds[i + 1]
-            if lo == hi:
-                return []
-            return self._on_engine(self.engines[i],
-                                   lambda client: client.complete_many(prompts[lo:hi], settings, seeds[lo:hi]))
+        def request(e: int, i: int, gen: int) -> None:
+            try:
+                done.put(("done", e, i, engines[e].client.complete(prompts[i], per_prompt[i], seeds[i])))
+            except BaseException as exc:  # noqa: BLE001 - handed to the dispatcher thread
+                done.put(("error", e, i, (gen, exc)))
 
-        with ThreadPoolExecutor(max_workers=k) as pool:
-            return [c for part in pool.map(share, range(k)) for c in part]
+        def restart(e: int, error: Exception) -> None:
+            try:
+                self._restart(engines[e], error)
+                done.put(("restarted", e, None, None))
+            except BaseException as exc:  # noqa: BLE001
+                done.put(("restart_failed", e, None, exc))
 
-    def load_weights(self, weights_dir: str | Path) -> None:
-        """Every engine reloads its weights from `weights_dir` (in place)."""
+        def engine_failed(e: int, error: Exception) -> None:
+            """Mark engine e down (once per failure) and restart it, or give up."""
+            if restarting[e]:
+                return
+            failures[e] += 1
+            generation[e] += 1
+            record.failures.append(engines[e].name)
+            if failures[e] > self.max_restarts:
+                raise self._give_up(engines[e], failures[e], error) from error
+            restarting[e] = True
+            pool.submit(restart, e, error)
+
+        try:
+            while remaining:
+                # Dispatch while a live engine has room.
+                while queue_:
+                    for e, engine in enumerate(engines):
+                        if not restarting[e] and not engine.alive():
+                            engine_failed(e, EngineError(
+                                f"{engine.name} is not running (exit code "
+                                f"{engine.process.returncode if engine.process else None})"))
+                    live = [e for e in range(len(engines)) if not restarting[e] and len(outstanding[e]) < cap]
+                    if not live:
+                        break
+                    e = min(live, key=lambda e: (len(outstanding[e]), e))
+                    i = queue_.popleft()
+                    outstanding[e].add(i)
+                    record.attempts[i].append(engines[e].name)
+                    self._set_busy(e, True)
+                    pool.submit(request, e, i, generation[e])
+                kind, e, i, payload = done.get()
+                if kind == "done":
+                    outstanding[e].discard(i)
+                    results[i] = payload
+                    record.engine_of[i] = engines[e].name
+                    failures[e] = 0
+                    remaining -= 1
+                elif kind == "error":
+                    gen, error = payload
+                    outstanding[e].discard(i)
+                    if isinstance(error, EngineRequestError) or not isinstance(error, EngineError):
+                        raise error
+                    record.retried.append(i)
+                    queue_.appendleft(i)
+                    if gen == generation[e]:
+                        engine_failed(e, error)
+                elif kind == "restarted":
+                    restarting[e] = False
+                else:  # restart_failed: the start itself failed; count it and try again
+                    if isinstance(payload, EngineRequestError) or not isinstance(payload, EngineError):
+                        raise payload
+                    restarting[e] = False
+                    engine_failed(e, payload)
+                if not outstanding[e]:
+                    self._set_busy(e, False)
+        finally:
+            for e in range(len(engines)):
+                self._set_busy(e, False)
+            # On an error, do not wait for requests still running on other engines.
+            pool.shutdown(wait=not remaining, cancel_futures=True)
+        return results
+
+    def load_weights(self, weights_dir: str | Path, engines: list[LocalEngine] | None = None) -> None:
+        """Every engine (or those given) reloads its weights from `weights_dir` (in place)."""
         self.weights_dir = Path(weights_dir)
-        with ThreadPoolExecutor(max_workers=len(self.engines)) as pool:
-            list(pool.map(lambda e: self._on_engine(e, lambda c: c.load_weights(self.weights_dir)), self.engines))
+        targets = self.engines if engines is None else engines
+        with ThreadPoolExecutor(max_workers=len(targets)) as pool:
+            list(pool.map(lambda e: self._on_engine(e, lambda c: c.load_weights(self.weights_dir)), targets))
+
+
+@dataclass
+class DispatchRecord:
+    """Where the requests of one `generate` call ran (request i = prompt i)."""
+
+    attempts: list[list[str]]
+    """Engines request i was sent to, in order (more than one: it was retried)."""
+    engine_of: list[str | None]
+    """The engine whose answer was kept."""
+    retried: list[int]
+    """Request indices sent back to the queue because their engine failed (with repeats)."""
+    failures: list[str]
+    """Engine names, once per failure seen (each one restarted)."""

@@ -1,0 +1,83 @@
+"""Least-loaded dispatch over two real vLLM (CPU build) engines: the requests of a step spread by
+load, an engine killed mid-step (SIGKILL to its whole process tree) loses only its outstanding
+requests, and the step's results equal an undisturbed run's. Two engines are started for the
+module (about a minute on 2 cores)."""
+import os
+import signal
+import threading
+import time
+
+import pytest
+
+from justrl.rollout import EngineSpec, LocalEngine, RolloutFleet, SamplingSettings
+
+pytestmark = pytest.mark.slow
+
+SPEC = EngineSpec(max_model_len=256, dtype="float32", seed=0, gpu_memory_utilization=0.3, startup_timeout_s=300,
+                  request_timeout_s=300)
+PROMPTS = [[1, 100 + i, 7] for i in range(16)]
+SEEDS = [5000 + 8 * i for i in range(16)]
+# A skewed length mix: every fourth prompt may run 8x longer (the random tiny model almost never
+# stops by itself, so max_tokens is about the response length).
+SETTINGS = [SamplingSettings(n=4, temperature=1.0, top_p=1.0, top_k=-1, max_tokens=160 if i % 4 == 0 else 20)
+            for i in range(16)]
+
+
+@pytest.fixture(scope="module")
+def fleet(random_tiny_model_dir, tmp_path_factory):
+    logs = tmp_path_factory.mktemp("dispatch_logs")
+    fleet = RolloutFleet([LocalEngine(f"engine{i}", SPEC, logs / f"engine{i}.log") for i in range(2)],
+                         random_tiny_model_dir, max_restarts=1, max_requests_per_engine=2)
+    fleet.start()
+    yield fleet
+    fleet.stop()
+
+
+def test_least_loaded_dispatch_balances_and_is_seeded(fleet):
+    first = fleet.generate(PROMPTS, SETTINGS, SEEDS)
+    record = fleet.last_dispatch
+    assert [len(group) for group in first] == [4] * 16
+    assert all(len(a) == 1 for a in record.attempts) and not record.retried
+    counts = {name: record.engine_of.count(name) for name in ("engine0", "engine1")}
+    assert counts["engine0"] + counts["engine1"] == 16 and min(counts.values()) >= 4
+    # the first four alternate: each goes to the engine with fewer outstanding (ties: lowest index)
+    assert [record.attempts[i][0] for i in range(4)] == ["engine0", "engine1", "engine0", "engine1"]
+    assert fleet.generate(PROMPTS, SETTINGS, SEEDS) == first  # same seeds, same samples, any placement
+
+
+def test_killed_engine_loses_only_its_outstanding_requests(fleet):
+    expected = fleet.generate(PROMPTS, SETTINGS, SEEDS)
+    victim = fleet.engines[1]
+    old_pid, restarts = victim.process.pid, fleet.restarts
+    state = {}
+
+    def kill_when_engine1_has_finished_one():
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            record = fleet.last_dispatch
+            if record is not None and record.engine_of.count("engine1") >= 1:
+                # what engine1 had finished and what it held when it died
+                state["finished"] = {i for i, name in enumerate(record.engine_of) if name == "engine1"}
+                os.killpg(old_pid, signal.SIGKILL)
+                state["killed_with_results_missing"] = record.engine_of.count(None)
+                return
+            time.sleep(0.01)
+
+    fleet.last_dispatch = None
+    killer = threading.Thread(target=kill_when_engine1_has_finished_one)
+    killer.start()
+    result = fleet.generate(PROMPTS, SETTINGS, SEEDS)
+    killer.join()
+    record = fleet.last_dispatch
+    assert state.get("killed_with_results_missing", 0) > 0, "the step ended before the kill: test is void"
+    assert result == expected  # retried requests drew the same samples (same seeds)
+    assert fleet.restarts == restarts + 1 and victim.process.pid != old_pid and victim.alive()
+    assert record.failures == ["engine1"]
+    retried = set(record.retried)
+    assert retried, "no request was outstanding on the killed engine"
+    # only engine1's requests were retried, never one it had finished, and each at most once more
+    assert all(record.attempts[i][0] == "engine1" and len(record.attempts[i]) == 2 for i in retried)
+    assert not retried & state["finished"]
+    assert all(len(record.attempts[i]) == 1 for i in range(16) if i not in retried)
+    assert all(record.engine_of[i] == "engine1" for i in state["finished"])
+    assert len(retried) <= fleet.max_requests_per_engine  # at most what it could hold
