@@ -16,8 +16,9 @@ theirs would inflate every figure. Their behaviour, quirks included:
    brackets must be the same): an unreduced fraction is compared as a string (2/4 is not 1/2),
    an integer ground truth needs an integer answer (7/1 is not 7), and sympy only runs when the
    difference has at most two distinct letters and no large power (`^{`, `^(`, `^12`, `^2^`).
-   Anything that raises is "not equal". Nothing here handles full-width digits, trailing periods
-   or `\\text{Answer: }` prefixes: the reference rejects them, so this does too.
+   Anything that raises is "not equal". There is no rule for full-width digits, trailing periods
+   or `\\text{Answer: }` prefixes; Python's float() happens to read "12." and "１２" (an integer
+   answer), so those pass, as in the reference, and "\\frac{1}{2}." or "\\text{Answer: }5" do not.
 
 justrl adds, around it: the sympy step can run for minutes, so the evaluation runs `grader_score`
 in justrl.reward.ScorerPool workers (verifier name "grader"), which kills one that passes its

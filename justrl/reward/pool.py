@@ -55,9 +55,13 @@ def _worker_main(conn: Connection, verifier: str) -> None:
     import logging
 
     logging.getLogger("math_verify").setLevel(logging.ERROR)
+    logging.getLogger("pylatexenc").setLevel(logging.ERROR)  # the grader's LaTeX-to-text warnings, likewise
 
     score_fn = scorer(verifier)
-    score_fn("warm-up \\boxed{1}", "1")  # import math-verify/sympy before the first deadline
+    # import math-verify/sympy/pylatexenc before the first deadline (the second call is one the
+    # grader can only decide with pylatexenc and sympy)
+    score_fn("warm-up \\boxed{1}", "1")
+    score_fn("\\sqrt{2}x", "x\\sqrt{2}")
     conn.send("ready")
     while True:
         try:
