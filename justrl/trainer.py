@@ -37,7 +37,7 @@ import torch.distributed as dist
 from omegaconf import DictConfig, OmegaConf
 
 from justrl import checkpoint as ckpt
-from justrl.data import PromptSampler, build_prompts, load_benchmark, load_problems, toy_problems
+from justrl.data import TOY_SETS, PromptSampler, build_prompts, load_benchmark, load_problems, toy_problems
 from justrl.evaluation import EvalItem, problem_seed, sample_and_grade, summarize
 from justrl.grpo import group_advantages
 from justrl.learner import build_learner
@@ -126,11 +126,11 @@ def _set_rng_state(state: dict) -> None:
 
 
 def _validation_sets(cfg: DictConfig, tokenizer) -> dict[str, list]:
-    """name -> prompts of each validation benchmark ("toy": the held-out toy split)."""
+    """name -> prompts of each validation benchmark ("toy", "toy_scratchpad": the held-out toy split)."""
     sets = {}
     for name in cfg.data.val_benchmarks:
-        if name == "toy":
-            problems = toy_problems("val")
+        if name in TOY_SETS:
+            problems = toy_problems("val", task=name)
         else:
             problems = load_benchmark(name, cfg.data.benchmark_dir).problems
         sets[name], dropped = build_prompts(problems, tokenizer, cfg.data.max_prompt_length, cfg.data.prompt_suffix)
@@ -157,6 +157,10 @@ class Controller:
                    for i, (node, gpus) in enumerate(placements)]
         self.fleet = RolloutFleet(engines, serve_dir, max_restarts=r.max_restarts)
         self.scorer = ScorerPool(cfg.reward.verifier, cfg.reward.num_workers, cfg.reward.timeout_s)
+        # The other training verifier scores every response too, for the log only: how often the
+        # strict and the lenient verdicts differ (what the lenient ablation changes).
+        self.shadow_scorer = ScorerPool(OTHER_VERIFIER[cfg.reward.verifier], cfg.reward.num_workers,
+                                        cfg.reward.timeout_s)
         self.grader = ScorerPool("grader", 1, cfg.reward.timeout_s)  # validation: the evaluation grader
         o = cfg.reward.overlong
         log.info("reward: verifier %s; overlong penalty %s", cfg.reward.verifier,
@@ -170,6 +174,7 @@ class Controller:
     def close(self) -> None:
         self.fleet.stop()
         self.scorer.close()
+        self.shadow_scorer.close()
         self.grader.close()
 
     def rollout(self, prompts: list, step: int) -> tuple[list[Sequence], dict[str, float]]:
@@ -183,6 +188,7 @@ class Controller:
         flat = [(p, c) for p, group in zip(prompts, completions) for c in group]
         texts = self.tokenizer.batch_decode([c.token_ids for _, c in flat], skip_special_tokens=True)
         scores, stats = self.scorer.score(texts, [p.problem.answer for p, _ in flat])
+        shadow, _ = self.shadow_scorer.score(texts, [p.problem.answer for p, _ in flat])
         lengths = [len(c.token_ids) for _, c in flat]
         rewards = list(scores)
         penalties = []
@@ -213,6 +219,7 @@ class Controller:
             "perf/time_rollout": t1 - t0,
             "perf/time_reward": t2 - t1,
         }
+        metrics.update(verifier_metrics(scores, shadow, cfg.reward.verifier))
         if penalties:
             metrics["reward/overlong_penalty"] = sum(penalties) / len(penalties)
         if stats.first_error:
@@ -232,6 +239,27 @@ class Controller:
             metrics[f"val/{name}/accuracy"] = summary["avg"] / 100.0
             metrics[f"val/{name}/response_length"] = summary["mean_response_tokens"]
         return metrics
+
+
+OTHER_VERIFIER = {"dapo": "lenient", "lenient": "dapo"}
+
+
+def verifier_metrics(scores: list[float], shadow: list[float], verifier: str) -> dict[str, float]:
+    """The two training verifiers side by side, from `scores` (the run's `verifier`) and `shadow`
+    (the other one's) for the same responses:
+    reward/accuracy_dapo, reward/accuracy_lenient: the share each accepts;
+    reward/verifier_disagreement: the share on which their verdicts differ;
+    reward/strict_format: of the responses `lenient` accepts (right value), the share `dapo`
+    accepts too (written exactly as the ground truth); NaN when `lenient` accepts none."""
+    by_name = {verifier: scores, OTHER_VERIFIER[verifier]: shadow}
+    dapo, lenient = [s > 0 for s in by_name["dapo"]], [s > 0 for s in by_name["lenient"]]
+    n, n_lenient = len(dapo), sum(lenient)
+    return {
+        "reward/accuracy_dapo": sum(dapo) / n,
+        "reward/accuracy_lenient": n_lenient / n,
+        "reward/verifier_disagreement": sum(a != b for a, b in zip(dapo, lenient)) / n,
+        "reward/strict_format": sum(a and b for a, b in zip(dapo, lenient)) / n_lenient if n_lenient else float("nan"),
+    }
 
 
 def _warn_config_changes(saved: DictConfig, current: DictConfig) -> None:

@@ -43,3 +43,17 @@ def test_plot_runs_cli_reports_missing_input(tmp_path):
     result = subprocess.run([sys.executable, str(REPO / "tools" / "plot_runs.py"), str(tmp_path), "--out",
                              str(tmp_path / "x.png")], capture_output=True, text=True)
     assert result.returncode == 2 and "no TensorBoard event files" in result.stderr
+
+
+def test_plot_runs_adds_the_verifier_panels_when_runs_log_them(tmp_path):
+    log = ScalarLog(tmp_path / "sweep" / "2-lenient" / "tensorboard")
+    for step, strict in enumerate([0.4, float("nan"), 0.5], start=1):
+        log.scalars(step, {"actor/entropy": 1.0, "reward/mean": 0.0, "response_length/mean": 30.0,
+                           "reward/strict_format": strict, "reward/verifier_disagreement": 0.3})
+    log.close()
+    fake_run(tmp_path / "sweep" / "0-none", 0.0, steps=3)  # an older run without them
+    fig, summary = plot_runs([tmp_path / "sweep"], tmp_path / "x.png", smooth_window=2)
+    assert len(fig.axes) == 6 and summary["2-lenient"]["reward/strict_format"] == 3
+    assert summary["0-none"]["reward/verifier_disagreement"] == 0
+    strict_line = fig.axes[4].get_lines()[0]
+    assert list(strict_line.get_ydata()) == pytest.approx([0.4, 0.4, 0.5])  # the NaN left out of the average

@@ -7,7 +7,10 @@
 Each argument is a run directory, a directory holding several runs (a sweep), or an event file.
 Four panels against the training step, one line per run: policy entropy (`actor/entropy`), mean
 reward (`reward/mean`), mean response length (`response_length/mean`), and validation accuracy
-(`val/<benchmark>/accuracy`, averaged over the benchmarks a run validates on).
+(`val/<benchmark>/accuracy`, averaged over the benchmarks a run validates on). Two more when a run
+logs them (justrl does since the verifier metrics were added): the strict-format share
+(`reward/strict_format`) and the disagreement of the two training verifiers
+(`reward/verifier_disagreement`), where the lenient ablation shows.
 """
 from __future__ import annotations
 
@@ -20,6 +23,11 @@ PANELS = [
     ("reward/mean", "mean reward"),
     ("response_length/mean", "mean response length (tokens)"),
     ("val/*/accuracy", "validation accuracy (mean over benchmarks)"),
+]
+# Drawn only when at least one run logs them (older runs do not).
+OPTIONAL_PANELS = [
+    ("reward/strict_format", "strict-format share (dapo accepts / lenient accepts)"),
+    ("reward/verifier_disagreement", "dapo vs lenient: share of differing verdicts"),
 ]
 
 
@@ -62,10 +70,14 @@ def series(scalars: dict[str, list[tuple[int, float]]], tag: str) -> tuple[list[
 
 
 def smooth(values: list[float], window: int) -> list[float]:
+    """Trailing moving average; NaNs (a ratio with nothing to divide) are left out of the windows."""
     if window <= 1:
         return values
-    return [sum(values[max(0, i - window + 1):i + 1]) / len(values[max(0, i - window + 1):i + 1])
-            for i in range(len(values))]
+    out = []
+    for i in range(len(values)):
+        seen = [v for v in values[max(0, i - window + 1):i + 1] if v == v]
+        out.append(sum(seen) / len(seen) if seen else float("nan"))
+    return out
 
 
 def plot_runs(paths: list[Path], out: Path, smooth_window: int = 1):
@@ -79,13 +91,14 @@ def plot_runs(paths: list[Path], out: Path, smooth_window: int = 1):
 
     files = find_event_files(paths)
     root = paths[0] if len(paths) == 1 and paths[0].is_dir() else None
-    fig, axes = plt.subplots(2, 2, figsize=(11, 7), sharex=True)
+    runs = [(run_label(file, root), read_scalars(file)) for file in files]
+    panels = PANELS + [p for p in OPTIONAL_PANELS if any(p[0] in scalars for _, scalars in runs)]
+    rows = (len(panels) + 1) // 2
+    fig, axes = plt.subplots(rows, 2, figsize=(11, 3.5 * rows), sharex=True)
     summary = {}
-    for index, file in enumerate(files):
-        label = run_label(file, root)
-        scalars = read_scalars(file)
+    for index, (label, scalars) in enumerate(runs):
         summary[label] = {}
-        for ax, (tag, title) in zip(axes.flat, PANELS):
+        for ax, (tag, title) in zip(axes.flat, panels):
             steps, values = series(scalars, tag)
             summary[label][tag] = len(steps)
             if not steps:
@@ -93,10 +106,10 @@ def plot_runs(paths: list[Path], out: Path, smooth_window: int = 1):
             shown = values if tag == "val/*/accuracy" else smooth(values, smooth_window)
             ax.plot(steps, shown, color=f"C{index % 10}", lw=1.5, marker="o" if len(steps) < 20 else None,
                     ms=3, label=label)
-    for ax, (_, title) in zip(axes.flat, PANELS):
+    for ax, (_, title) in zip(axes.flat, panels):
         ax.set_title(title, fontsize=10)
         ax.grid(alpha=0.3)
-    for ax in axes[1]:
+    for ax in axes[-1]:
         ax.set_xlabel("training step")
     axes[0, 1].legend(fontsize=8, loc="best")
     fig.suptitle("training dynamics" + (f" (moving average over {smooth_window} steps)" if smooth_window > 1 else ""))

@@ -138,10 +138,10 @@ def parse_row(row: Row, problem_key: str | None, answer_key: str | None) -> tupl
 def load_problems(source: str, problem_key: str | None = None,
                   answer_key: str | None = None) -> tuple[list[Problem], LoadReport]:
     """Load, validate and deduplicate training problems; see the module docstring."""
-    if source == "toy":  # justrl's generated arithmetic set (justrl/data/toy.py)
-        from justrl.data.toy import toy_problems
+    from justrl.data.toy import TOY_SETS, toy_problems  # here: justrl.data.toy imports this module
 
-        problems = toy_problems("train")
+    if source in TOY_SETS:  # justrl's generated toy sets, "toy" and "toy_scratchpad"
+        problems = toy_problems("train", task=source)
         return problems, LoadReport(rows=len(problems), kept=len(problems))
     report = LoadReport()
     by_text: dict[str, Problem] = {}
