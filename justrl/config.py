@@ -124,6 +124,8 @@ class ClusterConfig:
     signal_delay_s: int = MISSING
     max_requeues: int = MISSING
     engine_srun_args: list[str] = MISSING
+    exclusive: bool = MISSING
+    dist_timeout_s: int = MISSING
 
 
 @dataclass
@@ -159,7 +161,15 @@ def learner_tasks_per_node(gpus_per_node: int, learner_gpus: int) -> int:
     return 1 if gpus_per_node == 0 else min(learner_gpus, gpus_per_node)
 
 
+def allocation_parameters(exclusive: bool) -> dict:
+    """sbatch settings beyond the task shape: requeue on pre-emption and, with `exclusive`,
+    whole nodes with all their memory (`--exclusive --mem=0`): the engines' steps use the CPUs and
+    memory of their node beyond what the learner's tasks ask for."""
+    return {"requeue": True, **({"exclusive": True, "mem": "0"} if exclusive else {})}
+
+
 # Used by hydra_conf/cluster/slurm.yaml to derive the launcher's settings from cluster.*.
+OmegaConf.register_new_resolver("justrl_allocation_parameters", allocation_parameters, replace=True)
 OmegaConf.register_new_resolver("justrl_none_if_zero", lambda v: None if v == 0 else v, replace=True)
 OmegaConf.register_new_resolver("justrl_learner_tasks_per_node", learner_tasks_per_node, replace=True)
 
@@ -264,6 +274,7 @@ def validate(cfg: DictConfig) -> None:
     _check(e, cl.cpus_per_task >= 1, "cluster.cpus_per_task", "must be >= 1", cl.cpus_per_task)
     _check(e, cl.signal_delay_s >= 0, "cluster.signal_delay_s", "must be >= 0", cl.signal_delay_s)
     _check(e, cl.max_requeues >= 0, "cluster.max_requeues", "must be >= 0", cl.max_requeues)
+    _check(e, cl.dist_timeout_s >= 60, "cluster.dist_timeout_s", "must be >= 60 (seconds)", cl.dist_timeout_s)
     _check(e, cl.gpus_per_node == 0 or cl.learner_gpus >= 1, "cluster.learner_gpus",
            "must be >= 1 when the nodes have GPUs", cl.learner_gpus)
     learner_ranks = max(1, cl.learner_gpus)

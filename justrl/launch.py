@@ -21,7 +21,6 @@ from pathlib import Path
 
 import hydra
 import torch
-import torch.distributed as dist
 from omegaconf import DictConfig, OmegaConf
 
 from justrl.config import ConfigError, validate
@@ -43,18 +42,25 @@ def local_placements(cluster, rollout) -> list[tuple[None, list[int]]] | None:
 
 
 def _rank_main(rank: int, world_size: int, cfg_yaml: str, port: int, gpus) -> None:
+    from justrl import dist_groups
+    from justrl.engine_launch import visible_devices
+    from justrl.slurm import learner_device_index, report_learner_rank
+
+    cfg = OmegaConf.create(cfg_yaml)
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world_size),
                       LOCAL_RANK=str(rank))
-    backend = "nccl" if torch.cuda.is_available() else "gloo"
-    if torch.cuda.is_available():
-        torch.cuda.set_device(rank)
-    dist.init_process_group(backend, rank=rank, world_size=world_size)
+    cuda = torch.cuda.is_available()
+    if cuda:
+        torch.cuda.set_device(learner_device_index(visible_devices(os.environ), rank))
+    report_learner_rank(rank, world_size, rank, f"cuda:{torch.cuda.current_device()}" if cuda else "the CPU over gloo")
+    dist_groups.init_process_groups("nccl" if cuda else "gloo", cfg.cluster.dist_timeout_s,
+                                    rank=rank, world_size=world_size)
     try:
         from justrl.trainer import train
 
-        train(OmegaConf.create(cfg_yaml), gpus)
+        train(cfg, gpus)
     finally:
-        dist.destroy_process_group()
+        dist_groups.destroy()
 
 
 def launch_local(cfg: DictConfig) -> None:

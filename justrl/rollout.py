@@ -38,14 +38,14 @@ from pathlib import Path
 
 import requests
 
+# CPU engines' extra vLLM arguments, added where the server starts (justrl.engine_launch).
+from justrl.engine_launch import CPU_ENGINE_ARGS  # noqa: F401
+
 log = logging.getLogger(__name__)
 
 SERVED_MODEL_NAME = "policy"
 # Concurrent HTTP requests per engine: enough to keep vLLM's scheduler full (it batches them).
 MAX_IN_FLIGHT_PER_ENGINE = 256
-# vLLM's CPU build (0.32) crashes ("CPU Generator does not use offset") when a seeded request's
-# prefill is split by chunked prefill; CPU engines therefore run without chunked prefill.
-CPU_ENGINE_ARGS = ("--enforce-eager", "--no-enable-chunked-prefill")
 # Lines of an engine's log quoted in an error message.
 LOG_TAIL_LINES = 30
 
@@ -86,16 +86,23 @@ class EngineClient:
     def __init__(self, url: str, request_timeout_s: float = 3600.0):
         self.url = url.rstrip("/")
         self.request_timeout_s = request_timeout_s
+        # Engine traffic stays inside the cluster: clusters often export http_proxy, and requests
+        # would send `node:8100` through it. trust_env=False ignores the environment's proxies
+        # (and netrc); the pool holds as many connections as requests in flight.
+        self.session = requests.Session()
+        self.session.trust_env = False
+        adapter = requests.adapters.HTTPAdapter(pool_connections=1, pool_maxsize=MAX_IN_FLIGHT_PER_ENGINE)
+        self.session.mount("http://", adapter)
 
     def healthy(self) -> bool:
         try:
-            return requests.get(f"{self.url}/health", timeout=5).status_code == 200
+            return self.session.get(f"{self.url}/health", timeout=5).status_code == 200
         except requests.RequestException:
             return False
 
     def _post(self, path: str, payload: dict | None = None) -> dict:
         try:
-            response = requests.post(f"{self.url}{path}", json=payload, timeout=self.request_timeout_s)
+            response = self.session.post(f"{self.url}{path}", json=payload, timeout=self.request_timeout_s)
         except requests.RequestException as exc:
             raise EngineError(f"{self.url}{path}: {type(exc).__name__}: {exc}") from exc
         if response.status_code != 200:
@@ -145,6 +152,83 @@ def _ignore_preemption_signals() -> None:
         signal.signal(sig, signal.SIG_IGN)
 
 
+def engine_srun_command(spec: EngineSpec) -> list[str]:
+    """The srun prefix of a remote engine: a step of the running job on `spec.node` that
+    overlaps the learner's step (shares its CPUs, memory and GPUs), holds all of the job's GPUs
+    and CPUs on that node and all its memory, and binds no CPUs (engines and learner ranks on one
+    node would otherwise be pinned to the same cores)."""
+    cmd = ["srun", "--overlap", "--nodes=1", "--ntasks=1", f"--nodelist={spec.node}", "--export=ALL",
+           "--mem=0", "--cpu-bind=none", "--kill-on-bad-exit=1"]
+    if spec.node_gpus:
+        cmd.append(f"--gres=gpu:{spec.node_gpus}")
+    if spec.node_cpus:
+        cmd.append(f"--cpus-per-task={spec.node_cpus}")
+    return [*cmd, *spec.srun_args]
+
+
+def engine_cpu_shares(engines: int, cpus: list[int] | None = None) -> list[tuple[int, ...]]:
+    """Each of `engines` local CPU engines' cores: contiguous, disjoint shares of this process's
+    usable cores (`os.sched_getaffinity`); with more engines than cores, engines share cores
+    round-robin. vLLM's own automatic binding would give every engine of the machine the same
+    first cores."""
+    cpus = sorted(os.sched_getaffinity(0)) if cpus is None else list(cpus)
+    if engines <= 0 or not cpus:
+        return [() for _ in range(max(engines, 0))]
+    if engines > len(cpus):
+        return [(cpus[i % len(cpus)],) for i in range(engines)]
+    return [tuple(cpus[len(cpus) * i // engines:len(cpus) * (i + 1) // engines]) for i in range(engines)]
+
+
+def engine_thread_env(spec: "EngineSpec") -> dict[str, str]:
+    """The engine's thread settings, chosen by justrl and never inherited from the user's
+    `OMP_NUM_THREADS` (a cluster's `OMP_NUM_THREADS=16` made CPU rollouts 4x slower: the API
+    server and engine-core processes spun 16 OpenMP threads against the worker).
+
+    CPU engine: its API server and engine core do no heavy math (1 thread); the worker computes
+    on the engine's cores (`VLLM_CPU_OMP_THREADS_BIND`, vLLM then runs one OpenMP thread per
+    core) less the last one, left to the server and scheduler as vLLM's own binding does
+    (`reserve_cpu_num`); a one-core share is the worker's. GPU or remote engine: nothing set (the
+    caller drops `OMP_NUM_THREADS`), so vLLM picks its workers' thread count itself
+    (vllm.v1.executor.multiproc_executor)."""
+    if spec.gpu_ids or spec.node:
+        return {}
+    env = {"OMP_NUM_THREADS": "1"}
+    if spec.cpu_ids:
+        worker = spec.cpu_ids[:-1] if len(spec.cpu_ids) > 1 else spec.cpu_ids
+        env["VLLM_CPU_OMP_THREADS_BIND"] = ",".join(map(str, worker))
+    return env
+
+
+def _group_members(pgid: int) -> list[int]:
+    """Pids of the live processes in process group `pgid` (Linux /proc)."""
+    members = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                fields = Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(fields[2]) == pgid and fields[0] != "Z":  # fields[2]: pgrp, fields[0]: state
+                members.append(int(entry))
+    return members
+
+
+def _cpu_seconds(pid: int) -> float:
+    """utime + stime of one process, in seconds (0 when it is gone)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _signal(pid: int, sig: int) -> None:
+    try:
+        os.kill(pid, sig)
+    except ProcessLookupError:
+        pass
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -169,7 +253,12 @@ class EngineSpec:
     port: int | None = None
     """Fixed port (remote engines); None: a free port of this machine."""
     srun_args: tuple[str, ...] = ()
-    """Extra srun arguments for remote engines (e.g. --gres=gpu:1 where devices are constrained)."""
+    """Extra srun arguments for remote engines."""
+    node_gpus: int = 0
+    """GPUs the job holds on `node`: the engine's srun step asks for all of them (--overlap steps
+    share them) and justrl.engine_launch narrows them to `gpu_ids` inside the step."""
+    node_cpus: int = 0
+    """CPUs the job holds on `node`, all of them given to the (overlapping) engine step; 0: srun's default."""
     startup_timeout_s: float = 600.0
     request_timeout_s: float = 3600.0
 
@@ -194,21 +283,21 @@ class LocalEngine:
         spec = self.spec
         port = spec.port or free_port()
         host = spec.node or "127.0.0.1"
-        cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server",
+        # justrl.engine_launch runs where the server runs (inside the srun step for a remote
+        # engine): it sets CUDA_VISIBLE_DEVICES to the planned GPUs there, because slurmstepd
+        # overwrites what we export with the step's GRES; it picks CPU or GPU vLLM arguments,
+        # logs the hostname and devices the server sees, and execs the server.
+        cmd = [sys.executable, "-m", "justrl.engine_launch", "--gpus", ",".join(map(str, spec.gpu_ids)),
+               "--cpu-kv-cache-gb", str(spec.cpu_kv_cache_gb), "--",
                "--model", str(model_dir), "--served-model-name", SERVED_MODEL_NAME,
                "--host", "0.0.0.0" if spec.node else "127.0.0.1", "--port", str(port), "--dtype", spec.dtype,
                "--max-model-len", str(spec.max_model_len), "--seed", str(spec.seed),
                "--tensor-parallel-size", str(spec.tensor_parallel_size),
-               "--gpu-memory-utilization", str(spec.gpu_memory_utilization),
-               *(() if spec.gpu_ids else CPU_ENGINE_ARGS), *spec.extra_args]
-        env = dict(os.environ, VLLM_SERVER_DEV_MODE="1")
-        if spec.gpu_ids:
-            env["CUDA_VISIBLE_DEVICES"] = ",".join(map(str, spec.gpu_ids))
-        else:
-            env.setdefault("VLLM_CPU_KVCACHE_SPACE", str(spec.cpu_kv_cache_gb))
+               "--gpu-memory-utilization", str(spec.gpu_memory_utilization), *spec.extra_args]
+        env = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}  # see engine_thread_env
+        env.update(VLLM_SERVER_DEV_MODE="1", **engine_thread_env(spec))
         if spec.node:
-            cmd = ["srun", "--overlap", "--nodes=1", "--ntasks=1", f"--nodelist={spec.node}", "--export=ALL",
-                   *spec.srun_args, *cmd]
+            cmd = [*engine_srun_command(spec), *cmd]
         # The guard takes the server down if this process dies without cleaning up (kill -9).
         cmd = [sys.executable, "-m", "justrl.engine_guard", str(os.getpid()), "--", *cmd]
         self.log_path.parent.mkdir(parents=True, exist_ok=True)

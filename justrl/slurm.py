@@ -2,12 +2,18 @@
 
 Placement: one allocation holds everything (`cluster.nodes` x `cluster.gpus_per_node`). The learner
 ranks are the allocation's first `cluster.learner_gpus` GPUs (whole nodes, or part of the first
-node), one task per GPU, started by srun (by `slurm/train.sbatch`, or by submitit, which starts
-its tasks with srun too). The remaining GPUs serve vLLM engines of `rollout.tensor_parallel_size`
-GPUs each; rank 0 starts each engine on its node as an `srun --overlap` step of the same job, so
-the rendezvous needs no hostname: the learner's comes from SLURM_JOB_NODELIST, the engines'
-from the placement. On a CPU allocation (gpus_per_node = 0, the tests here) there is one learner
-rank and `rollout.engines` CPU engines beside it on the first node.
+node), one task per GPU, started by srun (by `slurm/train.sbatch`, by submitit, or by
+hydra-submitit-launcher, whose srun starts nodes x tasks-per-node tasks: the tasks past the
+learner's world size exit at once, see `learner_rank`). Each learner task sees its node's GPUs
+and takes the one of its local rank (`learner_device_index`). The remaining GPUs serve vLLM
+engines of `rollout.tensor_parallel_size` GPUs each; rank 0 starts each engine on its node as an
+`srun --overlap` step of the same job holding all of the node's GPUs, and justrl.engine_launch,
+inside the step, narrows them to the planned ones. The rendezvous needs no hostname: the
+learner's comes from SLURM_JOB_NODELIST, the engines' from the placement. On a CPU allocation
+(gpus_per_node = 0) there is one learner rank and `rollout.engines` CPU engines beside it on the
+first node. Where Slurm hands out GPUs but torch sees no CUDA (the emulated cluster of
+slurm/setup_emulated_cluster.sh), learner ranks compute on the CPU over gloo and engines run
+vLLM's CPU build, on exactly the same placement; both say so in their logs.
 
 Pre-emption: the job's signal (SIGUSR1 from `sbatch --signal=B:USR1@...` forwarded by the batch
 script, submitit's SIGUSR2, or SIGTERM) makes the loop finish its step and checkpoint; then the
@@ -16,15 +22,18 @@ that checkpoint because it runs in the same output directory.
 """
 from __future__ import annotations
 
+import json
 import logging
 import os
+import re
+import socket
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
-from justrl.config import ConfigError, learner_tasks_per_node
+from justrl.config import ConfigError, allocation_parameters, learner_tasks_per_node
 
 log = logging.getLogger(__name__)
 
@@ -32,6 +41,8 @@ log = logging.getLogger(__name__)
 MASTER_PORT_BASE = 29500
 # Port of engine i on its node (engines on different nodes may share a number).
 ENGINE_PORT_BASE = 8100
+# The start-up line of each learner rank (see report_learner_rank).
+LEARNER_LOG_PREFIX = "justrl-learner: "
 
 
 def in_slurm_task() -> bool:
@@ -78,34 +89,123 @@ def learner_tasks(cluster) -> tuple[int, int]:
     return (1 if cluster.gpus_per_node == 0 else -(-cluster.learner_gpus // per_node)), per_node
 
 
-def init_distributed_from_slurm() -> None:
-    """torch.distributed over the job's learner tasks (env:// with Slurm's ranks)."""
-    import torch
-    import torch.distributed as dist
+def learner_world_size(cluster) -> int:
+    """Learner ranks: one per learner GPU, one on a CPU allocation."""
+    return 1 if cluster.gpus_per_node == 0 else cluster.learner_gpus
 
-    world_size = int(os.environ["SLURM_NTASKS"])
-    rank, local_rank = int(os.environ["SLURM_PROCID"]), int(os.environ["SLURM_LOCALID"])
+
+def learner_rank(cluster, procid: int, ntasks: int) -> int | None:
+    """This task's learner rank, or None for a task past the learner's world size (the srun of
+    hydra-submitit-launcher starts nodes x tasks-per-node tasks; the extra ones, on the rollout
+    nodes, must not join the learner). With block distribution (srun's default) tasks 0..W-1 are
+    the learner's, on the first nodes."""
+    world = learner_world_size(cluster)
+    if ntasks < world:
+        raise ConfigError(f"the job step has {ntasks} task(s) but the learner needs {world} "
+                          f"(cluster.learner_gpus={cluster.learner_gpus}): start one task per learner GPU")
+    return procid if procid < world else None
+
+
+def learner_device_index(visible: list[str] | None, local_rank: int) -> int:
+    """The torch device index of a learner task: with one visible GPU (srun --gpus-per-task=1),
+    that one; when the task sees its node's GPUs (the learner step of train.sbatch, submitit),
+    the one of its local rank.
+
+    visible: the task's CUDA_VISIBLE_DEVICES entries (None: unset, every GPU)."""
+    if visible is not None and len(visible) == 1:
+        return 0
+    if visible is not None and local_rank >= len(visible):
+        raise ConfigError(f"{socket.gethostname()}: learner task with local rank {local_rank} sees only "
+                          f"CUDA_VISIBLE_DEVICES={','.join(visible) or '(empty)'}: give each task one GPU "
+                          f"(--gpus-per-task=1) or all of the node's GPUs")
+    return local_rank
+
+
+def job_cpus_per_node(value: str, nodes: list[str]) -> dict[str, int]:
+    """Slurm's SLURM_JOB_CPUS_PER_NODE ("72(x2),36") as {node: CPUs}, in the job's node order."""
+    counts = []
+    for part in value.split(","):
+        m = re.fullmatch(r"(\d+)(?:\(x(\d+)\))?", part.strip())
+        if not m:
+            raise ValueError(f"SLURM_JOB_CPUS_PER_NODE={value!r}: cannot read {part!r}")
+        counts += [int(m.group(1))] * int(m.group(2) or 1)
+    if len(counts) != len(nodes):
+        raise ValueError(f"SLURM_JOB_CPUS_PER_NODE={value!r} lists {len(counts)} nodes, the job has {len(nodes)}")
+    return dict(zip(nodes, counts))
+
+
+def engine_step_cpus(node: str | None) -> int:
+    """CPUs the job holds on `node` (its engine step takes them all, overlapping the learner); 0
+    outside a job or for a local engine."""
+    value = os.environ.get("SLURM_JOB_CPUS_PER_NODE")
+    if node is None or not value or "SLURM_JOB_NODELIST" not in os.environ:
+        return 0
+    return job_cpus_per_node(value, allocation_nodes()).get(node, 0)
+
+
+def report_learner_rank(rank: int, world_size: int, local_rank: int, compute: str) -> None:
+    """One line per learner rank at start-up, `justrl-learner: {json}` on stdout (the task's
+    log, before any logging is set up): where it runs and the devices it sees, read from its
+    own environment, and what it computes on."""
+    print(LEARNER_LOG_PREFIX + json.dumps({
+        "rank": rank, "world_size": world_size, "local_rank": local_rank, "hostname": socket.gethostname(),
+        "slurm_node": os.environ.get("SLURMD_NODENAME"), "slurm_job": os.environ.get("SLURM_JOB_ID"),
+        "slurm_step": os.environ.get("SLURM_STEP_ID"), "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),
+        "compute": compute}, sort_keys=True), flush=True)
+
+
+def init_distributed_from_slurm(cluster) -> int | None:
+    """torch.distributed over the job's learner tasks (env:// with Slurm's ranks); returns this
+    task's learner rank, None for a task that is not a learner (it should exit)."""
+    import torch
+
+    from justrl.dist_groups import init_process_groups
+    from justrl.engine_launch import visible_devices
+
+    procid, ntasks = int(os.environ["SLURM_PROCID"]), int(os.environ["SLURM_NTASKS"])
+    local_rank = int(os.environ["SLURM_LOCALID"])
+    rank = learner_rank(cluster, procid, ntasks)
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if rank is None:
+        print(f"justrl: task {procid} of {ntasks} on {socket.gethostname()} is not a learner rank (the learner "
+              f"has {learner_world_size(cluster)}): exiting", flush=True)
+        return None
+    world_size = learner_world_size(cluster)
+    cuda = torch.cuda.is_available()
+    if cuda:
+        index = learner_device_index(visible_devices(os.environ), local_rank)
+        torch.cuda.set_device(index)
+        compute = f"cuda:{index}"
+    elif visible is not None:
+        compute = "the CPU over gloo (Slurm gave this task GPUs but torch.cuda is unavailable)"
+    else:
+        compute = "the CPU over gloo"
+    report_learner_rank(rank, world_size, local_rank, compute)
     if world_size == 1:
-        return
+        return rank
     os.environ.update(MASTER_ADDR=allocation_nodes()[0],
                       MASTER_PORT=str(MASTER_PORT_BASE + int(os.environ["SLURM_JOB_ID"]) % 1000),
                       RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(local_rank))
-    if torch.cuda.is_available():
-        torch.cuda.set_device(local_rank)
-    dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    init_process_groups("nccl" if cuda else "gloo", cluster.dist_timeout_s)
+    return rank
 
 
 def run_in_allocation(cfg: DictConfig) -> None:
-    """The loop, on this task of the job (every learner task calls it)."""
+    """The loop, on this task of the job (every task of the learner's srun calls it)."""
     from justrl.trainer import train
 
-    init_distributed_from_slurm()
+    # -- the job starts here, on every task: the one place for checks before any training -------
+    if init_distributed_from_slurm(cfg.cluster) is None:
+        return
     nodes = allocation_nodes()
     placements = plan_engines(cfg.cluster, cfg.rollout, nodes)
     here = os.environ.get("SLURMD_NODENAME", nodes[0])
-    log.info("job %s on %s: %d learner task(s), engines on %s", os.environ["SLURM_JOB_ID"], ",".join(nodes),
-             int(os.environ["SLURM_NTASKS"]), [f"{p.node}:{list(p.gpu_ids)}" for p in placements])
-    train(cfg, engine_placements=[(None if p.node == here else p.node, list(p.gpu_ids)) for p in placements])
+    log.info("job %s on %s: %d learner rank(s), engines on %s", os.environ["SLURM_JOB_ID"], ",".join(nodes),
+             learner_world_size(cfg.cluster), [f"{p.node}:{list(p.gpu_ids)}" for p in placements])
+    # GPU engines always run as srun steps of their node (also on this node): the step holds the
+    # node's GPUs whatever this task was bound to. CPU engines run here, beside the learner.
+    train(cfg, engine_placements=[(None if (p.node == here and not p.gpu_ids) else p.node, list(p.gpu_ids))
+                                  for p in placements])
 
 
 class TrainJob:
@@ -128,8 +228,8 @@ def executor_parameters(cluster, job_name: str) -> dict:
     """sbatch settings of the allocation, as submitit's `slurm_*` parameters."""
     nodes, tasks = learner_tasks(cluster)
     params = dict(nodes=cluster.nodes, tasks_per_node=tasks, timeout_min=cluster.time_minutes, name=job_name,
-                  slurm_additional_parameters={"requeue": True}, slurm_signal_delay_s=cluster.signal_delay_s,
-                  cpus_per_task=cluster.cpus_per_task)
+                  slurm_additional_parameters=allocation_parameters(cluster.exclusive),
+                  slurm_signal_delay_s=cluster.signal_delay_s, cpus_per_task=cluster.cpus_per_task)
     if cluster.gpus_per_node:
         params["gpus_per_node"] = cluster.gpus_per_node
     if cluster.partition:

@@ -45,7 +45,8 @@ from justrl.learner.packing import Sequence
 from justrl.models import resolve_model_path
 from justrl.reward import ScorerPool, overlong_penalty
 from justrl.rollout import EngineSpec, LocalEngine, RolloutFleet, SamplingSettings
-from justrl.slurm import ENGINE_PORT_BASE
+from justrl.dist_groups import control_group
+from justrl.slurm import ENGINE_PORT_BASE, engine_step_cpus
 from justrl.tb import ScalarLog
 
 log = logging.getLogger("justrl")
@@ -108,12 +109,19 @@ def step_seeds(seed: int, step: int, num_prompts: int, n: int) -> list[int]:
 
 
 def _broadcast(obj):
-    """Rank 0's `obj` on every rank (no-op without torch.distributed)."""
+    """Rank 0's `obj` on every rank (no-op without torch.distributed). Over the control-plane
+    group (gloo, timeout `cluster.dist_timeout_s`): the other ranks wait here through rank 0's
+    validation and rollouts, longer than NCCL's watchdog allows (justrl/dist_groups.py)."""
     if not dist.is_initialized() or dist.get_world_size() == 1:
         return obj
     box = [obj]
-    dist.broadcast_object_list(box, src=0)
+    dist.broadcast_object_list(box, src=0, group=control_group())
     return box[0]
+
+
+def _barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier(group=control_group())
 
 
 def _rng_state() -> dict:
@@ -152,7 +160,9 @@ class Controller:
                     extra_args=tuple(r.engine_args), startup_timeout_s=r.startup_timeout_s,
                     request_timeout_s=r.request_timeout_s, srun_args=tuple(cfg.cluster.engine_srun_args))
         engines = [LocalEngine(f"engine{i}", EngineSpec(gpu_ids=tuple(gpus), node=node,
-                                                        port=ENGINE_PORT_BASE + i if node else None, **spec),
+                                                        port=ENGINE_PORT_BASE + i if node else None,
+                                                        node_gpus=cfg.cluster.gpus_per_node if node else 0,
+                                                        node_cpus=engine_step_cpus(node), **spec),
                                run.engine_logs / f"engine{i}.log")
                    for i, (node, gpus) in enumerate(placements)]
         self.fleet = RolloutFleet(engines, serve_dir, max_restarts=r.max_restarts)
@@ -317,8 +327,7 @@ def train(cfg: DictConfig, engine_placements: list[tuple[str | None, list[int]]]
 
     # -- model, data, resume point ----------------------------------------------------------------
     model_path = resolve_model_path(cfg.model, build=rank == 0)
-    if dist.is_initialized():
-        dist.barrier()
+    _barrier()
     tokenizer = AutoTokenizer.from_pretrained(model_path)
     resume = ckpt.latest_checkpoint(run.checkpoints)
     start_step = ckpt.checkpoint_step(resume) if resume else 0
@@ -367,8 +376,7 @@ def train(cfg: DictConfig, engine_placements: list[tuple[str | None, list[int]]]
             OmegaConf.save(cfg, tmp / RUN_CONFIG)
             path = ckpt.finish_checkpoint(run.checkpoints, step, cfg.trainer.keep_checkpoints)
             log.info("checkpoint %s", path)
-        if dist.is_initialized():
-            dist.barrier()
+        _barrier()
 
     # -- the loop -----------------------------------------------------------------------------------
     progress = None

@@ -47,7 +47,11 @@ def test_submitit_parameters_follow_the_cluster_config():
     assert params["nodes"] == 4 and params["tasks_per_node"] == 8 and params["gpus_per_node"] == 8
     assert params["slurm_partition"] == "gpu" and params["slurm_account"] == "proj"
     assert params["slurm_srun_args"] == ["--nodes=2", "--ntasks=16"]  # learner tasks on the first 2 nodes
-    assert params["slurm_additional_parameters"] == {"requeue": True}
+    # whole nodes with their memory: the engine steps use what the learner tasks do not ask for
+    assert params["slurm_additional_parameters"] == {"requeue": True, "exclusive": True, "mem": "0"}
+    assert params["cpus_per_task"] * params["tasks_per_node"] == 64  # fits an 8-GPU node of 64+ cores
+    shared = executor_parameters(compose(["cluster=slurm", "cluster.exclusive=false"]).cluster, "run")
+    assert shared["slurm_additional_parameters"] == {"requeue": True}
 
 
 def test_local_gpu_placement():
@@ -57,3 +61,159 @@ def test_local_gpu_placement():
     cpu = compose(["cluster=local"])
     assert local_placements(cpu.cluster, cpu.rollout) is None  # CPU: rollout.engines engines
 
+
+
+# -- the hydra-submitit world size, device choice, CPU shares (defects of issue 11) ----------------
+
+def test_hydra_submitit_extra_tasks_are_not_learner_ranks():
+    """hydra-submitit-launcher's srun starts nodes x tasks_per_node tasks (4 x 8 = 32 in the recipe);
+    only the first cluster.learner_gpus = 16 are learner ranks, the others exit."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_module
+
+    from justrl.slurm import learner_rank, learner_world_size
+
+    with initialize_config_module("justrl.hydra_conf", version_base=None):
+        launcher = hydra_compose("config", overrides=["cluster=slurm"], return_hydra_config=True).hydra.launcher
+    cfg = compose(["cluster=slurm"])
+    ntasks = launcher.nodes * launcher.tasks_per_node
+    assert ntasks == 32 and learner_world_size(cfg.cluster) == 16
+    ranks = [learner_rank(cfg.cluster, procid, ntasks) for procid in range(ntasks)]
+    assert ranks == list(range(16)) + [None] * 16
+    assert dict(launcher.additional_parameters) == {"requeue": True, "exclusive": True, "mem": "0"}
+    with pytest.raises(ConfigError, match="has 8 task.*learner needs 16"):
+        learner_rank(cfg.cluster, 0, 8)
+    cpu = compose(["experiment=tiny", "cluster=slurm", "cluster.nodes=1", "cluster.gpus_per_node=0",
+                   "cluster.learner_gpus=0"])
+    assert [learner_rank(cpu.cluster, p, 1) for p in range(1)] == [0]
+
+
+def test_learner_device_follows_the_task_visible_devices():
+    from justrl.slurm import learner_device_index
+
+    assert learner_device_index(None, 3) == 3                       # nothing set: every GPU
+    assert learner_device_index(["0", "1", "2", "3"], 3) == 3       # the node's GPUs: the local rank's
+    assert learner_device_index(["5"], 3) == 0                      # --gpus-per-task=1: its only one
+    with pytest.raises(ConfigError, match="local rank 3 sees only CUDA_VISIBLE_DEVICES=0,1"):
+        learner_device_index(["0", "1"], 3)
+
+
+def test_job_cpus_per_node_and_engine_step_command():
+    from justrl.rollout import EngineSpec, engine_srun_command
+    from justrl.slurm import job_cpus_per_node
+
+    assert job_cpus_per_node("72(x2),36", ["a", "b", "c"]) == {"a": 72, "b": 72, "c": 36}
+    assert job_cpus_per_node("8", ["a"]) == {"a": 8}
+    with pytest.raises(ValueError, match="lists 2 nodes, the job has 3"):
+        job_cpus_per_node("8(x2)", ["a", "b", "c"])
+    spec = EngineSpec(max_model_len=64, dtype="bfloat16", seed=0, gpu_ids=(2, 3), node="n2", port=8101,
+                      node_gpus=8, node_cpus=96)
+    cmd = engine_srun_command(spec)
+    # an overlapping step on its node holding all of the job's GPUs, CPUs and memory there, unbound
+    for arg in ("--overlap", "--nodelist=n2", "--gres=gpu:8", "--cpus-per-task=96", "--mem=0", "--cpu-bind=none"):
+        assert arg in cmd
+
+
+def test_engine_launcher_narrows_the_step_gpus_to_the_planned_ones():
+    from justrl.engine_launch import CPU_ENGINE_ARGS, PlacementError, plan_command
+
+    base = ["--model", "m", "--tensor-parallel-size", "2"]
+    # the step holds the node's GPUs as Slurm numbered them; planned indices pick among those
+    args, env, report = plan_command([2, 3], base, {"CUDA_VISIBLE_DEVICES": "0,1,2,3"}, cuda=True)
+    assert env["CUDA_VISIBLE_DEVICES"] == "2,3" and args == base and report["compute"] == "cuda"
+    assert report["step_cuda_visible_devices"] == "0,1,2,3" and report["planned_gpus"] == [2, 3]
+    # a job holding GPUs 4-7 of a node sees them renumbered or not: the i-th visible one is used
+    _, env, _ = plan_command([1], base, {"CUDA_VISIBLE_DEVICES": "4,5,6,7"}, cuda=True)
+    assert env["CUDA_VISIBLE_DEVICES"] == "5"
+    _, env, _ = plan_command([1], base, {}, cuda=True)  # nothing set: the machine's numbering
+    assert env["CUDA_VISIBLE_DEVICES"] == "1"
+    # no CUDA here: vLLM's CPU build stands in, on the same placement, and says so
+    args, env, report = plan_command([2, 3], base, {"CUDA_VISIBLE_DEVICES": "0,1,2,3"}, cuda=False)
+    assert env["CUDA_VISIBLE_DEVICES"] == "2,3" and report["compute"] == "cpu" and "CPU build" in report["note"]
+    assert args[:4] == ["--model", "m", "--tensor-parallel-size", "1"] and all(a in args for a in CPU_ENGINE_ARGS)
+    assert env["VLLM_CPU_KVCACHE_SPACE"] == "1"
+    with pytest.raises(PlacementError, match=r"planned GPU\(s\) \[3\] but this process sees only "
+                                             r"CUDA_VISIBLE_DEVICES=0"):
+        plan_command([3], base, {"CUDA_VISIBLE_DEVICES": "0"}, cuda=True)
+
+
+def test_engine_client_ignores_the_environment_proxies(monkeypatch):
+    """A cluster's http_proxy must not carry engine traffic: a server on this machine answers
+    /health although the proxy the environment names does not exist."""
+    import http.server
+    import threading
+
+    from justrl.rollout import EngineClient
+
+    class Health(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):  # noqa: N802
+            self.send_response(200)
+            self.end_headers()
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Health)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        for var in ("http_proxy", "HTTP_PROXY", "all_proxy", "ALL_PROXY"):
+            monkeypatch.setenv(var, "http://127.0.0.1:9")  # nothing listens on port 9
+        for var in ("no_proxy", "NO_PROXY"):
+            monkeypatch.delenv(var, raising=False)
+        import requests
+
+        url = f"http://127.0.0.1:{server.server_port}"
+        with pytest.raises(requests.exceptions.ProxyError):  # what a plain requests call does
+            requests.get(f"{url}/health", timeout=5)
+        assert EngineClient(url).healthy()
+    finally:
+        server.shutdown()
+
+
+def _wait_past_timeout(rank: int, port: int, result_file: str) -> None:
+    import time
+
+    import torch.distributed as dist
+
+    from justrl import dist_groups
+    from justrl.trainer import _broadcast
+
+    dist_groups.init_process_groups("gloo", control_timeout_s=120, data_timeout_s=2,
+                                    init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    outcome = {}
+    # the control plane: rank 1 waits 5 s for rank 0 (its "validation"), past the 2 s data timeout
+    if rank == 0:
+        time.sleep(5)
+    outcome["control"] = _broadcast("from rank 0" if rank == 0 else None)
+    # the same wait on the data-plane group times out
+    if rank == 0:
+        time.sleep(5)
+    try:
+        box = ["data" if rank == 0 else None]
+        dist.broadcast_object_list(box, src=0)
+        outcome["data"] = box[0]
+    except RuntimeError as exc:
+        outcome["data"] = f"error: {exc}"[:200]
+    if rank == 1:
+        import json
+
+        with open(result_file, "w") as f:
+            json.dump(outcome, f)
+    dist_groups.destroy()
+
+
+@pytest.mark.slow
+def test_control_plane_waits_longer_than_the_data_plane_timeout(tmp_path):
+    """trainer._broadcast (rank 0's rollouts to the others) outlasts the data-plane group's timeout,
+    which stands in for NCCL's 10-minute watchdog; the same wait on the data-plane group fails."""
+    import json
+
+    import torch.multiprocessing as mp
+
+    from justrl.rollout import free_port
+
+    result = tmp_path / "rank1.json"
+    mp.spawn(_wait_past_timeout, args=(free_port(), str(result)), nprocs=2)
+    outcome = json.loads(result.read_text())
+    assert outcome["control"] == "from rank 0"
+    assert outcome["data"].startswith("error:") and "imed out" in outcome["data"], outcome

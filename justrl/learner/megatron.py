@@ -144,7 +144,10 @@ class MegatronLearner(PolicyStep):
         self.model_path = Path(model_path)
         self.config, self.shape = read_shape(model_path)
         if not ps.model_parallel_is_initialized():
-            ps.initialize_model_parallel(tensor_model_parallel_size=tp)
+            # No gloo twins of every group: Megatron uses them only for legacy checkpoint formats
+            # (our dp_reshardable one needs none), and on multi-NIC nodes gloo binds to whatever
+            # interface the hostname resolves to.
+            ps.initialize_model_parallel(tensor_model_parallel_size=tp, create_gloo_process_groups=False)
         elif ps.get_tensor_model_parallel_world_size() != tp:
             raise RuntimeError(f"Megatron is already initialised with TP={ps.get_tensor_model_parallel_world_size()}")
         self.tp, self.tp_rank, self.tp_group = tp, ps.get_tensor_model_parallel_rank(), ps.get_tensor_model_parallel_group()
@@ -184,6 +187,7 @@ class MegatronLearner(PolicyStep):
                             params_dtype=params_dtype, use_distributed_optimizer=True),
             [self.model],
             config_overrides={},  # weight decay on every parameter, as torch AdamW in the hf learner
+            use_gloo_process_groups=False,  # none created (initialize_model_parallel above)
         )
         self.base_lr = optim.lr
         self.lr_factor = constant_with_warmup(optim.warmup_steps)
