@@ -19,6 +19,7 @@ SCHEMA_NAME = "justrl_schema"
 VERIFIER_NAMES = ("dapo", "lenient")  # kept in step with justrl.reward.VERIFIERS by a test
 LEARNERS = ("hf", "megatron")
 CLUSTERS = ("local", "slurm")
+WEIGHT_SYNC_TRANSPORTS = ("files", "nccl")  # kept in step with justrl.weight_sync.TRANSPORTS by a test
 
 
 @dataclass
@@ -60,6 +61,11 @@ class RolloutConfig:
     max_restarts: int = MISSING
     startup_timeout_s: float = MISSING
     request_timeout_s: float = MISSING
+    max_requests_per_engine: int = MISSING
+    weight_sync: str = MISSING
+    weight_check: bool = MISSING
+    weight_check_tol: Optional[float] = MISSING
+    max_policy_lag: int = MISSING
 
 
 @dataclass
@@ -109,6 +115,8 @@ class LearnerConfig:
     gradient_checkpointing: bool = MISSING
     tensor_parallel_size: int = MISSING
     max_nonfinite_updates: int = MISSING
+    # Megatron only (hydra_conf/learner/megatron.yaml); the hf learner recomputes whole layers.
+    recompute_granularity: str = "full"
 
 
 @dataclass
@@ -221,6 +229,16 @@ def validate(cfg: DictConfig) -> None:
     _check(e, r.max_restarts >= 0, "rollout.max_restarts", "must be >= 0", r.max_restarts)
     for key in ("startup_timeout_s", "request_timeout_s"):
         _check(e, r[key] > 0, f"rollout.{key}", "must be > 0", r[key])
+    _check(e, r.max_requests_per_engine >= 1, "rollout.max_requests_per_engine", "must be >= 1",
+           r.max_requests_per_engine)
+    _check(e, r.weight_sync in WEIGHT_SYNC_TRANSPORTS, "rollout.weight_sync",
+           f"must be one of {list(WEIGHT_SYNC_TRANSPORTS)}", r.weight_sync)
+    _check(e, r.weight_sync != "nccl" or c.cluster.gpus_per_node > 0, "rollout.weight_sync",
+           "nccl needs GPUs (cluster.gpus_per_node > 0); use files on a CPU", r.weight_sync)
+    _check(e, r.weight_check_tol is None or r.weight_check_tol > 0, "rollout.weight_check_tol",
+           "must be null (by rollout.dtype) or > 0", r.weight_check_tol)
+    _check(e, r.max_policy_lag in (0, 1), "rollout.max_policy_lag",
+           "must be 0 (strictly on-policy, the recipe) or 1 (one-step overlap)", r.max_policy_lag)
 
     a = c.algorithm
     _check(e, a.prompts_per_step >= 1, "algorithm.prompts_per_step", "must be >= 1", a.prompts_per_step)
@@ -263,6 +281,8 @@ def validate(cfg: DictConfig) -> None:
            "learner.tensor_parallel_size", "must be >= 1, and 1 for the hf learner", lr.tensor_parallel_size)
     _check(e, lr.max_nonfinite_updates >= 1, "learner.max_nonfinite_updates", "must be >= 1",
            lr.max_nonfinite_updates)
+    _check(e, lr.recompute_granularity in ("full", "selective"), "learner.recompute_granularity",
+           "must be full or selective", lr.recompute_granularity)
 
     cl = c.cluster
     _check(e, cl.name in CLUSTERS, "cluster.name", f"must be one of {list(CLUSTERS)}", cl.name)

@@ -1,0 +1,146 @@
+"""Weight sync through its one owner (justrl.weight_sync.WeightSync) with a real vLLM (CPU build)
+engine and the real hf learner: the file transport, retention of versions, the probe check, and a
+stale engine (one that was not reloaded) caught with its name. One engine for the module (~40 s).
+The NCCL transport needs GPUs: its test skips here, saying why."""
+import shutil
+
+import pytest
+import torch
+
+from justrl.config import compose
+from justrl.learner import build_learner
+from justrl.rollout import EngineSpec, LocalEngine, RolloutFleet
+from justrl.weight_sync import (DEFAULT_TOLERANCE, FileTransport, WeightSync, WeightSyncError, compare_probe,
+                                engine_probe_logprobs, learner_probe_logprobs)
+
+SPEC = EngineSpec(max_model_len=256, dtype="float32", seed=0, gpu_memory_utilization=0.3, startup_timeout_s=300,
+                  request_timeout_s=300)
+
+
+class NoReload(FileTransport):
+    """A transport whose reload never reaches the engines: what a silent reload_weights
+    regression looks like from outside."""
+
+    def push(self, fleet, weights_dir, step, state=None):
+        pass
+
+
+def perturb(learner, scale: float = 0.05, seed: int = 0) -> None:
+    """Move every weight but the (tied) embedding, as an update would (seeded). vLLM's CPU build
+    (0.32) does not rebuild its oneDNN copy of a tied output layer on reload_weights, so a moved
+    embedding is served stale (the check catches it; README); everything else reloads exactly."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in learner.model.named_parameters():
+            if "embed_tokens" not in name:
+                p.add_(torch.randn(p.shape, generator=gen) * scale)
+
+
+@pytest.fixture(scope="module")
+def setup(random_tiny_model_dir, tmp_path_factory):
+    from transformers import AutoTokenizer
+
+    root = tmp_path_factory.mktemp("sync")
+    cfg = compose(["experiment=tiny", f"model.path={random_tiny_model_dir}"])
+    learner = build_learner(cfg, random_tiny_model_dir)
+    tokenizer = AutoTokenizer.from_pretrained(random_tiny_model_dir)
+    fleet = RolloutFleet([LocalEngine("engine0", SPEC, root / "engine0.log")], random_tiny_model_dir)
+    fleet.start()
+    yield root, learner, tokenizer, fleet
+    fleet.stop()
+
+
+@pytest.mark.slow
+def test_file_sync_check_and_retention(setup):
+    root, learner, tokenizer, fleet = setup
+    sync = WeightSync(root / "weights", learner, tokenizer, "float32", fleet, keep=1)
+    assert len(sync.probe_ids) > 20
+    sync.verify(0)  # the engines serve the initial model, as the learner holds it
+    assert sync.last_probe_diff["engine0"] < 1e-4
+    perturb(learner, seed=1)
+    metrics = sync.sync(1)
+    assert fleet.weights_dir == root / "weights" / "step_000001"  # the version a restart would load
+    assert set(metrics) == {"perf/time_sync_export", "perf/time_sync_load", "perf/time_sync_check"}
+    assert sync.last_probe_diff["engine0"] < 1e-4
+    perturb(learner, seed=2)
+    sync.sync(2)
+    assert sorted(p.name for p in (root / "weights").iterdir()) == ["step_000002"]  # keep=1: step 1 retired
+    # the learner's probe log-probs really moved with the weights (so the check can see a stale engine)
+    served = engine_probe_logprobs(fleet.engines[0].client, sync.probe_ids)
+    assert compare_probe(served, learner_probe_logprobs(learner, sync.probe_ids)) < 1e-4
+
+
+@pytest.mark.slow
+def test_stale_engine_is_caught_and_named(setup):
+    root, learner, tokenizer, fleet = setup
+    sync = WeightSync(root / "weights_stale", learner, tokenizer, "float32", fleet)
+    sync.transport = NoReload()
+    perturb(learner, seed=3)
+    with pytest.raises(WeightSyncError, match=r"engine0 does not serve the learner's weights after the sync of "
+                                              r"step 7 .*mean \|log-prob difference\|.*> tolerance 0.001"):
+        sync.sync(7)
+    assert sync.last_probe_diff["engine0"] > 10 * DEFAULT_TOLERANCE["float32"]
+    # a real reload of the same version clears it
+    sync.transport = FileTransport()
+    sync.sync(8)
+    assert sync.last_probe_diff["engine0"] < 1e-4
+    # a real stale engine: vLLM's CPU build keeps its old copy of the tied output layer
+    with torch.no_grad():
+        weight = learner.model.get_input_embeddings().weight
+        weight.add_(torch.randn(weight.shape, generator=torch.Generator().manual_seed(5)) * 0.05)
+    with pytest.raises(WeightSyncError, match=r"engine0 does not serve the learner's weights after the sync of step 9"):
+        sync.sync(9)
+    shutil.rmtree(root / "weights_stale")
+
+
+def test_unknown_transport_is_refused():
+    from justrl.weight_sync import make_transport
+
+    with pytest.raises(ValueError, match=r"rollout.weight_sync must be one of \['files', 'nccl'\], got 'rdma'"):
+        make_transport("rdma")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the NCCL weight transfer needs CUDA GPUs and vLLM's "
+                    "CUDA build (engines with --weight-transfer-config); this machine has neither")
+def test_nccl_transport_matches_the_file_transport(random_tiny_model_dir, tmp_path):
+    """One CUDA engine; the learner (GPU 0 shared) pushes perturbed weights over NCCL; the probe
+    check must pass, and the engine must serve what a file reload of the same weights serves."""
+    from transformers import AutoTokenizer
+
+    from justrl.weight_sync import engine_args_for
+
+    cfg = compose(["experiment=tiny", f"model.path={random_tiny_model_dir}", "rollout.weight_sync=nccl"])
+    learner = build_learner(cfg, random_tiny_model_dir)
+    tokenizer = AutoTokenizer.from_pretrained(random_tiny_model_dir)
+    spec = EngineSpec(max_model_len=256, dtype="float32", seed=0, gpu_ids=(0,), gpu_memory_utilization=0.3,
+                      extra_args=engine_args_for("nccl"))
+    fleet = RolloutFleet([LocalEngine("engine0", spec, tmp_path / "engine0.log")], random_tiny_model_dir)
+    fleet.start()
+    try:
+        sync = WeightSync(tmp_path / "weights", learner, tokenizer, "float32", fleet, transport="nccl")
+        perturb(learner, seed=4)
+        sync.sync(1)
+        assert sync.last_probe_diff["engine0"] < DEFAULT_TOLERANCE["float32"]
+        nccl_served = engine_probe_logprobs(fleet.engines[0].client, sync.probe_ids)
+        fleet.load_weights(tmp_path / "weights" / "step_000001")
+        assert engine_probe_logprobs(fleet.engines[0].client, sync.probe_ids) == pytest.approx(nccl_served, abs=1e-5)
+    finally:
+        sync.close()
+        fleet.stop()
+
+
+def test_config_keys_are_checked_at_start_up():
+    from justrl.config import WEIGHT_SYNC_TRANSPORTS, ConfigError
+    from justrl.weight_sync import TRANSPORTS
+
+    assert WEIGHT_SYNC_TRANSPORTS == TRANSPORTS
+    with pytest.raises(ConfigError) as error:
+        compose(["experiment=tiny", "rollout.weight_sync=nccl", "rollout.max_policy_lag=2",
+                 "rollout.weight_check_tol=0", "rollout.max_requests_per_engine=0"])
+    message = str(error.value)
+    assert "rollout.weight_sync: nccl needs GPUs (cluster.gpus_per_node > 0); use files on a CPU, got 'nccl'" in message
+    assert "rollout.max_policy_lag: must be 0 (strictly on-policy, the recipe) or 1 (one-step overlap), got 2" in message
+    assert "rollout.weight_check_tol: must be null (by rollout.dtype) or > 0, got 0" in message
+    assert "rollout.max_requests_per_engine: must be >= 1, got 0" in message
+    cfg = compose([])  # the recipe: strictly on-policy, files, checked
+    assert (cfg.rollout.max_policy_lag, cfg.rollout.weight_sync, cfg.rollout.weight_check) == (0, "files", True)
