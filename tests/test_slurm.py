@@ -132,6 +132,7 @@ def test_multirun_of_the_two_ablations_through_submitit(slurm, tiny_model_dir, t
     result = subprocess.run(
         [sys.executable, "-m", "justrl.launch", "-m", "experiment=tiny", "cluster=slurm", "cluster.nodes=1",
          "cluster.gpus_per_node=0", "cluster.learner_gpus=0", "cluster.cpus_per_task=1",
+         "cluster.exclusive=false",  # the two 1-CPU jobs side by side on the 2-CPU node
          f"model.path={tiny_model_dir}", "trainer.total_steps=2", "trainer.save_every=2", "trainer.val_every=0",
          # short responses, so that the length penalty bites: it starts at 8 - 4 = 4 tokens
          "rollout.max_response_length=8", "reward.overlong.buffer=4",
