@@ -180,6 +180,14 @@ def allocation_parameters(exclusive: bool) -> dict:
 OmegaConf.register_new_resolver("justrl_allocation_parameters", allocation_parameters, replace=True)
 OmegaConf.register_new_resolver("justrl_none_if_zero", lambda v: None if v == 0 else v, replace=True)
 OmegaConf.register_new_resolver("justrl_learner_tasks_per_node", learner_tasks_per_node, replace=True)
+# The default benchmark_dir (hydra_conf/config.yaml, evaluate.yaml): the copy shipped in the package.
+OmegaConf.register_new_resolver("justrl_packaged_benchmarks", lambda: str(_packaged_benchmark_dir()), replace=True)
+
+
+def _packaged_benchmark_dir():
+    from justrl.benchmark_data import DIR
+
+    return DIR
 
 
 class ConfigError(ValueError):
@@ -211,6 +219,12 @@ def validate(cfg: DictConfig) -> None:
 
     _check(e, bool(c.data.train_path), "data.train_path", "must not be empty", c.data.train_path)
     _check(e, c.data.max_prompt_length >= 1, "data.max_prompt_length", "must be >= 1", c.data.max_prompt_length)
+    # The validation sets are read before the first step; a missing file must stop the run here,
+    # before a job queues, engines start or a GPU is used.
+    from justrl.data.benchmarks import benchmark_file_errors
+
+    e += [f"data.val_benchmarks: {msg}" for msg in
+          benchmark_file_errors(c.data.val_benchmarks, c.data.benchmark_dir, "data.benchmark_dir")]
 
     r = c.rollout
     _check(e, r.n >= 2, "rollout.n", "must be >= 2 (GRPO compares responses within a group)", r.n)

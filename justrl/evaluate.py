@@ -90,6 +90,11 @@ def check(cfg: DictConfig) -> None:
     unknown = [b for b in cfg.benchmarks if b not in BENCHMARKS]
     if unknown:
         errors.append(f"benchmarks: unknown {unknown}; choose from {list(BENCHMARKS)}")
+    else:  # every file is checked before the engines start
+        from justrl.data.benchmarks import benchmark_file_errors
+
+        errors += [f"benchmarks: {msg}" for msg in benchmark_file_errors(cfg.benchmarks, cfg.benchmark_dir,
+                                                                          "benchmark_dir")]
     for key, ok in (("samples", cfg.samples is None or cfg.samples >= 1), ("limit", cfg.limit is None or cfg.limit >= 1),
                     ("temperature", cfg.temperature >= 0), ("top_p", 0 < cfg.top_p <= 1),
                     ("max_new_tokens", cfg.max_new_tokens >= 1), ("chunk_problems", cfg.chunk_problems >= 1),

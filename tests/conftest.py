@@ -1,18 +1,16 @@
-import os
 from pathlib import Path
 
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-# The nine benchmark files: ../shared/data/benchmarks beside the checkout, or JUSTRL_BENCHMARK_DIR.
-BENCHMARK_DIR = Path(os.environ.get("JUSTRL_BENCHMARK_DIR", REPO.parent / "shared" / "data" / "benchmarks"))
 
 
 @pytest.fixture(scope="session")
 def benchmark_dir() -> Path:
-    if not (BENCHMARK_DIR / "AIME24" / "test.parquet").is_file():
-        pytest.skip(f"benchmark files not found in {BENCHMARK_DIR} (set JUSTRL_BENCHMARK_DIR)")
-    return BENCHMARK_DIR
+    """The nine benchmark files shipped in the package (justrl/benchmark_data); never skipped."""
+    from justrl.benchmark_data import DIR
+
+    return DIR
 
 
 @pytest.fixture(scope="session")

@@ -1,5 +1,8 @@
 """The nine evaluation benchmarks of the paper, from <benchmark_dir>/<NAME>/test.parquet.
 
+The files ship with justrl (justrl/benchmark_data, the default benchmark_dir); `benchmark_file_errors`
+checks them at start-up, before any engine or GPU is used.
+
 Two schemas occur in the released files, both read here:
 - veRL form (AIME24, AIME25, AMC23, MATH-500, Minerva, Olympiad-Bench): `prompt` (one user
   message holding the bare problem), `reward_model.ground_truth`, `extra_info.index`;
@@ -80,9 +83,48 @@ def _parse(data, name: str, index: int) -> BenchmarkProblem | str:
     return BenchmarkProblem(problem_id, problem.strip(), strip_boxed(raw_answer), raw_answer)
 
 
+def benchmark_path(name: str, benchmark_dir: str | Path) -> Path:
+    return Path(benchmark_dir).expanduser() / name / "test.parquet"
+
+
+def benchmark_file_errors(names, benchmark_dir: str | Path, setting: str) -> list[str]:
+    """One message per benchmark of `names` whose file is missing or unreadable ([] if all are fine).
+
+    Cheap (reads each parquet footer and schema, not the rows), so it runs at start-up; `setting`
+    is the config key of `benchmark_dir` that the messages name. The toy sets (training validation
+    in experiment=tiny) have no file. A name that is neither is reported too.
+    """
+    import pyarrow.parquet as pq
+
+    from justrl.data.toy import TOY_SETS
+
+    errors = []
+    for name in names:
+        if name in TOY_SETS:
+            continue
+        if name not in SAMPLES_PER_PROBLEM:
+            errors.append(f"benchmark {name!r}: unknown; choose from {list(BENCHMARKS)} "
+                          f"(or, for training validation, {list(TOY_SETS)})")
+            continue
+        path = benchmark_path(name, benchmark_dir)
+        hint = f"({setting}={str(benchmark_dir)!r}; the default is the packaged copy, JUSTRL_BENCHMARK_DIR overrides it)"
+        try:
+            if not path.is_file():
+                errors.append(f"benchmark {name!r}: {path} does not exist {hint}")
+                continue
+            columns = set(pq.ParquetFile(path).schema_arrow.names)
+        except Exception as exc:  # permissions, truncated file, not parquet
+            errors.append(f"benchmark {name!r}: {path} cannot be read ({type(exc).__name__}: {exc}) {hint}")
+            continue
+        if not ({"prompt", "reward_model"} <= columns or {"problem", "answer"} <= columns):
+            errors.append(f"benchmark {name!r}: {path} has neither the veRL columns (prompt, reward_model) "
+                          f"nor the plain ones (problem, answer), it has {sorted(columns)} {hint}")
+    return errors
+
+
 def load_benchmark(name: str, benchmark_dir: str | Path, samples_per_problem: int | None = None) -> Benchmark:
     """Load <benchmark_dir>/<name>/test.parquet; bad rows are skipped, counted and logged."""
-    path = Path(benchmark_dir) / name / "test.parquet"
+    path = benchmark_path(name, benchmark_dir)
     if not path.is_file():
         raise FileNotFoundError(f"benchmark {name!r}: {path} does not exist "
                                 f"(data.benchmark_dir={str(benchmark_dir)!r})")
