@@ -50,6 +50,11 @@ def in_slurm_task() -> bool:
     return "SLURM_JOB_ID" in os.environ and "SLURM_PROCID" in os.environ and "SLURM_STEP_ID" in os.environ
 
 
+def rendezvous_port(job_id: str) -> int:
+    """The learner's torch.distributed port on the job's first node (justrl.preflight checks it)."""
+    return MASTER_PORT_BASE + int(job_id) % 1000
+
+
 def allocation_nodes() -> list[str]:
     """Hostnames of the job's nodes, in Slurm's order."""
     nodelist = os.environ["SLURM_JOB_NODELIST"]
@@ -150,6 +155,7 @@ def report_learner_rank(rank: int, world_size: int, local_rank: int, compute: st
     print(LEARNER_LOG_PREFIX + json.dumps({
         "rank": rank, "world_size": world_size, "local_rank": local_rank, "hostname": socket.gethostname(),
         "slurm_node": os.environ.get("SLURMD_NODENAME"), "slurm_job": os.environ.get("SLURM_JOB_ID"),
+        "job_nodelist": os.environ.get("SLURM_JOB_NODELIST"),
         "slurm_step": os.environ.get("SLURM_STEP_ID"), "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),
         "compute": compute}, sort_keys=True), flush=True)
 
@@ -184,7 +190,7 @@ def init_distributed_from_slurm(cluster) -> int | None:
     if world_size == 1:
         return rank
     os.environ.update(MASTER_ADDR=allocation_nodes()[0],
-                      MASTER_PORT=str(MASTER_PORT_BASE + int(os.environ["SLURM_JOB_ID"]) % 1000),
+                      MASTER_PORT=str(rendezvous_port(os.environ["SLURM_JOB_ID"])),
                       RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(local_rank))
     init_process_groups("nccl" if cuda else "gloo", cluster.dist_timeout_s)
     return rank
@@ -195,6 +201,9 @@ def run_in_allocation(cfg: DictConfig) -> None:
     from justrl.trainer import train
 
     # -- the job starts here, on every task: the one place for checks before any training -------
+    from justrl.preflight import run_in_job
+
+    run_in_job(cfg)  # rank 0 runs justrl.preflight on every node; all tasks stop if it failed
     if init_distributed_from_slurm(cfg.cluster) is None:
         return
     nodes = allocation_nodes()

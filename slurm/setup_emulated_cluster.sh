@@ -87,7 +87,12 @@ stop_all() {
     for pid in "${pids[@]}"; do proc_alive "$pid" && kill -KILL "$pid" 2>/dev/null || true; done
     rm -f "$RUN_DIR"/*.pid
     for ns in $(ip netns list 2>/dev/null | awk '{print $1}' | grep '^emu-' || true); do
+        # What jobs left running in a node (slurmstepd, tasks) would keep its namespace alive.
+        for pid in $(ip netns pids "$ns" 2>/dev/null || true); do kill -KILL "$pid" 2>/dev/null || true; done
         ip netns del "$ns" 2>/dev/null || true
+    done
+    for link in $(ip -o link show 2>/dev/null | awk -F': ' '{print $2}' | sed 's/@.*//' | grep -E '^emuv[0-9]+$' || true); do
+        ip link del "$link" 2>/dev/null || true
     done
     ip link del "$BRIDGE" 2>/dev/null || true
     sed -i "/$HOSTS_MARK\$/d" /etc/hosts
