@@ -20,20 +20,38 @@ from justrl.learner.mcore_adapter import Qwen2Shape, padded_vocab_size
 
 
 def transformer_config(shape: Qwen2Shape, tp: int = 1, params_dtype: torch.dtype = torch.float32,
-                       on_cpu: bool = True, initialize: bool = True, recompute: bool = False,
-                       bf16: bool = False, per_token_loss: bool = False):
+                       on_cpu: bool = True, initialize: bool = True, recompute: bool | str = False,
+                       bf16: bool = False, per_token_loss: bool = False, fusions: bool = False,
+                       sequence_parallel: bool = False):
+    """Megatron's TransformerConfig for a Qwen2-shaped model.
+
+    `recompute`: False (none), True or "full" (every layer's activations recomputed: least memory,
+    one extra forward), "selective" (only the attention core, Megatron's cheap default: most of the
+    memory saving of full recomputation where attention is not flash/fused, almost none of the
+    compute). `fusions`: Transformer Engine's fused RoPE, the fused bias-SwiGLU, the fused masked
+    softmax and the fused bias-dropout-add (the "te" spec; the local spec on a CPU has no kernels
+    for them). `sequence_parallel` (tp > 1, "te" spec only: Megatron's torch norms refuse it):
+    norms and residuals split along the sequence instead of replicated; the packed rows must then
+    be a multiple of tp tokens, and the caller gathers the final hidden states.
+    """
     from megatron.core.transformer.transformer_config import TransformerConfig
 
+    if recompute is True:
+        recompute = "full"
+    if recompute not in (False, None, "full", "selective"):
+        raise ValueError(f"recompute must be full, selective or off, got {recompute!r}")
+    full = recompute == "full"
     return TransformerConfig(
         num_layers=shape.num_layers, hidden_size=shape.hidden_size, num_attention_heads=shape.num_heads,
         num_query_groups=shape.num_kv_heads, kv_channels=shape.head_dim, ffn_hidden_size=shape.ffn_hidden_size,
         add_qkv_bias=True, add_bias_linear=False, gated_linear_unit=True, activation_func=F.silu,
         normalization="RMSNorm", layernorm_epsilon=shape.rms_norm_eps, tensor_model_parallel_size=tp,
         params_dtype=params_dtype, use_cpu_initialization=on_cpu, perform_initialization=initialize,
-        hidden_dropout=0.0, attention_dropout=0.0, bias_activation_fusion=False, masked_softmax_fusion=False,
-        persist_layer_norm=False, bias_dropout_fusion=False, apply_rope_fusion=False,
-        recompute_granularity="full" if recompute else None, recompute_method="uniform" if recompute else None,
-        recompute_num_layers=1 if recompute else None, bf16=bf16,
+        hidden_dropout=0.0, attention_dropout=0.0, bias_activation_fusion=fusions, masked_softmax_fusion=fusions,
+        persist_layer_norm=False, bias_dropout_fusion=fusions, apply_rope_fusion=fusions,
+        sequence_parallel=sequence_parallel,
+        recompute_granularity=recompute or None, recompute_method="uniform" if full else None,
+        recompute_num_layers=1 if full else None, bf16=bf16,
         # the loss is already divided by the mini-batch's token count: DDP must sum, not average
         calculate_per_token_loss=per_token_loss,
     )

@@ -165,9 +165,21 @@ class MegatronLearner(PolicyStep):
         params_dtype = torch.bfloat16 if self.bf16 else torch.float32
         # initialize=True although the weights are overwritten next: Megatron marks a parameter as
         # tensor-parallel (which the gradient norm relies on) only in its initialisation code
+        # Sequence parallelism whenever TP > 1 with Transformer Engine's layers: the norms and
+        # residuals (replicated under plain TP) are split along the sequence, so a packed row is
+        # padded to a multiple of TP (`_forward`). Megatron's local spec (torch norms, the CPU
+        # path) does not support it, so CPU runs keep plain TP.
+        self.sequence_parallel = tp > 1 and self.spec == "te"
+        recompute = learner.recompute_granularity if learner.gradient_checkpointing else False
         gpt = build_gpt_model(self.shape, tp, spec=self.spec, params_dtype=params_dtype, on_cpu=True,
-                              initialize=True, recompute=learner.gradient_checkpointing, bf16=self.bf16,
-                              per_token_loss=True)
+                              initialize=True, recompute=recompute, bf16=self.bf16, per_token_loss=True,
+                              fusions=self.spec == "te", sequence_parallel=self.sequence_parallel)
+        if self.sequence_parallel:
+            # `_forward` gathers the final hidden states along the sequence itself (so the output
+            # layer can run in chunks of whole positions); the output layer must not gather again.
+            # Its input-gradient all-reduce stays off (it was built for SP): the gather's backward
+            # reduce-scatters the partial gradients of the TP ranks instead.
+            gpt.output_layer.sequence_parallel = False
         unmarked = [n for n, p in gpt.named_parameters()  # every matrix of a Qwen2 model is TP-split
                     if tp > 1 and p.dim() == 2 and not getattr(p, "tensor_model_parallel", False)]
         if unmarked:
@@ -236,12 +248,22 @@ class MegatronLearner(PolicyStep):
         """Log-probs and entropies `[1, L]` of a packed micro-batch."""
         input_ids, position_ids = mb.input_ids.to(self.device), mb.position_ids.to(self.device)
         targets = mb.targets[0].to(self.device)
+        length = input_ids.shape[1]
+        pad = -length % self.tp if self.sequence_parallel else 0
+        if pad:  # a pseudo-sequence of its own (positions restart at 0), cut off the outputs below
+            input_ids = torch.cat([input_ids, input_ids.new_zeros(1, pad)], dim=1)
+            position_ids = torch.cat([position_ids, torch.arange(pad, device=self.device)[None]], dim=1)
+            targets = torch.cat([targets, targets.new_zeros(pad)])
         if self.spec == "te":
             mask, packed = None, _packed_seq_params(position_ids, self.device)
         else:
             mask, packed = _block_causal_mask(position_ids), None
         with self._hidden_states_only():
             hidden = self.model(input_ids, position_ids, mask, packed_seq_params=packed)  # [L, 1, H]
+        if self.sequence_parallel:  # [L / tp, 1, H] -> [L, 1, H]; backward: reduce-scatter
+            from megatron.core.tensor_parallel import gather_from_sequence_parallel_region
+
+            hidden = gather_from_sequence_parallel_region(hidden, tensor_parallel_output_grad=True)
         out_dtype = self.gpt.output_layer.weight.dtype if self.gpt.output_layer.weight is not None \
             else self.gpt.shared_embedding_or_output_weight().dtype
         hidden = hidden.to(out_dtype)
@@ -254,7 +276,7 @@ class MegatronLearner(PolicyStep):
                 lp, ent = self._logprobs_entropy(hidden[piece], targets[piece])
             logprobs.append(lp)
             entropies.append(ent if need_entropy else ent.detach())
-        return torch.cat(logprobs)[None], torch.cat(entropies)[None]
+        return torch.cat(logprobs)[None, :length], torch.cat(entropies)[None, :length]
 
     # -- the step's hooks (justrl.learner.step.PolicyStep) -----------------------------------------
 
@@ -276,6 +298,12 @@ class MegatronLearner(PolicyStep):
     def _reduce_and_step(self, sums: torch.Tensor) -> tuple[torch.Tensor, float, bool]:
         from megatron.core import parallel_state as ps
 
+        if self.sequence_parallel:
+            # Under sequence parallelism each TP rank holds the norms' gradient of its slice of the
+            # sequence only: sum them over the TP group first (what Megatron's finalize_model_grads does).
+            from megatron.core.distributed.finalize_model_grads import _allreduce_non_tensor_model_parallel_grads
+
+            _allreduce_non_tensor_model_parallel_grads([self.model], self.gpt.config, self.tp_group)
         self.model.finish_grad_sync()  # reduce-scatter (sum) over the data-parallel ranks
         # The metric sums are summed over DP ranks (the TP ranks of a group hold the same values).
         sums_dev = sums.to(self.device)
