@@ -12,11 +12,18 @@ Sizes: head_dim 64 (vLLM's CPU attention needs >= 64), 2 layers, grouped-query a
 
 Warm start (format only). A randomly initialised model never writes "\\boxed{...}", so every
 reward would be -1 and GRPO would have nothing to learn from. The model is therefore first
-trained for `WARM_START_STEPS` supervised steps to answer the toy prompts with
-"\\boxed{k}<|im_end|>", where k is one of the numbers in the question, picked at random (a coin
-flip, whatever the right answer is): it learns the answer format, not the comparison. After the
-warm start the strict verifier accepts about half of the answers; everything above that is
-learnt by GRPO (benchmarks/tiny_learning.py).
+trained for `WARM_START_STEPS` supervised steps on the training prompts of justrl's two toy sets
+(justrl/data/toy.py), with answers that are unrelated to the problem:
+- "toy" prompts: "\\boxed{k}<|im_end|>", k one of the question's two numbers by a coin flip;
+- "toy_scratchpad" prompts (experiment=tiny): a scratchpad of 0 to MAX_SCRATCHPAD_GUESSES
+  guesses, each a coin flip between the two numbers ("7? 3? 3? "), uniform in number, then k
+  (a coin flip again, whatever the guesses were) in one of the toy set's surface forms with the
+  shares of `WARM_START_FORM_SHARES`: "\\boxed{7}" 40%, "\\boxed{7.0}", "\\boxed{\\frac{14}{2}}",
+  "\\boxed{\\text{7}}", "\\boxed{ 7 }" and "The answer is 7." 12% each.
+It learns the formats, the spread of scratchpad lengths and of surface forms, not the comparison:
+after the warm start about half of the values are right, and the strict `dapo` verifier accepts
+only the strict ones among them. Which number to write, in which form and after how long a
+scratchpad is left to GRPO (benchmarks/tiny_learning.py, benchmarks/tiny_ablations.py).
 """
 from __future__ import annotations
 
@@ -38,6 +45,14 @@ VOCAB_SIZE = 1024
 WARM_START_STEPS = 300
 WARM_START_BATCH = 32
 WARM_START_LR = 1e-3
+# Every WARM_START_TOY_EVERY-th warm-start batch holds "toy" rows, the others "toy_scratchpad"
+# rows: one task per batch, so that the short toy rows are not padded to scratchpad length.
+WARM_START_TOY_EVERY = 4
+# Surface forms of the toy_scratchpad answers (justrl.data.toy.ANSWER_FORMS) and their shares:
+# enough strict answers that `dapo` rewards some from the start, enough of the others that the
+# lenient verifier's verdicts differ from dapo's on about a third of the responses.
+WARM_START_FORM_SHARES = {"strict": 0.40, "decimal": 0.12, "fraction": 0.12, "text": 0.12, "spaced": 0.12,
+                          "unboxed": 0.12}
 ARCHITECTURE = dict(
     hidden_size=128,
     intermediate_size=256,
@@ -64,6 +79,7 @@ def _corpus(seed: int) -> list[str]:
         value = a + b if op == "+" else a - b if op == "-" else a * b
         lines.append(f"What is {a} {op} {b}?{BOXED_SUFFIX}")
         lines.append(f"Which number is larger, {a} or {b}?{BOXED_SUFFIX}")
+        lines.append(f"Think it over: which number is larger, {a} or {b}?{BOXED_SUFFIX}")
         lines.append(f"We compute {a} {op} {b} = {value}. The answer is \\boxed{{{value}}}.")
     lines += [
         "Let $x$ be a real number such that $x^2 + 2x + 1 = 0$. Find \\frac{1}{2} + \\sqrt{3}.",
@@ -90,28 +106,42 @@ def build_tokenizer(seed: int = 0):
     return fast
 
 
+def warm_start_target(problem: str, task: str, rng: random.Random) -> str:
+    """A warm-start answer to a toy prompt (see the module docstring): the format, not the value."""
+    from justrl.data.toy import MAX_SCRATCHPAD_GUESSES, TOY_SOURCE, scratchpad, write_answer
+
+    numbers = [int(x) for x in re.findall(r"\d+", problem)]
+    if task == TOY_SOURCE:
+        return f"\\boxed{{{rng.choice(numbers)}}}"
+    guesses = [rng.choice(numbers) for _ in range(rng.randint(0, MAX_SCRATCHPAD_GUESSES))]
+    form = rng.choices(list(WARM_START_FORM_SHARES), weights=list(WARM_START_FORM_SHARES.values()))[0]
+    return scratchpad(guesses) + write_answer(rng.choice(numbers), form)
+
+
 def warm_start(model, tokenizer, seed: int, steps: int = WARM_START_STEPS) -> float:
-    """Teach the answer format on the toy training prompts with answers unrelated to the problem.
+    """Teach the answer formats on the toy training prompts with answers unrelated to the problem.
 
     Returns the last step's loss. Deterministic for a given seed.
     """
     import torch
 
     from justrl.data.prompts import encode_prompt
-    from justrl.data.toy import toy_problems
+    from justrl.data.toy import SCRATCHPAD_SOURCE, TOY_SOURCE, toy_problems
 
     rng = random.Random(seed)
-    problems = toy_problems("train")
-    prompts = [(encode_prompt(tokenizer, p.problem), re.findall(r"\d+", p.problem)) for p in problems]
+    prompts = {task: [(encode_prompt(tokenizer, p.problem), p.problem) for p in toy_problems("train", task=task)]
+               for task in (TOY_SOURCE, SCRATCHPAD_SOURCE)}
     eos = tokenizer.convert_tokens_to_ids("<|im_end|>")
     optimizer = torch.optim.AdamW(model.parameters(), lr=WARM_START_LR, weight_decay=0.0)
     model.train()
     loss = torch.tensor(float("nan"))
-    for _ in range(steps):
+    for step in range(steps):
+        task = TOY_SOURCE if step % WARM_START_TOY_EVERY == WARM_START_TOY_EVERY - 1 else SCRATCHPAD_SOURCE
         rows, labels = [], []
         for _ in range(WARM_START_BATCH):
-            prompt, numbers = rng.choice(prompts)
-            answer = tokenizer(f"\\boxed{{{rng.choice(numbers)}}}", add_special_tokens=False)["input_ids"] + [eos]
+            prompt, problem = rng.choice(prompts[task])
+            target = warm_start_target(problem, task, rng)
+            answer = tokenizer(target, add_special_tokens=False)["input_ids"] + [eos]
             rows.append(prompt + answer)
             labels.append([-100] * len(prompt) + answer)
         width = max(map(len, rows))
@@ -132,6 +162,8 @@ def make_tiny_model(out_dir: str | Path, seed: int = 0, warm_start_steps: int = 
     warm-started on the answer format (see the module docstring; 0 steps: random weights)."""
     import torch
     from transformers import AutoTokenizer, GenerationConfig, Qwen2Config, Qwen2ForCausalLM
+
+    from justrl.data.toy import MAX_SCRATCHPAD_GUESSES
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -155,7 +187,10 @@ def make_tiny_model(out_dir: str | Path, seed: int = 0, warm_start_steps: int = 
     (out / "justrl_tiny.json").write_text(json.dumps({
         "seed": seed, "vocab_size": len(tokenizer),
         "warm_start": {"steps": warm_start_steps, "batch": WARM_START_BATCH, "lr": WARM_START_LR,
-                       "targets": "\\boxed{k} with k one of the question's numbers, picked at random",
+                       "toy_every": WARM_START_TOY_EVERY, "form_shares": WARM_START_FORM_SHARES,
+                       "targets": "toy: \\boxed{k}; toy_scratchpad: 0 to %d guesses, then k in one of the "
+                                  "forms (k and the guesses: coin flips between the question's numbers)"
+                                  % MAX_SCRATCHPAD_GUESSES,
                        "final_loss": final_loss}}) + "\n")
     return out
 

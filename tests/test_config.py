@@ -65,7 +65,7 @@ def test_every_group_option_composes(group, option):
     elif group == "model":
         assert cfg.model.name == expected_model[option]
     elif group == "experiment":
-        assert cfg.model.name == "tiny" and cfg.data.train_path == "toy"
+        assert cfg.model.name == "tiny" and cfg.data.train_path == "toy_scratchpad"
     assert cfg.model.path
 
 
@@ -86,7 +86,7 @@ def test_tiny_experiment_is_small_and_local():
     cfg = compose(["experiment=tiny"])
     assert cfg.model.name == "tiny" and cfg.model.build_tiny_if_missing
     assert cfg.cluster.name == "local" and cfg.cluster.gpus_per_node == 0
-    assert cfg.learner.name == "hf" and cfg.data.train_path == "toy"
+    assert cfg.learner.name == "hf" and cfg.data.train_path == "toy_scratchpad"
     # the recipe's algorithm is untouched; only sizes change
     assert (cfg.algorithm.clip_low, cfg.algorithm.clip_high, cfg.algorithm.clip_c) == (0.2, 0.28, 10.0)
 

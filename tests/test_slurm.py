@@ -89,7 +89,7 @@ def test_sbatch_train_runs_the_tiny_experiment(slurm, tiny_model_dir, tmp_path):
     run = tmp_path / "run"
     scalars = read_scalars(run / "tensorboard" / EVENT_FILE_NAME)
     assert [s for s, _ in scalars["reward/mean"]] == [1, 2, 3]
-    assert [s for s, _ in scalars["val/toy/accuracy"]] == [0, 2, 3]
+    assert [s for s, _ in scalars["val/toy_scratchpad/accuracy"]] == [0, 2, 3]
     assert (run / "checkpoints" / "latest").read_text().strip() == "step_000003"
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -127,17 +127,31 @@ def test_preempted_job_checkpoints_requeues_and_resumes(slurm, tiny_model_dir, t
     assert scalars["reward/errors"] and all(v == 0 for _, v in scalars["reward/errors"])  # no worker died of USR1
 
 
+SWEEP_STEPS = 10
+
+
+def _late(scalars: dict, tag: str, last: int = 3) -> float:
+    """Mean of `tag` over the last `last` steps (NaN ratios left out)."""
+    values = [v for _, v in scalars[tag][-last:] if v == v]
+    return sum(values) / len(values)
+
+
 def test_multirun_of_the_two_ablations_through_submitit(slurm, tiny_model_dir, tmp_path):
+    """The README's sweep on the local Slurm, and each knob acting on experiment=tiny's task: the
+    two runs draw the same first batch (same weights, same seeds); a few steps later the length
+    penalty has shortened the responses (against the lenient run, which has no penalty), and the
+    lenient run keeps the non-strict answers that the other run's strict verifier trains away."""
     sweep = tmp_path / "sweep"
     result = subprocess.run(
         [sys.executable, "-m", "justrl.launch", "-m", "experiment=tiny", "cluster=slurm", "cluster.nodes=1",
          "cluster.gpus_per_node=0", "cluster.learner_gpus=0", "cluster.cpus_per_task=1",
          "cluster.exclusive=false",  # the two 1-CPU jobs side by side on the 2-CPU node
-         f"model.path={tiny_model_dir}", "trainer.total_steps=2", "trainer.save_every=2", "trainer.val_every=0",
-         # short responses, so that the length penalty bites: it starts at 8 - 4 = 4 tokens
-         "rollout.max_response_length=8", "reward.overlong.buffer=4",
+         f"model.path={tiny_model_dir}", f"trainer.total_steps={SWEEP_STEPS}", f"trainer.save_every={SWEEP_STEPS}",
+         "trainer.val_every=0",
+         # experiment=tiny's own settings: after 10 steps, benchmarks/tiny_ablations.py's runs (the same
+         # seeds) had the penalty's responses at ~0.55 of the lenient run's length, strict shares 0.86 vs 0.64
          "ablation=length_penalty,lenient", f"hydra.sweep.dir={sweep}"],
-        cwd=REPO, capture_output=True, text=True, timeout=600)
+        cwd=REPO, capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stderr[-4000:]
     runs = {p.name: p for p in sweep.iterdir() if p.is_dir() and not p.name.startswith(".")}
     assert set(runs) == {"0-length_penalty", "1-lenient"}
@@ -147,13 +161,26 @@ def test_multirun_of_the_two_ablations_through_submitit(slurm, tiny_model_dir, t
 
     penalty = read_scalars(runs["0-length_penalty"] / "tensorboard")
     lenient = read_scalars(runs["1-lenient"] / "tensorboard")
-    assert [s for s, _ in penalty["reward/mean"]] == [1, 2] == [s for s, _ in lenient["reward/mean"]]
+    steps = list(range(1, SWEEP_STEPS + 1))
+    assert [s for s, _ in penalty["reward/mean"]] == steps == [s for s, _ in lenient["reward/mean"]]
     # the length-penalty run logs the penalty, and its reward is the verifier's plus the penalty
-    assert all(v < 0 for _, v in penalty["reward/overlong_penalty"])
+    assert penalty["reward/overlong_penalty"][0][1] < -0.05
     for (_, mean), (_, acc), (_, pen) in zip(penalty["reward/mean"], penalty["reward/accuracy"],
                                              penalty["reward/overlong_penalty"]):
         assert mean == pytest.approx(2 * acc - 1 + pen, abs=1e-6)
     assert "reward/overlong_penalty" not in lenient
+    # the same first batch in both runs: same weights and seeds, so the same responses; the
+    # verifiers already disagree on some of them (the non-strict surface forms)
+    for tag in ("response_length/mean", "reward/verifier_disagreement", "reward/strict_format"):
+        assert penalty[tag][0][1] == pytest.approx(lenient[tag][0][1]), tag
+    assert penalty["reward/verifier_disagreement"][0][1] > 0.05
+    # ...then each knob acts. The penalty shortens the responses (the lenient run, without it, is
+    # the control); the lenient verifier leaves the non-strict forms in place, which the strict
+    # verifier of the other run trains away, so the two verifiers go on disagreeing more there.
+    assert _late(penalty, "response_length/mean") < 0.8 * _late(lenient, "response_length/mean")
+    assert _late(penalty, "response_length/mean") < 0.8 * penalty["response_length/mean"][0][1]
+    assert _late(lenient, "reward/strict_format") < _late(penalty, "reward/strict_format") - 0.1
+    assert _late(lenient, "reward/verifier_disagreement") > _late(penalty, "reward/verifier_disagreement")
     for name, verifier, overlong in (("0-length_penalty", "dapo", "on (buffer 4"), ("1-lenient", "lenient", "off")):
         log = (runs[name] / "train.log").read_text()
         assert f"reward: verifier {verifier}; overlong penalty {overlong}" in log
@@ -163,7 +190,8 @@ def test_multirun_of_the_two_ablations_through_submitit(slurm, tiny_model_dir, t
     plot = subprocess.run([sys.executable, str(REPO / "tools" / "plot_runs.py"), str(sweep), "--out",
                            str(tmp_path / "sweep.png")], capture_output=True, text=True)
     assert plot.returncode == 0, plot.stderr
-    assert "0-length_penalty: actor/entropy 2 points" in plot.stdout and "1-lenient:" in plot.stdout
+    assert f"0-length_penalty: actor/entropy {SWEEP_STEPS} points" in plot.stdout and "1-lenient:" in plot.stdout
+    assert f"reward/strict_format {SWEEP_STEPS} points" in plot.stdout
 
 
 def test_launch_with_cluster_slurm_submits_one_job_through_submitit(slurm, tiny_model_dir, tmp_path):

@@ -18,7 +18,8 @@ pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[1]
 REQUIRED_TAGS = [
     "reward/mean", "reward/accuracy", "response_length/mean", "response_length/max", "response_length/clip_ratio",
-    "actor/entropy", "actor/pg_clipfrac", "actor/ppo_kl", "actor/grad_norm", "actor/lr", "val/toy/accuracy",
+    "actor/entropy", "actor/pg_clipfrac", "actor/ppo_kl", "actor/grad_norm", "actor/lr",
+    "val/toy_scratchpad/accuracy", "reward/verifier_disagreement", "reward/strict_format",
     "perf/time_rollout", "perf/time_reward", "perf/time_train", "perf/time_sync", "perf/tokens_per_second",
     "perf/total_tokens",
 ]
@@ -59,9 +60,9 @@ def test_tiny_run_end_to_end(tmp_path):
     steps = lambda tag: [s for s, _ in scalars[tag]]  # noqa: E731
     value = lambda tag: [v for _, v in scalars[tag]]  # noqa: E731
     assert steps("reward/mean") == [1, 2, 3]
-    assert steps("val/toy/accuracy") == [0, 2, 3]  # before training, every 2 steps, and at the end
+    assert steps("val/toy_scratchpad/accuracy") == [0, 2, 3]  # before training, every 2 steps, and at the end
     assert all(-1.0 <= v <= 1.0 for v in value("reward/mean"))
-    assert all(0.0 <= v <= 1.0 for v in value("reward/accuracy") + value("val/toy/accuracy"))
+    assert all(0.0 <= v <= 1.0 for v in value("reward/accuracy") + value("val/toy_scratchpad/accuracy"))
     # the strict verifier: reward = 2 * accuracy - 1 when there is no length penalty
     for mean, acc in zip(value("reward/mean"), value("reward/accuracy")):
         assert mean == pytest.approx(2 * acc - 1, abs=1e-6)
