@@ -13,7 +13,7 @@ same seed gives the same split, and the train and validation splits never share 
   of the surface forms below, so that
   * the length penalty has something to shorten: a scratchpad of 0 to MAX_SCRATCHPAD_GUESSES
     guesses puts responses between 6 and 47 tokens, across the overlong buffer of
-    experiment=tiny (the penalty starts at 32 of 64 tokens);
+    experiment=tiny (the penalty starts at 24 of 64 tokens);
   * the strict `dapo` verifier and the `lenient` one disagree: only "strict" is the ground
     truth's exact string; math-verify accepts every form with the right value (and even a bare
     last number, e.g. a scratchpad whose last guess is right). The evaluation grader, which
