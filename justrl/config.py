@@ -134,6 +134,7 @@ class ClusterConfig:
     engine_srun_args: list[str] = MISSING
     exclusive: bool = MISSING
     dist_timeout_s: int = MISSING
+    preflight: bool = MISSING
 
 
 @dataclass

@@ -201,6 +201,9 @@ def run_in_allocation(cfg: DictConfig) -> None:
     from justrl.trainer import train
 
     # -- the job starts here, on every task: the one place for checks before any training -------
+    from justrl.preflight import run_in_job
+
+    run_in_job(cfg)  # rank 0 runs justrl.preflight on every node; all tasks stop if it failed
     if init_distributed_from_slurm(cfg.cluster) is None:
         return
     nodes = allocation_nodes()

@@ -1,0 +1,224 @@
+"""justrl.preflight: each node's checks, the exchange through the shared output directory, the
+table, and failures that name the node and the check. The Slurm tests run it as a job step on the
+single-node Slurm (slurm/setup_local_slurm.sh): alone, and at the start of a train.sbatch job and
+of a submitit job, where a failed check ends the job before any learner starts."""
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+from safetensors import safe_open
+
+from justrl import preflight
+from justrl.config import compose
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = ["experiment=tiny", "trainer.total_steps=30", "trainer.save_every=10", "trainer.keep_checkpoints=2"]
+
+
+def _cfg(tmp_path, model_dir, *overrides):
+    return compose([*TINY, f"model.path={model_dir}", f"trainer.output_dir={tmp_path / 'run'}", *overrides])
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_one_node_passes_and_prints_the_table(random_tiny_model_dir, tmp_path, capsys):
+    cfg = _cfg(tmp_path, random_tiny_model_dir)
+    assert preflight.run_here(cfg) == 0
+    out = capsys.readouterr().out
+    row = [line for line in out.splitlines() if line.startswith(f"| {socket.gethostname()} |")]
+    assert len(row) == 1 and "FAIL" not in row[0]
+    versions = preflight.package_versions()
+    assert all(v for v in versions.values())
+    assert f"| {versions['torch']} | {versions['vllm']} | {versions['megatron-core']} | {versions['transformers']} |" \
+        in row[0]
+    # disk: (keep_checkpoints + 1) checkpoints of 16 bytes per parameter, parameters from the headers
+    with safe_open(str(random_tiny_model_dir / "model.safetensors"), "pt") as f:
+        params = sum(_numel(f.get_slice(k).get_shape()) for k in f.keys())
+    assert preflight.model_parameters(random_tiny_model_dir) == params
+    need = 3 * params * preflight.CHECKPOINT_BYTES_PER_PARAM
+    assert "for 3 checkpoints" in row[0] and preflight._size(need) in row[0]
+    assert out.strip().endswith("preflight: all checks passed on 1 node(s)")
+    assert (tmp_path / "run" / "preflight").is_dir()
+
+
+def _numel(shape) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n
+
+
+def test_missing_model_and_unwritable_output_name_node_and_check(tmp_path, capsys):
+    here = socket.gethostname()
+    cfg = _cfg(tmp_path, tmp_path / "no_model", "model.build_tiny_if_missing=false")
+    assert preflight.run_here(cfg) == 1
+    out = capsys.readouterr().out
+    assert f"preflight FAILED on node {here}: check model: model.path={tmp_path / 'no_model'}: no such directory" in out
+    assert f"preflight FAILED on node {here}: check tokenizer: no model directory" in out
+
+    (tmp_path / "a_file").write_text("")
+    cfg = compose([*TINY, f"trainer.output_dir={tmp_path / 'a_file' / 'run'}", "model.build_tiny_if_missing=true",
+                   f"model.path={tmp_path / 'built_later'}"])
+    assert preflight.run_here(cfg) == 1
+    out = capsys.readouterr().out
+    assert f"preflight FAILED on node {here}: check output_dir: {tmp_path / 'a_file' / 'run'} not writable: " \
+           f"NotADirectoryError" in out
+    assert "built at start-up (model.build_tiny_if_missing)" in out
+
+
+def _two_nodes(cfg, exchanges, rendezvous, wait_s=30.0):
+    """Two nodes' run_node in threads of this process, as two tasks of a step would run it."""
+    results, nodes = {}, ["node1", "node2"]
+
+    def node(name, exchange):
+        results[name] = preflight.run_node(cfg, nodes, name, exchange, rendezvous, wait_s)
+
+    threads = [threading.Thread(target=node, args=(n, e)) for n, e in zip(nodes, exchanges)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return results
+
+
+def test_two_nodes_exchange_through_the_shared_directory(random_tiny_model_dir, tmp_path, capsys):
+    cfg = _cfg(tmp_path, random_tiny_model_dir)
+    port = _free_port()
+    exchange = tmp_path / "run" / "preflight" / "job1-step0"
+    assert _two_nodes(cfg, [exchange, exchange], ("127.0.0.1", port)) == {"node1": 0, "node2": 0}
+    out = capsys.readouterr().out
+    rows = [line for line in out.splitlines() if line.startswith(("| node1 |", "| node2 |"))]
+    assert [r.split(" | ")[0] for r in rows] == ["| node1", "| node2"]
+    assert all(f"127.0.0.1:{port} reachable" in r and "sees all 2 nodes' files" in r for r in rows)
+    assert json.loads((exchange / "node2.b.json").read_text())["rendezvous_port"]["ok"]
+    assert (exchange / "table.md").read_text().startswith("justrl preflight: 2 node(s)")
+
+
+def test_a_node_that_does_not_share_the_directory_is_named(random_tiny_model_dir, tmp_path, capsys):
+    cfg = _cfg(tmp_path, random_tiny_model_dir)
+    shared, elsewhere = tmp_path / "run" / "preflight" / "x", tmp_path / "node2_local" / "preflight" / "x"
+    results = _two_nodes(cfg, [shared, elsewhere], None, wait_s=3.0)
+    assert results == {"node1": 1, "node2": 1}
+    captured = capsys.readouterr()
+    assert "preflight FAILED on node node1: check shared_dir: does not see the files of ['node2'] after 3 s" \
+        in captured.out
+    assert "preflight FAILED on node node2: check shared_dir: no result from this node" in captured.out
+    assert "preflight FAILED on node node2: check shared_dir: does not see the files of ['node1'] after 3 s" \
+        in captured.err
+
+
+def test_busy_rendezvous_and_engine_ports_fail(random_tiny_model_dir, tmp_path, capsys, monkeypatch):
+    from justrl.slurm import ENGINE_PORT_BASE
+
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1,2,3")
+    cfg = _cfg(tmp_path, random_tiny_model_dir, "cluster.gpus_per_node=4", "cluster.learner_gpus=2")
+    assert preflight.engine_ports_here(cfg, ["node1"], "node1") == [ENGINE_PORT_BASE, ENGINE_PORT_BASE + 1]
+    port = _free_port()
+    with socket.socket() as engine_port, socket.socket() as rendezvous:
+        try:
+            engine_port.bind(("", ENGINE_PORT_BASE))
+        except OSError:
+            pass  # already in use on this machine: busy all the same
+        rendezvous.bind(("", port))
+        rendezvous.listen(1)
+        status = preflight.run_node(cfg, ["node1"], "node1", tmp_path / "run" / "preflight" / "p", ("127.0.0.1", port),
+                                    5.0)
+    assert status == 1
+    out = capsys.readouterr().out
+    assert f"preflight FAILED on node node1: check engine_ports: in use: [{ENGINE_PORT_BASE}" in out
+    assert f"preflight FAILED on node node1: check rendezvous_port: cannot listen on {port}" in out
+    assert "| node1 | " in out and "0,1,2,3; free memory: none (no nvidia-smi)" in out
+
+
+def test_gpu_count_must_match_the_allocation(monkeypatch):
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1")
+    assert preflight.check_gpus(2)["ok"]
+    result = preflight.check_gpus(4)
+    assert not result["ok"] and "sees 2 GPU(s), cluster.gpus_per_node=4" in result["text"]
+
+
+# -- on the single-node Slurm --------------------------------------------------------------------
+
+def _slurm_up() -> bool:
+    return shutil.which("sbatch") is not None and subprocess.run(["sinfo", "-h"], capture_output=True).returncode == 0
+
+
+@pytest.fixture(scope="module")
+def slurm():
+    if not _slurm_up():
+        if os.environ.get("CI"):
+            pytest.fail("no Slurm running in CI: .ci/run should have started it (slurm/setup_local_slurm.sh)")
+        pytest.skip("no Slurm running here: start one with `bash slurm/setup_local_slurm.sh`")
+
+
+def _wait(job_id: str, timeout_s: float = 900) -> str:
+    deadline = time.monotonic() + timeout_s
+    while subprocess.run(["squeue", "-h", "-j", job_id], capture_output=True, text=True).stdout.strip():
+        if time.monotonic() > deadline:
+            subprocess.run(["scancel", job_id])
+            pytest.fail(f"job {job_id} still queued or running after {timeout_s} s")
+        time.sleep(2)
+    info = subprocess.run(["scontrol", "show", "job", job_id], capture_output=True, text=True).stdout
+    return info.split("JobState=", 1)[1].split()[0] if "JobState=" in info else "?"
+
+
+def _sbatch(tmp_path, *args) -> str:
+    env = dict(os.environ, JUSTRL_PYTHON=sys.executable)
+    return subprocess.run(["sbatch", "--parsable", f"--chdir={tmp_path}", *args], env=env, capture_output=True,
+                          text=True, check=True).stdout.strip().split(";")[0]
+
+
+@pytest.mark.slow
+def test_preflight_step_in_a_slurm_job(slurm, random_tiny_model_dir, tmp_path):
+    """Run by hand in an allocation (here: a batch job): one srun step, the table, exit 0."""
+    out = tmp_path / "job.out"
+    job = _sbatch(tmp_path, "-J", "justrl-preflight", "-c1", f"--output={out}", "--wrap",
+                  f"{sys.executable} -m justrl.preflight {' '.join(TINY)} cluster=slurm cluster.gpus_per_node=0 "
+                  f"cluster.learner_gpus=0 model.path={random_tiny_model_dir} trainer.output_dir={tmp_path / 'run'}")
+    assert _wait(job) == "COMPLETED", out.read_text()
+    text = out.read_text()
+    assert "preflight: all checks passed on 1 node(s)" in text
+    tables = list((tmp_path / "run" / "preflight").glob(f"job{job}-step*/table.md"))
+    assert len(tables) == 1 and tables[0].read_text().strip() in text
+
+
+@pytest.mark.slow
+def test_train_sbatch_stops_before_the_learner_when_a_check_fails(slurm, tmp_path):
+    out = tmp_path / "train.out"
+    run = tmp_path / "run"
+    job = _sbatch(tmp_path, "--nodes=1", "--gpus-per-node=0", "--cpus-per-task=2", f"--output={out}",
+                  str(REPO / "slurm" / "train.sbatch"), *TINY, f"model.path={tmp_path / 'no_model'}",
+                  "model.build_tiny_if_missing=false", f"trainer.output_dir={run}")
+    assert _wait(job) == "FAILED"
+    text = out.read_text()
+    assert f"check model: model.path={tmp_path / 'no_model'}: no such directory" in text
+    assert "preflight FAILED on node " in text
+    assert "justrl-learner: " not in text and not (run / "train.log").exists()  # no learner started
+
+
+@pytest.mark.slow
+def test_submitit_job_stops_when_a_check_fails(slurm, tmp_path):
+    run = tmp_path / "run"
+    result = subprocess.run(
+        [sys.executable, "-m", "justrl.launch", *TINY, "cluster=slurm", "cluster.nodes=1", "cluster.gpus_per_node=0",
+         "cluster.learner_gpus=0", "cluster.cpus_per_task=1", "cluster.exclusive=false",
+         f"model.path={tmp_path / 'no_model'}", "model.build_tiny_if_missing=false", f"trainer.output_dir={run}"],
+        cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    job = result.stdout.split("submitted Slurm job ", 1)[1].split(";")[0]
+    assert _wait(job) == "FAILED"
+    logs = "".join(p.read_text() for p in (run / "submitit").glob(f"{job}_*_log.*"))
+    assert f"check model: model.path={tmp_path / 'no_model'}: no such directory" in logs
+    assert "preflight failed (exit status 1)" in logs
+    assert not (run / "train.log").exists()
