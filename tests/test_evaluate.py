@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from omegaconf import OmegaConf
 
 from justrl.evaluation import SampleRecord, summarize
 
@@ -15,11 +16,14 @@ CPU_ENGINE = ("engine.dtype=float32", "engine.gpu_memory_utilization=0.3", "engi
               "max_new_tokens=32", "max_prompt_length=768")
 
 
-def evaluate(model_dir, out_dir, benchmark_dir, *overrides, timeout=600) -> subprocess.CompletedProcess:
+def evaluate(model_dir, out_dir, *overrides, timeout=600) -> subprocess.CompletedProcess:
+    """Run from the output's parent, outside the repository, with the default benchmark_dir: the
+    benchmarks shipped in the package must be found without the checkout's working directory."""
+    Path(out_dir).parent.mkdir(parents=True, exist_ok=True)
     result = subprocess.run(
         [sys.executable, "-m", "justrl.evaluate", f"model_path={model_dir}", f"output_dir={out_dir}",
-         f"benchmark_dir={benchmark_dir}", *CPU_ENGINE, *overrides],
-        cwd=REPO, capture_output=True, text=True, timeout=timeout)
+         *CPU_ENGINE, *overrides],
+        cwd=Path(out_dir).parent, capture_output=True, text=True, timeout=timeout)
     assert result.returncode == 0, result.stderr[-4000:]
     return result
 
@@ -46,7 +50,9 @@ def test_summary_numbers():
 @pytest.mark.slow
 def test_tiny_model_on_two_real_benchmarks(tiny_model_dir, benchmark_dir, tmp_path):
     out = tmp_path / "eval"
-    result = evaluate(tiny_model_dir, out, benchmark_dir, "benchmarks=[AIME24,BRUMO25]", "samples=2")
+    assert not tmp_path.is_relative_to(REPO)
+    result = evaluate(tiny_model_dir, out, "benchmarks=[AIME24,BRUMO25]", "samples=2")
+    assert Path(OmegaConf.load(out / "config.yaml").benchmark_dir) == benchmark_dir  # the packaged copy
     results = json.loads((out / "results.json").read_text())
     assert set(results["benchmarks"]) == {"AIME24", "BRUMO25"} and results["all_nine"] is False
     for name, problems in (("AIME24", 30), ("BRUMO25", 30)):  # veRL schema / plain schema
@@ -72,9 +78,9 @@ def test_tiny_model_on_two_real_benchmarks(tiny_model_dir, benchmark_dir, tmp_pa
 
 
 @pytest.mark.slow
-def test_interrupted_evaluation_resumes_without_regenerating(tiny_model_dir, benchmark_dir, tmp_path):
+def test_interrupted_evaluation_resumes_without_regenerating(tiny_model_dir, tmp_path):
     out = tmp_path / "eval"
-    evaluate(tiny_model_dir, out, benchmark_dir, "benchmarks=[AMC23]", "samples=3", "limit=4", "chunk_problems=2")
+    evaluate(tiny_model_dir, out, "benchmarks=[AMC23]", "samples=3", "limit=4", "chunk_problems=2")
     path = out / "AMC23.jsonl"
     records = lines(path)
     assert len(records) == 12
@@ -84,7 +90,7 @@ def test_interrupted_evaluation_resumes_without_regenerating(tiny_model_dir, ben
     kept = [r for r in records if not (r["problem_id"] == records[-1]["problem_id"] and r["sample"] == 2)]
     path.write_text("".join(json.dumps(r) + "\n" for r in kept) + '{"problem_id": "cut', encoding="utf-8")
 
-    result = evaluate(tiny_model_dir, out, benchmark_dir, "benchmarks=[AMC23]", "samples=3", "limit=8",
+    result = evaluate(tiny_model_dir, out, "benchmarks=[AMC23]", "samples=3", "limit=8",
                       "chunk_problems=2")
     assert "AMC23: 3 of 8 problems already done" in result.stderr
     after = lines(path)
@@ -97,11 +103,11 @@ def test_interrupted_evaluation_resumes_without_regenerating(tiny_model_dir, ben
 
 
 @pytest.mark.slow
-def test_judge_pass_is_named_and_records_verdicts(tiny_model_dir, benchmark_dir, tmp_path):
+def test_judge_pass_is_named_and_records_verdicts(tiny_model_dir, tmp_path):
     """The tiny model stands in for the judge (CompassVerifier-3B cannot be downloaded here): the
     pass runs, every rejected sample gets a verdict, and the results name the judge."""
     out = tmp_path / "eval"
-    evaluate(tiny_model_dir, out, benchmark_dir, "benchmarks=[AIME25]", "samples=2", "limit=3", "judge.enable=true",
+    evaluate(tiny_model_dir, out, "benchmarks=[AIME25]", "samples=2", "limit=3", "judge.enable=true",
              f"judge.model={tiny_model_dir}", "judge.dtype=float32")
     results = json.loads((out / "results.json").read_text())
     assert results["judge"] == str(tiny_model_dir) and "judge" in results["grader"]
