@@ -82,3 +82,73 @@ def test_packed_logprobs_equal_separate_forwards():
     with torch.no_grad():
         leaky = token_logprobs(model(input_ids=mb.input_ids, use_cache=False).logits.float(), mb.targets)[mb.mask.bool()]
     assert (leaky - packed).abs().max() > 1e-3
+
+
+def _small_qwen2(attn: str):
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    from justrl.learner import varlen_attention
+
+    varlen_attention.register()
+    torch.manual_seed(0)
+    return Qwen2ForCausalLM(Qwen2Config(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                        num_attention_heads=4, num_key_value_heads=2, head_dim=8,
+                                        attn_implementation=attn))
+
+
+@pytest.mark.parametrize("padded", [False, True])
+def test_varlen_attention_equals_the_block_mask_forward_and_backward(monkeypatch, padded):
+    """justrl_varlen (per-sequence or padded-batch SDPA, no L x L mask) gives the same logits and
+    the same gradients as transformers' sdpa path with the dense block-diagonal mask."""
+    from justrl.learner import varlen_attention
+
+    monkeypatch.setattr(varlen_attention, "padded_is_cheaper", lambda lengths: padded)
+    seqs = [Sequence((1, 2, 3, 4), (5, 6, 7), 1.0), Sequence((8, 9), (10, 11, 12, 13, 14, 15, 16), -1.0),
+            Sequence((14,), (15,), 0.0), Sequence((17, 18, 19), (20, 21, 22, 23, 24), 0.5)]
+    mb = build_micro_batch(seqs, pad_multiple=8)
+    results = []
+    for attn, kwargs in (("sdpa", {}), ("justrl_varlen", varlen_attention.varlen_kwargs(mb.position_ids))):
+        model = _small_qwen2(attn)
+        logits = model(input_ids=mb.input_ids, position_ids=mb.position_ids, use_cache=False, **kwargs).logits
+        lp = token_logprobs(logits.float(), mb.targets)
+        (lp * mb.mask).sum().backward()
+        results.append((lp.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}))
+    (ref_lp, ref_grads), (lp, grads) = results
+    torch.testing.assert_close(lp, ref_lp, rtol=0, atol=1e-5)
+    for name, grad in ref_grads.items():
+        torch.testing.assert_close(grads[name], grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_varlen_attention_never_builds_a_mask(monkeypatch):
+    """The L x L mask is never built: the attention function gets attention_mask=None and the
+    boundaries as cu_seq_lens_q."""
+    from justrl.learner import varlen_attention
+
+    seen = []
+    original = varlen_attention.varlen_sdpa_forward
+
+    def spy(module, query, key, value, attention_mask, **kwargs):
+        seen.append((attention_mask, kwargs["cu_seq_lens_q"].tolist()))
+        return original(module, query, key, value, attention_mask, **kwargs)
+
+    model = _small_qwen2("justrl_varlen")
+    from transformers import AttentionInterface
+    AttentionInterface.register("justrl_varlen", spy)
+    try:
+        mb = build_micro_batch([Sequence((1, 2), (3,), 0.0), Sequence((4,), (5, 6, 7), 0.0)])
+        model(input_ids=mb.input_ids, position_ids=mb.position_ids, use_cache=False,
+              **varlen_attention.varlen_kwargs(mb.position_ids))
+    finally:
+        varlen_attention.register()
+    assert seen == [(None, [0, 3, 7])] * 2  # both layers
+
+
+def test_padded_attention_is_chosen_by_cost():
+    from justrl.learner.varlen_attention import padded_is_cheaper
+
+    assert padded_is_cheaper([100] * 64)  # many equal short sequences: one call beats 64
+    assert not padded_is_cheaper([4000, 50, 50, 50])  # one long one: padding would cost 4 x 4000^2
+    assert not padded_is_cheaper([300])
+    with pytest.raises(ValueError, match="start at 0"):
+        from justrl.learner.varlen_attention import varlen_kwargs
+        varlen_kwargs(torch.tensor([[1, 2, 0]]))

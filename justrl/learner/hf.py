@@ -9,8 +9,20 @@ sharding), so rank 0 alone writes checkpoints and weight exports. The master wei
 optimizer state are float32; `learner.dtype=bfloat16` runs forward and backward under autocast.
 
 Logits are never materialised for a whole row: the final hidden states go through the output
-layer `LOGIT_CHUNK_TOKENS` positions at a time, under activation checkpointing, so a 32k-token
-micro-batch of a 152k-vocabulary model needs ~1 GiB of logits instead of ~19 GiB.
+layer `LOGIT_CHUNK_TOKENS` positions at a time, under activation checkpointing where the
+vocabulary is large (`CHECKPOINT_LOGIT_ELEMENTS`), so a 32k-token micro-batch of a
+152k-vocabulary model needs ~1 GiB of logits instead of ~19 GiB. In a training step they are
+computed at the response positions only (the prompt's never enter the loss). The output
+layer's GEMM runs in the compute dtype (bf16 on GPUs: a 151936 x 1536 fp32 GEMM without TF32 is
+~10x slower) and only the log-softmax is float32.
+
+Attention over a packed row never builds an L x L mask (`justrl.learner.varlen_attention`):
+FlashAttention-2 varlen where flash-attn is installed, else causal SDPA per sequence (or over the
+sequences padded into a batch, when cheaper).
+
+Gradients are summed over the data-parallel ranks in flat buckets of `GRAD_BUCKET_BYTES` (a few
+all-reduces per update instead of one per parameter), and the step's metric sums stay on the device
+until the update's single host sync.
 """
 from __future__ import annotations
 
@@ -25,19 +37,51 @@ import torch.distributed as dist
 from torch.utils.checkpoint import checkpoint
 
 from justrl.grpo import entropy_from_logits, token_logprobs
+from justrl.learner import varlen_attention
 from justrl.learner.packing import MicroBatch
 from justrl.learner.step import PolicyStep, constant_with_warmup
 
 # Positions whose logits are computed at once (2048 x 151936 float32 logits = 1.2 GiB).
 LOGIT_CHUNK_TOKENS = 2048
 OPTIMIZER_FILE = "optimizer.pt"
+# Above this many logits per chunk (vocabulary x LOGIT_CHUNK_TOKENS) they are recomputed in the
+# backward pass instead of kept (the 1.5B models' 152k vocabulary: yes; the tiny model's 1k: no).
+CHECKPOINT_LOGIT_ELEMENTS = 64 * 2**20
+# Gradient all-reduce bucket (torch DDP's default bucket is 25 MiB).
+GRAD_BUCKET_BYTES = 25 * 2**20
 
 
 def _logprobs_and_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
-                          temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-position log-prob of `targets` and entropy, for `hidden` `[N, H]`, in float32."""
-    logits = hidden.float() @ weight.float().t()
+                          temperature: float, dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-position log-prob of `targets` and entropy, for `hidden` `[N, H]`: the logits are
+    computed in `dtype` (the compute dtype), the log-softmax in float32."""
+    logits = (hidden.to(dtype) @ weight.to(dtype).t()).float()
     return token_logprobs(logits, targets, temperature), entropy_from_logits(logits, temperature)
+
+
+def _all_reduce_bucketed(tensors: list[torch.Tensor], bucket_bytes: int) -> None:
+    """Sum `tensors` over the ranks in place, copied into flat buckets of about `bucket_bytes`
+    per dtype (one collective per bucket; the idea is torch DDP's gradient bucketing)."""
+    bucket: list[torch.Tensor] = []
+    size = 0
+
+    def flush() -> None:
+        nonlocal bucket, size
+        if bucket:
+            flat = torch.cat([t.reshape(-1) for t in bucket])
+            dist.all_reduce(flat)
+            offset = 0
+            for t in bucket:
+                t.copy_(flat[offset:offset + t.numel()].view_as(t))
+                offset += t.numel()
+        bucket, size = [], 0
+
+    for t in tensors:
+        if bucket and (t.dtype != bucket[0].dtype or size + t.numel() * t.element_size() > bucket_bytes):
+            flush()
+        bucket.append(t)
+        size += t.numel() * t.element_size()
+    flush()
 
 
 class HFLearner(PolicyStep):
@@ -67,7 +111,10 @@ class HFLearner(PolicyStep):
         self.mini_batch_size = mini_batch_size
         self.temperature = temperature
         self.autocast_dtype = torch.bfloat16 if learner.dtype == "bfloat16" else None
-        self.model = AutoModelForCausalLM.from_pretrained(str(model_path), dtype=torch.float32).to(self.device)
+        self.compute_dtype = self.autocast_dtype or torch.float32
+        attention = varlen_attention.implementation(self.compute_dtype)
+        self.model = AutoModelForCausalLM.from_pretrained(str(model_path), dtype=torch.float32,
+                                                          attn_implementation=attention).to(self.device)
         if learner.gradient_checkpointing:
             self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         self.model.config.use_cache = False
@@ -77,30 +124,55 @@ class HFLearner(PolicyStep):
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, constant_with_warmup(optim.warmup_steps))
         self.grad_clip = optim.grad_clip
         self.consecutive_nonfinite = 0
+        self._response_only = False
 
     # -- forward ------------------------------------------------------------------------------
 
     def _forward(self, mb: MicroBatch, need_entropy: bool) -> tuple[torch.Tensor, torch.Tensor]:
-        """Log-probs and entropies `[1, L]` of a packed micro-batch (block-diagonal attention:
-        transformers derives it from position ids that restart at every sequence)."""
+        """Log-probs and entropies `[1, L]` of a packed micro-batch (each sequence attends to itself
+        only: the sequence boundaries, where the position ids restart at 0, go to the varlen
+        attention as `cu_seq_lens_q`)."""
         input_ids, position_ids = mb.input_ids.to(self.device), mb.position_ids.to(self.device)
         targets = mb.targets.to(self.device)
-        with torch.autocast(self.device.type, dtype=self.autocast_dtype or torch.float32,
-                            enabled=self.autocast_dtype is not None):
-            hidden = self.model.model(input_ids=input_ids, position_ids=position_ids,
-                                      use_cache=False).last_hidden_state[0]
+        with torch.autocast(self.device.type, dtype=self.compute_dtype, enabled=self.autocast_dtype is not None):
+            hidden = self.model.model(input_ids=input_ids, position_ids=position_ids, use_cache=False,
+                                      **varlen_attention.varlen_kwargs(mb.position_ids)).last_hidden_state[0]
         weight = self.model.get_output_embeddings().weight
+        targets = targets[0]
+        where = None
+        if self._response_only:
+            # In a training step only the response positions (mask 1) enter the loss and the
+            # metrics: the output layer, the log-softmax and the entropy skip the prompt's.
+            where = torch.nonzero(mb.mask[0]).flatten().to(self.device)
+            hidden, targets = hidden[where], targets[where]
+        # Checkpointing the chunk saves its logits' memory at the price of a second output-layer
+        # GEMM in the backward pass: only worth it where the logits are big (152k vocabulary).
+        remat = torch.is_grad_enabled() and LOGIT_CHUNK_TOKENS * weight.shape[0] > CHECKPOINT_LOGIT_ELEMENTS
         logprobs, entropies = [], []
         for start in range(0, hidden.shape[0], LOGIT_CHUNK_TOKENS):
             piece = slice(start, start + LOGIT_CHUNK_TOKENS)
-            if torch.is_grad_enabled():
-                lp, ent = checkpoint(_logprobs_and_entropy, hidden[piece], weight, targets[0, piece],
-                                     self.temperature, use_reentrant=False)
+            if remat:
+                lp, ent = checkpoint(_logprobs_and_entropy, hidden[piece], weight, targets[piece],
+                                     self.temperature, self.compute_dtype, use_reentrant=False)
             else:
-                lp, ent = _logprobs_and_entropy(hidden[piece], weight, targets[0, piece], self.temperature)
+                lp, ent = _logprobs_and_entropy(hidden[piece], weight, targets[piece], self.temperature,
+                                                self.compute_dtype)
             logprobs.append(lp)
             entropies.append(ent if need_entropy else ent.detach())
-        return torch.cat(logprobs)[None], torch.cat(entropies)[None]
+        logprobs, entropies = torch.cat(logprobs), torch.cat(entropies)
+        if where is not None:  # back to the row's positions; the prompt's hold 0 (mask 0)
+            length = mb.input_ids.shape[1]
+            logprobs = logprobs.new_zeros(length).index_copy(0, where, logprobs)
+            entropies = entropies.new_zeros(length).index_copy(0, where, entropies)
+        return logprobs[None], entropies[None]
+
+    def train_step(self, sequences):
+        """`PolicyStep.train_step`, with log-probs computed at response positions only."""
+        self._response_only = True
+        try:
+            return super().train_step(sequences)
+        finally:
+            self._response_only = False
 
     # -- the step's hooks (justrl.learner.step.PolicyStep) -----------------------------------------
 
@@ -124,13 +196,14 @@ class HFLearner(PolicyStep):
         for p in params:  # a rank with no sequences in this mini-batch still joins the all-reduce
             if p.grad is None:
                 p.grad = torch.zeros_like(p)
+        sums = sums.to(self.device)
         if self.world_size > 1:
-            for p in params:  # the loss is already divided by the global token count: sum
-                dist.all_reduce(p.grad)
-            sums_dev = sums.to(self.device)
-            dist.all_reduce(sums_dev)
-            sums = sums_dev.cpu()
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, self.grad_clip).item()
+            # the loss is already divided by the global token count: sum
+            _all_reduce_bucketed([p.grad for p in params], GRAD_BUCKET_BYTES)
+            dist.all_reduce(sums)
+        norm = torch.nn.utils.clip_grad_norm_(params, self.grad_clip)
+        sums = sums.cpu()  # the update's one host sync (with the norm's below)
+        grad_norm = norm.item()
         finite = math.isfinite(grad_norm) and math.isfinite(sums[0].item())
         if finite:
             self.optimizer.step()

@@ -70,7 +70,8 @@ class PolicyStep:
         with torch.no_grad():
             for plan in plans:
                 for micro in plan:
-                    micro.old_logprobs = self._forward(micro, need_entropy=False)[0].cpu()
+                    # kept on the device: no host sync per micro-batch
+                    micro.old_logprobs = self._forward(micro, need_entropy=False)[0]
         self.model.train()
 
         lr = self._current_lr()
@@ -96,9 +97,10 @@ class PolicyStep:
         return result
 
     def _update(self, plan: list[MicroBatch], num_tokens: int) -> dict[str, float]:
-        """One optimizer step on one mini-batch (this rank's micro-batches of it)."""
+        """One optimizer step on one mini-batch (this rank's micro-batches of it). The metric sums
+        stay on the device (no host sync per micro-batch); `_reduce_and_step` brings them back."""
         self._zero_grad()
-        sums = torch.zeros(len(SUMMED_METRICS), dtype=torch.float64)
+        sums = torch.zeros(len(SUMMED_METRICS), dtype=torch.float64, device=self.device)
         coef = self.algorithm.entropy_coef
         for micro in plan:
             logprobs, entropy = self._forward(micro, need_entropy=coef > 0)
@@ -111,7 +113,7 @@ class PolicyStep:
                 loss = loss - coef * entropy_term
             loss.backward()
             m["actor/entropy"] = entropy_term
-            sums += torch.tensor([m[name].item() for name in SUMMED_METRICS], dtype=torch.float64)
+            sums += torch.stack([m[name].detach().to(torch.float64) for name in SUMMED_METRICS])
         sums, grad_norm, finite = self._reduce_and_step(sums)
         self._count_nonfinite(finite, sums[0].item(), grad_norm)
         metrics = {name: value for name, value in zip(SUMMED_METRICS, sums.tolist())}
