@@ -261,6 +261,9 @@ class EngineSpec:
     """CPUs the job holds on `node`, all of them given to the (overlapping) engine step; 0: srun's default."""
     startup_timeout_s: float = 600.0
     request_timeout_s: float = 3600.0
+    cpu_ids: tuple[int, ...] = ()
+    """This machine's cores the engine's vLLM worker computes on (a local CPU engine; see
+    `engine_cpu_shares`); empty: vLLM's own choice."""
 
 
 class LocalEngine:
@@ -323,11 +326,43 @@ class LocalEngine:
     def alive(self) -> bool:
         return self.process is not None and self.process.poll() is None
 
+    def can_freeze(self) -> bool:
+        """Only a CPU engine on this machine competes with the learner for its cores."""
+        return self.spec.node is None and not self.spec.gpu_ids
+
+    def freeze(self) -> None:
+        """Stop the engine's processes (SIGSTOP) so that they use no CPU while the learner trains.
+
+        Why signals and not vLLM's endpoints: on the CPU build (0.32) `/sleep` is a no-op
+        (CPUWorker.sleep logs "sleep mode is not supported on CPU"), and `/pause` only holds the
+        scheduler, while the worker keeps spinning on its shared-memory queue for
+        `busy_loop_s` = 1 s after each read (vllm/distributed/device_communicators/shm_broadcast.py,
+        SpinCondition) and the API server's event loop keeps running. The guard process (the group
+        leader, see justrl.engine_guard) is left running, so that it still takes the engine down if
+        this process dies; SIGKILL ends stopped processes too."""
+        if self.can_freeze() and self.alive():
+            for pid in _group_members(self.process.pid):
+                if pid != self.process.pid:
+                    _signal(pid, signal.SIGSTOP)
+
+    def thaw(self) -> None:
+        """Continue a frozen engine (SIGCONT; harmless on a running one)."""
+        if self.can_freeze() and self.alive():
+            try:
+                os.killpg(self.process.pid, signal.SIGCONT)
+            except ProcessLookupError:
+                pass
+
+    def process_tree_cpu_seconds(self) -> float:
+        """User + system CPU seconds of the engine's processes (read from /proc/<pid>/stat)."""
+        return sum(_cpu_seconds(pid) for pid in _group_members(self.process.pid)) if self.process else 0.0
+
     def stop(self) -> None:
         if self.process is None:
             return
         try:
             os.killpg(self.process.pid, signal.SIGTERM)
+            os.killpg(self.process.pid, signal.SIGCONT)  # a frozen engine (see `freeze`) acts on it
             self.process.wait(timeout=20)
         except ProcessLookupError:
             pass
@@ -387,6 +422,15 @@ class RolloutFleet:
     def stop(self) -> None:
         for engine in self.engines:
             engine.stop()
+
+    def freeze(self) -> None:
+        """The local CPU engines stop using CPU until `thaw` (the learner trains meanwhile)."""
+        for engine in self.engines:
+            engine.freeze()
+
+    def thaw(self) -> None:
+        for engine in self.engines:
+            engine.thaw()
 
     def busy_seconds(self) -> list[float]:
         """Cumulative seconds each engine had at least one request outstanding (ongoing included)."""
