@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import socket
 import sys
 
@@ -125,6 +126,12 @@ def main(argv: list[str]) -> int:
         print(f"justrl.engine_launch: {exc}", file=sys.stderr, flush=True)
         return 3
     print(LOG_PREFIX + json.dumps(report, sort_keys=True), flush=True)
+    # Slurm signals every step of a job, not only the learner's: submitit's --signal=USR2@...,
+    # `scancel --signal=USR1` without --batch, pre-emption warnings. An engine step's server
+    # would die of them (the emulated cluster showed it: "task 0: User defined signal 1"); the
+    # training loop acts on them and stops the engines itself. Ignored dispositions survive exec.
+    for sig in (signal.SIGUSR1, signal.SIGUSR2):
+        signal.signal(sig, signal.SIG_IGN)
     cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", *args]
     os.execve(sys.executable, cmd, env)
     return 0  # not reached
