@@ -29,6 +29,7 @@ import random
 import shutil
 import signal
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -44,7 +45,7 @@ from justrl.learner import build_learner
 from justrl.learner.packing import Sequence
 from justrl.models import resolve_model_path
 from justrl.reward import ScorerPool, overlong_penalty
-from justrl.rollout import EngineSpec, LocalEngine, RolloutFleet, SamplingSettings
+from justrl.rollout import EngineSpec, LocalEngine, RolloutFleet, SamplingSettings, engine_cpu_shares
 from justrl.dist_groups import control_group
 from justrl.slurm import ENGINE_PORT_BASE, engine_step_cpus
 from justrl.tb import ScalarLog
@@ -159,10 +160,14 @@ class Controller:
                     gpu_memory_utilization=r.gpu_memory_utilization, cpu_kv_cache_gb=r.cpu_kv_cache_gb,
                     extra_args=tuple(r.engine_args), startup_timeout_s=r.startup_timeout_s,
                     request_timeout_s=r.request_timeout_s, srun_args=tuple(cfg.cluster.engine_srun_args))
+        # CPU engines on this machine: disjoint shares of its cores (justrl.rollout.engine_thread_env)
+        local_cpu = [i for i, (node, gpus) in enumerate(placements) if node is None and not gpus]
+        cpu_ids = dict(zip(local_cpu, engine_cpu_shares(len(local_cpu))))
         engines = [LocalEngine(f"engine{i}", EngineSpec(gpu_ids=tuple(gpus), node=node,
                                                         port=ENGINE_PORT_BASE + i if node else None,
                                                         node_gpus=cfg.cluster.gpus_per_node if node else 0,
-                                                        node_cpus=engine_step_cpus(node), **spec),
+                                                        node_cpus=engine_step_cpus(node),
+                                                        cpu_ids=cpu_ids.get(i, ()), **spec),
                                run.engine_logs / f"engine{i}.log")
                    for i, (node, gpus) in enumerate(placements)]
         self.fleet = RolloutFleet(engines, serve_dir, max_restarts=r.max_restarts)
@@ -335,7 +340,22 @@ def train(cfg: DictConfig, engine_placements: list[tuple[str | None, list[int]]]
         log.info("%s already holds step %d of trainer.total_steps=%d: nothing to do (raise "
                  "trainer.total_steps to train on)", resume, start_step, cfg.trainer.total_steps)
         return run.root
-    learner = build_learner(cfg, model_path, resume)
+    # Start-up overlap: a fresh run's engines serve the model directory itself, so rank 0 starts
+    # them (vLLM's server takes ~35 s on a CPU) while the learner builds and the data loads; a
+    # resumed run's engines wait for the learner's export of the checkpoint.
+    controller = engines_starting = None
+    placements = engine_placements or [(None, []) for _ in range(cfg.rollout.engines)]
+    if rank == 0 and not resume:
+        controller = Controller(cfg, run, tokenizer, Path(model_path), placements)
+        engines_starting = ThreadPoolExecutor(max_workers=1, thread_name_prefix="justrl-start")
+        engines_started = engines_starting.submit(controller.start)
+    try:
+        learner = build_learner(cfg, model_path, resume)
+    except BaseException:
+        if controller is not None:
+            engines_started.exception()  # let the start finish, then take the engines down
+            controller.close()
+        raise
     serve_dir = Path(model_path)  # what the engines load first
     if resume:
         learner.load_checkpoint(resume)
@@ -343,7 +363,7 @@ def train(cfg: DictConfig, engine_placements: list[tuple[str | None, list[int]]]
         serve_dir = learner.export_hf(export if rank == 0 else None, tokenizer, cfg.rollout.dtype)
     total_steps = cfg.trainer.total_steps
 
-    controller = sampler = tb = None
+    sampler = tb = None
     if rank == 0:
         problems, report = load_problems(cfg.data.train_path, cfg.data.problem_key, cfg.data.answer_key)
         log.info("training data: %s", report.summary())
@@ -363,9 +383,17 @@ def train(cfg: DictConfig, engine_placements: list[tuple[str | None, list[int]]]
         else:
             OmegaConf.save(cfg, run.root / RUN_CONFIG)
         tb = ScalarLog(run.tensorboard, resume_step=start_step if resume else None)
-        placements = engine_placements or [(None, []) for _ in range(cfg.rollout.engines)]
-        controller = Controller(cfg, run, tokenizer, serve_dir, placements)
-        controller.start()
+        if controller is None:
+            controller = Controller(cfg, run, tokenizer, serve_dir, placements)
+            controller.start()
+        else:
+            try:
+                engines_started.result()
+            except BaseException:
+                controller.close()
+                raise
+            finally:
+                engines_starting.shutdown()
     total_steps = _broadcast(total_steps)
 
     def save(step: int) -> None:
@@ -396,7 +424,16 @@ def train(cfg: DictConfig, engine_placements: list[tuple[str | None, list[int]]]
             sequences = _broadcast(sequences)
 
             t0 = time.perf_counter()
-            train_metrics = learner.train_step(sequences)
+            # This machine's CPU engines are frozen while the learner trains, so that they take
+            # none of its cores (RolloutFleet.freeze).
+            frozen = rank == 0
+            if frozen:
+                controller.fleet.freeze()
+            try:
+                train_metrics = learner.train_step(sequences)
+            finally:
+                if frozen:
+                    controller.fleet.thaw()
             t1 = time.perf_counter()
             weights = learner.export_hf(run.weights / ckpt.step_dir_name(step), tokenizer, cfg.rollout.dtype)
             if rank == 0:
