@@ -409,6 +409,8 @@ def run_in_step(cfg: DictConfig) -> int:
     """This task's part in the preflight step (one task per node)."""
     from justrl.slurm import allocation_nodes, learner_world_size, rendezvous_port
 
+    if os.environ.get("SLURM_LOCALID", "0") != "0":
+        return 0  # one task per node does the checks (srun asked for one; be safe if given more)
     nodes = allocation_nodes()
     here = os.environ.get("SLURMD_NODENAME", socket.gethostname())
     job, step = os.environ["SLURM_JOB_ID"], os.environ.get("SLURM_STEP_ID", "0")
