@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import logging
 import random
-import shutil
 import signal
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -49,6 +48,7 @@ from justrl.rollout import EngineSpec, LocalEngine, RolloutFleet, SamplingSettin
 from justrl.dist_groups import control_group
 from justrl.slurm import ENGINE_PORT_BASE, engine_step_cpus
 from justrl.tb import ScalarLog
+from justrl.weight_sync import WeightSync, engine_args_for
 
 log = logging.getLogger("justrl")
 STEP_LOGGER = "justrl.steps"
@@ -158,7 +158,8 @@ class Controller:
         spec = dict(max_model_len=cfg.data.max_prompt_length + max(r.max_response_length, r.val_max_new_tokens),
                     dtype=r.dtype, seed=cfg.trainer.seed, tensor_parallel_size=r.tensor_parallel_size,
                     gpu_memory_utilization=r.gpu_memory_utilization, cpu_kv_cache_gb=r.cpu_kv_cache_gb,
-                    extra_args=tuple(r.engine_args), startup_timeout_s=r.startup_timeout_s,
+                    extra_args=tuple(r.engine_args) + engine_args_for(r.weight_sync),
+                    startup_timeout_s=r.startup_timeout_s,
                     request_timeout_s=r.request_timeout_s, srun_args=tuple(cfg.cluster.engine_srun_args))
         # CPU engines on this machine: disjoint shares of its cores (justrl.rollout.engine_thread_env)
         local_cpu = [i for i, (node, gpus) in enumerate(placements) if node is None and not gpus]
@@ -170,7 +171,8 @@ class Controller:
                                                         cpu_ids=cpu_ids.get(i, ()), **spec),
                                run.engine_logs / f"engine{i}.log")
                    for i, (node, gpus) in enumerate(placements)]
-        self.fleet = RolloutFleet(engines, serve_dir, max_restarts=r.max_restarts)
+        self.fleet = RolloutFleet(engines, serve_dir, max_restarts=r.max_restarts,
+                                  max_requests_per_engine=r.max_requests_per_engine)
         self.scorer = ScorerPool(cfg.reward.verifier, cfg.reward.num_workers, cfg.reward.timeout_s)
         # The other training verifier scores every response too, for the log only: how often the
         # strict and the lenient verdicts differ (what the lenient ablation changes).
@@ -197,6 +199,9 @@ class Controller:
         cfg, n = self.cfg, self.cfg.rollout.n
         t0 = time.perf_counter()
         restarts_before = self.fleet.restarts
+        # Which step's weights generate this batch: read from what the engines serve now (the
+        # sync's check has verified they serve it), not from the loop's bookkeeping.
+        weights_step = _served_step(self.fleet.weights_dir, self.run.weights)
         completions = self.fleet.generate([list(p.token_ids) for p in prompts], self.train_settings,
                                           step_seeds(cfg.trainer.seed, step, len(prompts), n))
         t1 = time.perf_counter()
@@ -231,6 +236,7 @@ class Controller:
             "response_length/clip_ratio": sum(c.truncated for _, c in flat) / len(flat),
             "prompt_length/mean": sum(len(p.token_ids) for p in prompts) / len(prompts),
             "rollout/engine_restarts": float(self.fleet.restarts - restarts_before),
+            "rollout/weights_step": float(weights_step),
             "perf/time_rollout": t1 - t0,
             "perf/time_reward": t2 - t1,
         }
@@ -254,6 +260,15 @@ class Controller:
             metrics[f"val/{name}/accuracy"] = summary["avg"] / 100.0
             metrics[f"val/{name}/response_length"] = summary["mean_response_tokens"]
         return metrics
+
+
+def _served_step(weights_dir: Path, versions_root: Path) -> int:
+    """The training step whose weights `weights_dir` holds: N for <run>/weights/step_N, 0 for the
+    initial model."""
+    path = Path(weights_dir)
+    if path.parent == versions_root and path.name.startswith("step_") and path.name[5:].isdigit():
+        return int(path.name[5:])
+    return 0
 
 
 OTHER_VERIFIER = {"dapo": "lenient", "lenient": "dapo"}
@@ -356,11 +371,14 @@ def train(cfg: DictConfig, engine_placements: list[tuple[str | None, list[int]]]
             engines_started.exception()  # let the start finish, then take the engines down
             controller.close()
         raise
+    r = cfg.rollout
+    # The one owner of weight versions and the engines' copy of them (justrl/weight_sync.py).
+    weight_sync = WeightSync(run.weights, learner, tokenizer, r.dtype, transport=r.weight_sync,
+                             check=r.weight_check, tolerance=r.weight_check_tol, rank=rank)
     serve_dir = Path(model_path)  # what the engines load first
     if resume:
         learner.load_checkpoint(resume)
-        export = run.weights / ckpt.step_dir_name(start_step)
-        serve_dir = learner.export_hf(export if rank == 0 else None, tokenizer, cfg.rollout.dtype)
+        serve_dir = weight_sync.export(start_step)
     total_steps = cfg.trainer.total_steps
 
     sampler = tb = None
@@ -373,6 +391,7 @@ def train(cfg: DictConfig, engine_placements: list[tuple[str | None, list[int]]]
         if total_steps is None:
             total_steps = sampler.batches_per_epoch(cfg.algorithm.prompts_per_step)
         state = {"total_tokens": 0}
+        saved = {}
         if resume:
             saved = torch.load(resume / TRAINER_STATE, weights_only=False)
             sampler.load_state_dict(saved["sampler"])
@@ -394,19 +413,32 @@ def train(cfg: DictConfig, engine_placements: list[tuple[str | None, list[int]]]
                 raise
             finally:
                 engines_starting.shutdown()
+        weight_sync.fleet = controller.fleet
     total_steps = _broadcast(total_steps)
 
     def save(step: int) -> None:
         tmp = _broadcast(ckpt.begin_checkpoint(run.checkpoints, step) if rank == 0 else None)
         learner.save_checkpoint(tmp, tokenizer)  # every rank: the learner's part
         if rank == 0:
-            torch.save({"sampler": sampler.state_dict(), "rng": _rng_state(), "state": state}, tmp / TRAINER_STATE)
+            torch.save({"sampler": sampler.state_dict(), "rng": _rng_state(), "state": state,
+                        "rollout_ahead": ahead}, tmp / TRAINER_STATE)
             OmegaConf.save(cfg, tmp / RUN_CONFIG)
             path = ckpt.finish_checkpoint(run.checkpoints, step, cfg.trainer.keep_checkpoints)
             log.info("checkpoint %s", path)
         _barrier()
 
     # -- the loop -----------------------------------------------------------------------------------
+    # rollout.max_policy_lag=1 (rank 0): while the learner trains step k, a thread generates and
+    # scores step k+1's batch with the weights the engines serve (those of step k-1); the sync of
+    # step k waits for it. `ahead` holds that batch until its step; a checkpoint stores it, so a
+    # resumed run trains on the same batch (generated by the same older weights) as an
+    # uninterrupted one. The idea is veRL's one-step-off-policy and NeMo-RL's async GRPO; the
+    # learner recomputes the old log-probs either way, so the clipped ratio is taken against the
+    # weights that train, as in those.
+    lag = cfg.rollout.max_policy_lag
+    ahead = saved.get("rollout_ahead") if rank == 0 and resume else None
+    pending = None
+    ahead_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="justrl-ahead") if lag and rank == 0 else None
     progress = None
     try:
         if rank == 0:
@@ -415,18 +447,28 @@ def train(cfg: DictConfig, engine_placements: list[tuple[str | None, list[int]]]
             from tqdm import tqdm
             progress = tqdm(total=total_steps, initial=start_step, desc=cfg.trainer.run_name, unit="step",
                             dynamic_ncols=True)
+            idle_mark = (time.perf_counter(), controller.fleet.busy_seconds())
         for step in range(start_step + 1, total_steps + 1):
             t_step = time.perf_counter()
             sequences = metrics = None
+            learner_wait = 0.0
             if rank == 0:
-                batch = [prompts[i] for i in sampler.next_batch(cfg.algorithm.prompts_per_step)]
-                sequences, metrics = controller.rollout(batch, step)
+                if ahead is not None:  # generated while the previous step trained
+                    sequences, metrics = ahead
+                    ahead = None
+                else:
+                    batch = [prompts[i] for i in sampler.next_batch(cfg.algorithm.prompts_per_step)]
+                    sequences, metrics = controller.rollout(batch, step)
+                    learner_wait = time.perf_counter() - t_step
+                if lag and step < total_steps:
+                    batch = [prompts[i] for i in sampler.next_batch(cfg.algorithm.prompts_per_step)]
+                    pending = ahead_pool.submit(controller.rollout, batch, step + 1)
             sequences = _broadcast(sequences)
 
             t0 = time.perf_counter()
-            # This machine's CPU engines are frozen while the learner trains, so that they take
-            # none of its cores (RolloutFleet.freeze).
-            frozen = rank == 0
+            # On-policy (nothing generating meanwhile): this machine's CPU engines are frozen while
+            # the learner trains, so that they take none of its cores (RolloutFleet.freeze).
+            frozen = rank == 0 and pending is None
             if frozen:
                 controller.fleet.freeze()
             try:
@@ -435,24 +477,39 @@ def train(cfg: DictConfig, engine_placements: list[tuple[str | None, list[int]]]
                 if frozen:
                     controller.fleet.thaw()
             t1 = time.perf_counter()
-            weights = learner.export_hf(run.weights / ckpt.step_dir_name(step), tokenizer, cfg.rollout.dtype)
-            if rank == 0:
-                previous = controller.fleet.weights_dir
-                controller.fleet.load_weights(weights)
-                if previous.parent == run.weights:
-                    shutil.rmtree(previous, ignore_errors=True)
+
+            def wait_for_ahead() -> None:
+                """The engines finish the next step's batch with the old weights before they reload."""
+                nonlocal ahead, pending, learner_wait
+                t = time.perf_counter()
+                ahead = pending.result()
+                pending = None
+                learner_wait += time.perf_counter() - t
+
+            sync_metrics = weight_sync.sync(step, before_push=wait_for_ahead if pending is not None else None)
             t2 = time.perf_counter()
 
             if rank == 0:
                 step_tokens = sum(len(s) for s in sequences)
                 state["total_tokens"] += step_tokens
                 metrics.update(train_metrics)
+                metrics.update(sync_metrics)
+                now, busy = time.perf_counter(), controller.fleet.busy_seconds()
+                window = now - idle_mark[0]
+                busy_share = sum(b - a for a, b in zip(idle_mark[1], busy)) / (len(busy) * window)
+                idle_mark = (now, busy)
                 metrics.update({
                     "perf/time_train": t1 - t0,
                     "perf/time_sync": t2 - t1,
                     "perf/time_step": t2 - t_step,
                     "perf/tokens_per_second": step_tokens / (t2 - t_step),
                     "perf/total_tokens": float(state["total_tokens"]),
+                    # seconds the learner waited for rollouts this step (lag 1: only what the
+                    # overlap did not hide), and the share of the step the engines had nothing to do
+                    "perf/learner_wait_s": learner_wait,
+                    "perf/engine_idle_fraction": min(1.0, max(0.0, 1.0 - busy_share)),
+                    # how many steps older than the learner's the generating weights were
+                    "rollout/policy_lag": float(step - 1 - metrics["rollout/weights_step"]),
                 })
                 if cfg.trainer.val_every and (step % cfg.trainer.val_every == 0 or step == total_steps):
                     metrics.update(controller.validate(val_sets))
@@ -472,6 +529,9 @@ def train(cfg: DictConfig, engine_placements: list[tuple[str | None, list[int]]]
     finally:
         if progress is not None:
             progress.close()
+        if ahead_pool is not None:
+            ahead_pool.shutdown(wait=False, cancel_futures=True)
+        weight_sync.close()
         if controller is not None:
             controller.close()
         if tb is not None:
