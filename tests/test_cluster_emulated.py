@@ -1,0 +1,209 @@
+"""The three launch paths on an emulated 2-node x 4-GPU Slurm cluster (real Slurm, one network + UTS
+namespace per node, fake GPU device files: slurm/setup_emulated_cluster.sh), with CPU compute.
+
+The tiny experiment, placed as on a GPU cluster: cluster.learner_gpus=4 fills node 1 (4 learner ranks,
+gloo), and node 2's 4 GPUs serve 2 vLLM engines of rollout.tensor_parallel_size=2 (CPU build).
+Each test reads from the processes themselves (their `justrl-learner:` / `justrl-engine:` start-up
+lines) the learner's world size and where each rank ran, and that every engine ran on the planned
+node with exactly its planned GPUs, distinct from the others'.
+
+The model is the tiny one with random weights (what is checked is where things ran, not learning).
+
+Skipped where the emulated cluster is not running, except in CI (.ci/run starts it), where that
+is a failure. Start it with `bash slurm/setup_emulated_cluster.sh 2 4` (root).
+"""
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from justrl.tb import read_scalars
+
+pytestmark = pytest.mark.slow
+
+REPO = Path(__file__).resolve().parents[1]
+EMU_CONF = "/etc/slurm-emu/slurm.conf"
+GPUS = 4
+# Learner on the job's node 1 (all 4 GPUs), two TP=2 engines on its node 2 (by index in the job).
+PLANNED_ENGINES = {"engine0": (1, "0,1"), "engine1": (1, "2,3")}
+SHAPE = ["experiment=tiny", "cluster=slurm", "cluster.nodes=2", f"cluster.gpus_per_node={GPUS}",
+         "cluster.learner_gpus=4", "cluster.cpus_per_task=2", "rollout.tensor_parallel_size=2",
+         "trainer.val_every=0", "trainer.val_before_train=false"]
+
+
+def _emu_env() -> dict:
+    return dict(os.environ, SLURM_CONF=EMU_CONF, JUSTRL_PYTHON=sys.executable)
+
+
+def _emulated_cluster_problem() -> str | None:
+    if not Path(EMU_CONF).exists():
+        return f"{EMU_CONF} missing"
+    out = subprocess.run(["sinfo", "-h", "-N", "-o", "%N %G %T"], env=_emu_env(), capture_output=True, text=True)
+    if out.returncode:
+        return f"sinfo fails: {out.stderr.strip()}"
+    nodes = {line.split()[0]: line.split()[1:] for line in out.stdout.splitlines() if line.strip()}
+    usable = [n for n, (gres, state) in nodes.items()
+              if gres == f"gpu:{GPUS}" and state in ("idle", "mixed", "allocated", "completing")]
+    if len(usable) < 2:
+        return f"want 2 or more nodes with gpu:{GPUS}, sinfo says {out.stdout.strip()!r}"
+    return None
+
+
+@pytest.fixture(scope="module")
+def emu():
+    problem = _emulated_cluster_problem()
+    if problem:
+        if os.environ.get("CI"):
+            pytest.fail(f"the emulated cluster is not up in CI ({problem}): .ci/run should have started it "
+                        f"(bash slurm/setup_emulated_cluster.sh 2 4)")
+        pytest.skip(f"no emulated cluster here ({problem}): start it with `bash slurm/setup_emulated_cluster.sh 2 4`")
+    return _emu_env()
+
+
+def _scontrol(env: dict, job_id: str) -> str:
+    return subprocess.run(["scontrol", "show", "job", job_id], env=env, capture_output=True, text=True).stdout
+
+
+def _wait_done(env: dict, job_id: str, timeout_s: float, logs=lambda: "") -> str:
+    deadline = time.monotonic() + timeout_s
+    while subprocess.run(["squeue", "-h", "-j", job_id], env=env, capture_output=True, text=True).stdout.strip():
+        if time.monotonic() > deadline:
+            subprocess.run(["scancel", job_id], env=env)
+            pytest.fail(f"job {job_id} not done after {timeout_s:.0f}s\n{logs()}")
+        time.sleep(1)
+    info = _scontrol(env, job_id)
+    return info.split("JobState=", 1)[1].split()[0] if "JobState=" in info else "UNKNOWN"
+
+
+def _lines(text: str, prefix: str) -> list[dict]:
+    return [json.loads(m) for m in re.findall(rf"^{prefix}: (\{{.*\}})$", text, flags=re.M)]
+
+
+def _check_learner(text: str, job_id: str, env: dict, starts: int = 1) -> list[str]:
+    """World size 4 = cluster.learner_gpus, ranks 0-3 all on the job's node 1, each seeing the
+    node's GPUs; returns the job's nodes."""
+    ranks = [r for r in _lines(text, "justrl-learner") if r["slurm_job"] == job_id]
+    assert len(ranks) == 4 * starts, text[-3000:]
+    assert sorted(r["rank"] for r in ranks) == sorted(list(range(4)) * starts)
+    nodes = subprocess.run(["scontrol", "show", "hostnames", ranks[0]["job_nodelist"]], env=env, check=True,
+                           capture_output=True, text=True).stdout.split()
+    assert len(nodes) == 2, nodes
+    for r in ranks:
+        assert r["world_size"] == 4 and r["hostname"] == r["slurm_node"] == nodes[0]
+        assert r["cuda_visible_devices"] == "0,1,2,3" and r["local_rank"] == r["rank"]
+        assert "CPU over gloo" in r["compute"] and "torch.cuda is unavailable" in r["compute"]
+    return nodes
+
+
+def _check_engines(run: Path, job_id: str, nodes: list[str]) -> None:
+    """Each engine ran on its planned node with exactly its planned GPUs (as the server process
+    saw them), all distinct; the step itself was given all of the node's GPUs."""
+    seen = {}
+    for name, (node_index, gpus) in PLANNED_ENGINES.items():
+        node = nodes[node_index]
+        log = (run / "engines" / f"{name}.log").read_text(errors="replace")
+        starts = [s for s in _lines(log, "justrl-engine") if s["slurm_job"] == job_id]
+        assert starts, log[-3000:]
+        for s in starts:
+            assert (s["hostname"], s["slurm_node"], s["cuda_visible_devices"]) == (node, node, gpus), s
+            assert s["step_cuda_visible_devices"] == "0,1,2,3" and s["compute"] == "cpu"
+        seen[name] = (node, gpus)
+    assert len(set(seen.values())) == len(seen)
+    assert not (run / "engines" / "engine2.log").exists()  # no engine beside the learner
+
+
+def _sbatch_out(tmp_path: Path) -> str:
+    out = tmp_path / "slurm.out"
+    return out.read_text(errors="replace") if out.exists() else "(no job output)"
+
+
+@pytest.mark.timeout(3600)  # 2-node jobs with vLLM start-ups; slow on a shared 2-core machine
+def test_sbatch_two_nodes_preempted_requeued_resumed(emu, random_tiny_model_dir, tmp_path):
+    """`sbatch slurm/train.sbatch` on 2 x 4 GPUs: trains to the end through a USR1 pre-emption."""
+    run = tmp_path / "run"
+    job_id = subprocess.run(
+        ["sbatch", "--parsable", "--nodes=2", f"--gpus-per-node={GPUS}", "-J", "justrl-emu",
+         f"--output={tmp_path / 'slurm.out'}", str(REPO / "slurm" / "train.sbatch"),
+         *[a for a in SHAPE if not a.startswith(("cluster=", "cluster.nodes", "cluster.gpus_per_node"))],
+         f"model.path={random_tiny_model_dir}", "trainer.total_steps=4", "trainer.save_every=1",
+         f"trainer.output_dir={run}"],
+        cwd=REPO, env=emu, check=True, capture_output=True, text=True).stdout.strip().split(";")[0]
+    latest = run / "checkpoints" / "latest"
+    deadline = time.monotonic() + 1200  # generous: the 2-core machine may be shared
+    while not latest.exists():
+        if time.monotonic() > deadline:
+            subprocess.run(["scancel", job_id], env=emu)
+            pytest.fail(f"no checkpoint after 1200 s\n{_sbatch_out(tmp_path)[-4000:]}")
+        time.sleep(0.5)
+    subprocess.run(["scancel", "--signal=USR1", "--batch", job_id], env=emu, check=True)
+    assert _wait_done(emu, job_id, 1500, lambda: _sbatch_out(tmp_path)[-4000:]) == "COMPLETED", \
+        _sbatch_out(tmp_path)[-4000:]
+    assert "Restarts=1" in _scontrol(emu, job_id)
+    out = _sbatch_out(tmp_path)
+    assert f"requeueing job {job_id}" in out and f"justrl: job {job_id} (restart 1)" in out
+    assert "2 node(s) x 4 GPU(s); learner 1 node(s) x 4 task(s) x 2 CPU(s)" in out
+    _check_engines(run, job_id, _check_learner(out, job_id, emu, starts=2))
+    train_log = (run / "train.log").read_text()
+    # the engine steps outlived the signal (Slurm signals every step of the job): none restarted
+    assert "restarting it" not in train_log, train_log[-3000:]
+    stopped = int(train_log.split("stopped at step ", 1)[1].split()[0])
+    assert 1 <= stopped < 4 and f"(step {stopped})" in train_log.split("resuming from", 1)[1].split("\n")[0]
+    assert [s for s, _ in read_scalars(run / "tensorboard")["reward/mean"]] == list(range(1, 5))
+    assert latest.read_text().strip() == "step_000004"
+
+
+@pytest.mark.timeout(3600)  # 2-node jobs with vLLM start-ups; slow on a shared 2-core machine
+def test_launch_cluster_slurm_submitit_two_nodes(emu, random_tiny_model_dir, tmp_path):
+    """`python -m justrl.launch cluster=slurm ...` submits one 2-node job through submitit."""
+    run = tmp_path / "run"
+    result = subprocess.run(
+        [sys.executable, "-m", "justrl.launch", *SHAPE, f"model.path={random_tiny_model_dir}", "trainer.total_steps=2",
+         f"trainer.output_dir={run}"], cwd=REPO, env=emu, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-3000:]
+    job_id = result.stdout.split("submitted Slurm job ", 1)[1].split(";")[0]
+
+    def logs() -> str:
+        return "\n".join(p.read_text(errors="replace")[-3000:] for p in sorted((run / "submitit").glob("*_log.*")))
+
+    assert _wait_done(emu, job_id, 1500, logs) == "COMPLETED", logs()
+    # submitit's srun runs only the learner's tasks: 4 on the first node
+    assert sorted(p.name for p in (run / "submitit").glob(f"{job_id}_*_log.out")) == \
+        [f"{job_id}_{t}_log.out" for t in range(4)]
+    _check_engines(run, job_id, _check_learner(logs(), job_id, emu))
+    assert [s for s, _ in read_scalars(run / "tensorboard")["reward/mean"]] == [1, 2]
+
+
+@pytest.mark.timeout(3600)  # 2-node jobs with vLLM start-ups; slow on a shared 2-core machine
+def test_multirun_two_ablations_hydra_submitit_two_nodes(emu, random_tiny_model_dir, tmp_path):
+    """`-m ablation=length_penalty,lenient` through hydra-submitit-launcher: its srun starts
+    nodes x tasks_per_node = 8 tasks per job; the 4 on node 2 exit and the learner has 4 ranks."""
+    sweep = tmp_path / "sweep"
+    result = subprocess.run(
+        [sys.executable, "-m", "justrl.launch", "-m", *SHAPE, f"model.path={random_tiny_model_dir}",
+         "trainer.total_steps=1", "ablation=length_penalty,lenient", f"hydra.sweep.dir={sweep}"],
+        cwd=REPO, env=emu, capture_output=True, text=True, timeout=3000)
+    submitit_logs = "\n".join(p.read_text(errors="replace") for p in sorted((sweep / ".submitit").rglob("*_log.*")))
+    assert result.returncode == 0, result.stderr[-3000:] + submitit_logs[-3000:]
+    runs = {p.name: p for p in sweep.iterdir() if p.is_dir() and not p.name.startswith(".")}
+    assert set(runs) == {"0-length_penalty", "1-lenient"}
+    job_nodes = {}
+    for task_dir in sorted(p for p in (sweep / ".submitit").iterdir() if re.fullmatch(r"\d+_\d+", p.name)):
+        logs = "\n".join(p.read_text(errors="replace") for p in task_dir.glob("*_log.out"))
+        # a hydra-submitit job's SLURM_JOB_ID is the array task's own id; take it from the lines
+        learner = _lines(logs, "justrl-learner")
+        assert learner, logs[-3000:]
+        own_id = learner[0]["slurm_job"]
+        job_nodes[own_id] = _check_learner(logs, own_id, emu)
+        assert len(re.findall(r"is not a learner rank \(the learner has 4\): exiting", logs)) == 4, task_dir.name
+    assert len(job_nodes) == 2
+    for name, run in runs.items():
+        assert [s for s, _ in read_scalars(run / "tensorboard")["reward/mean"]] == [1], name
+        engine_job = _lines((run / "engines" / "engine0.log").read_text(), "justrl-engine")[0]["slurm_job"]
+        _check_engines(run, engine_job, job_nodes[engine_job])
+    assert "reward/overlong_penalty" in read_scalars(runs["0-length_penalty"] / "tensorboard")
+    assert "verifier lenient" in (runs["1-lenient"] / "train.log").read_text()
