@@ -84,36 +84,41 @@ def _lines(text: str, prefix: str) -> list[dict]:
     return [json.loads(m) for m in re.findall(rf"^{prefix}: (\{{.*\}})$", text, flags=re.M)]
 
 
-def _check_learner(text: str, job_id: str, env: dict, starts: int = 1) -> list[str]:
+def _check_learner(text: str, job_id: str, env: dict, starts: int = 1) -> list[list[str]]:
     """World size 4 = cluster.learner_gpus, ranks 0-3 all on the job's node 1, each seeing the
-    node's GPUs; returns the job's nodes."""
+    node's GPUs; returns the job's nodes of each start (a requeued job may land elsewhere)."""
     ranks = [r for r in _lines(text, "justrl-learner") if r["slurm_job"] == job_id]
     assert len(ranks) == 4 * starts, text[-3000:]
     assert sorted(r["rank"] for r in ranks) == sorted(list(range(4)) * starts)
-    nodes = subprocess.run(["scontrol", "show", "hostnames", ranks[0]["job_nodelist"]], env=env, check=True,
-                           capture_output=True, text=True).stdout.split()
-    assert len(nodes) == 2, nodes
+    allocations = []
+    for nodelist in sorted({r["job_nodelist"] for r in ranks}):
+        nodes = subprocess.run(["scontrol", "show", "hostnames", nodelist], env=env, check=True,
+                               capture_output=True, text=True).stdout.split()
+        assert len(nodes) == 2, nodes
+        allocations.append(nodes)
     for r in ranks:
+        nodes = next(n for n in allocations if r["hostname"] in n)
         assert r["world_size"] == 4 and r["hostname"] == r["slurm_node"] == nodes[0]
         assert r["cuda_visible_devices"] == "0,1,2,3" and r["local_rank"] == r["rank"]
         assert "CPU over gloo" in r["compute"] and "torch.cuda is unavailable" in r["compute"]
-    return nodes
+    return allocations
 
 
-def _check_engines(run: Path, job_id: str, nodes: list[str]) -> None:
-    """Each engine ran on its planned node with exactly its planned GPUs (as the server process
-    saw them), all distinct; the step itself was given all of the node's GPUs."""
-    seen = {}
+def _check_engines(run: Path, job_id: str, allocations: list[list[str]]) -> None:
+    """Each engine ran on its planned node (of the allocation it started in) with exactly its
+    planned GPUs (as the server process saw them), all distinct; the step itself was given all
+    of the node's GPUs."""
+    seen = set()
     for name, (node_index, gpus) in PLANNED_ENGINES.items():
-        node = nodes[node_index]
         log = (run / "engines" / f"{name}.log").read_text(errors="replace")
         starts = [s for s in _lines(log, "justrl-engine") if s["slurm_job"] == job_id]
         assert starts, log[-3000:]
         for s in starts:
-            assert (s["hostname"], s["slurm_node"], s["cuda_visible_devices"]) == (node, node, gpus), s
+            assert s["hostname"] in [nodes[node_index] for nodes in allocations], (s, allocations)
+            assert s["slurm_node"] == s["hostname"] and s["cuda_visible_devices"] == gpus, s
             assert s["step_cuda_visible_devices"] == "0,1,2,3" and s["compute"] == "cpu"
-        seen[name] = (node, gpus)
-    assert len(set(seen.values())) == len(seen)
+            seen.add((name, s["hostname"], gpus))
+    assert len({(host, gpus) for _, host, gpus in seen}) == len(seen)
     assert not (run / "engines" / "engine2.log").exists()  # no engine beside the learner
 
 
