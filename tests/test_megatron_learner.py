@@ -76,10 +76,10 @@ def test_vocab_parallel_logprobs_and_entropy_equal_the_gathered_ones(tmp_path):
     for rank in range(2):
         got = torch.load(tmp_path / f"vp.{rank}")
         torch.testing.assert_close(got["lp"], lp.detach(), rtol=0, atol=1e-6)
-        # float32 entropy (~0.6): the order of the sum over 32 columns alone moves it by up to ~2e-6 on
+        # float32 entropy (~0.6) and its gradient: the order of the sum over 32 columns alone moves it by up to ~2e-6 on
         # some CPUs (seen on an AVX-512 VM, 2026-11-22)
         torch.testing.assert_close(got["ent"], ent.detach(), rtol=0, atol=4e-6)
-        torch.testing.assert_close(got["grad"], logits.grad[:, rank * 16:(rank + 1) * 16], rtol=0, atol=1e-6)
+        torch.testing.assert_close(got["grad"], logits.grad[:, rank * 16:(rank + 1) * 16], rtol=0, atol=4e-6)
     assert torch.all(logits.grad[:, 30:] == 0)
 
 
