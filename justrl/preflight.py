@@ -220,9 +220,18 @@ def engine_ports_here(cfg: DictConfig, nodes: list[str], here: str) -> list[int]
             if p.node == here and p.gpu_ids]
 
 
+# A requeued job may start while the previous attempt's engines on the same node are still
+# shutting down (vLLM takes seconds to exit after SIGTERM): busy engine ports are retried this long.
+PORT_GRACE_S = 120.0
+
+
 def local_checks(cfg: DictConfig, nodes: list[str], here: str) -> dict:
     ports = engine_ports_here(cfg, nodes, here)
+    deadline = time.monotonic() + PORT_GRACE_S
     busy = [p for p in ports if not port_free(p)]
+    while busy and time.monotonic() < deadline:
+        time.sleep(1)
+        busy = [p for p in busy if not port_free(p)]
     engine_ports = (_fail(f"in use: {busy}") if busy else _ok(f"{ports[0]}-{ports[-1]} free" if ports else "none here"))
     model_dir, model = _model_dir(cfg.model)
     return {"gpus": check_gpus(cfg.cluster.gpus_per_node), "engine_ports": engine_ports, "model": model,
@@ -414,7 +423,10 @@ def run_in_step(cfg: DictConfig) -> int:
     nodes = allocation_nodes()
     here = os.environ.get("SLURMD_NODENAME", socket.gethostname())
     job, step = os.environ["SLURM_JOB_ID"], os.environ.get("SLURM_STEP_ID", "0")
-    exchange = Path(cfg.trainer.output_dir).absolute() / "preflight" / f"job{job}-step{step}"
+    # A requeued job keeps its id and numbers its steps from 0 again: the restart count keeps the
+    # attempts apart (a stale file of the previous attempt would pass for a node's answer).
+    restart = os.environ.get("SLURM_RESTART_COUNT", "0")
+    exchange = Path(cfg.trainer.output_dir).absolute() / "preflight" / f"job{job}-r{restart}-step{step}"
     rendezvous = (nodes[0], rendezvous_port(job)) if learner_world_size(cfg.cluster) > 1 else None
     return run_node(cfg, nodes, here, exchange, rendezvous, _wait_s())
 

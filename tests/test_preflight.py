@@ -122,6 +122,7 @@ def test_busy_rendezvous_and_engine_ports_fail(random_tiny_model_dir, tmp_path, 
     from justrl.slurm import ENGINE_PORT_BASE
 
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1,2,3")
+    monkeypatch.setattr(preflight, "PORT_GRACE_S", 2.0)  # a port that stays busy is retried, then fails
     cfg = _cfg(tmp_path, random_tiny_model_dir, "cluster.gpus_per_node=4", "cluster.learner_gpus=2")
     assert preflight.engine_ports_here(cfg, ["node1"], "node1") == [ENGINE_PORT_BASE, ENGINE_PORT_BASE + 1]
     port = _free_port()
