@@ -190,7 +190,7 @@ def test_preflight_step_in_a_slurm_job(slurm, random_tiny_model_dir, tmp_path):
     assert _wait(job) == "COMPLETED", out.read_text()
     text = out.read_text()
     assert "preflight: all checks passed on 1 node(s)" in text
-    tables = list((tmp_path / "run" / "preflight").glob(f"job{job}-step*/table.md"))
+    tables = list((tmp_path / "run" / "preflight").glob(f"job{job}-r*-step*/table.md"))
     assert len(tables) == 1 and tables[0].read_text().strip() in text
 
 
