@@ -6,8 +6,9 @@ development endpoints on (`VLLM_SERVER_DEV_MODE=1`). The controller talks to it 
 - `POST /v1/completions` with `prompt` = token ids and `return_token_ids` = true: one request per
   prompt asking for n samples with a per-prompt seed; back come the response token ids (the EOS
   token included when the model stopped) and `finish_reason` ("length": cut at the limit).
-- `POST /collective_rpc` `reload_weights(weights_path=<dir of safetensors>)`: vLLM reloads the
-  weights in place (no restart, no re-allocation of the KV cache), then `POST /reset_prefix_cache`
+- `POST /collective_rpc` `justrl_reload_weights(weights_path=<dir of safetensors>)`: vLLM's
+  `reload_weights` plus the repair of tied output layers (justrl.vllm_worker): the weights in place
+  (no restart, no re-allocation of the KV cache), then `POST /reset_prefix_cache`
   so that no KV block computed with the old weights is reused. This is the portable weight sync:
   the learner writes HF safetensors to the run directory on a filesystem every engine sees.
   vLLM's NCCL weight transfer (`/init_weight_transfer_engine`, `/update_weights`) is the fast path
@@ -44,6 +45,8 @@ from justrl.engine_launch import CPU_ENGINE_ARGS  # noqa: F401
 log = logging.getLogger(__name__)
 
 SERVED_MODEL_NAME = "policy"
+# Mixed into every engine's vLLM worker; the file weight sync calls its justrl_reload_weights.
+WORKER_EXTENSION = "justrl.vllm_worker.ReloadExtension"
 # Concurrent HTTP requests per engine: enough to keep vLLM's scheduler full (it batches them).
 MAX_IN_FLIGHT_PER_ENGINE = 256
 # Lines of an engine's log quoted in an error message.
@@ -139,7 +142,7 @@ class EngineClient:
 
     def load_weights(self, weights_dir: str | Path) -> None:
         """Reload the model's weights in place from a directory of HF safetensors."""
-        self._post("/collective_rpc", {"method": "reload_weights",
+        self._post("/collective_rpc", {"method": "justrl_reload_weights",
                                        "kwargs": {"weights_path": str(Path(weights_dir).resolve())}})
         self._post("/reset_prefix_cache")
 
@@ -296,7 +299,8 @@ class LocalEngine:
                "--host", "0.0.0.0" if spec.node else "127.0.0.1", "--port", str(port), "--dtype", spec.dtype,
                "--max-model-len", str(spec.max_model_len), "--seed", str(spec.seed),
                "--tensor-parallel-size", str(spec.tensor_parallel_size),
-               "--gpu-memory-utilization", str(spec.gpu_memory_utilization), *spec.extra_args]
+               "--gpu-memory-utilization", str(spec.gpu_memory_utilization),
+               "--worker-extension-cls", WORKER_EXTENSION, *spec.extra_args]
         env = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}  # see engine_thread_env
         env.update(VLLM_SERVER_DEV_MODE="1", **engine_thread_env(spec))
         if spec.node:

@@ -19,11 +19,6 @@ pytestmark = pytest.mark.slow
 OVERRIDES = ("rollout.max_policy_lag=1", "trainer.total_steps=5", "trainer.save_every=2", "trainer.val_every=0")
 
 
-# Not yet green: on 2026-11-22 (idle 2-core VM) this failed, and there was no time left in the session to
-# find out why; the lag bookkeeping asserted first or the kill -9/resume equality after it. Kept, not
-# strict, so a fix shows as XPASS; the README does not claim overlap resume as tested.
-@pytest.mark.xfail(reason="max_policy_lag=1 kill -9/resume: failed once on 2026-11-22, cause not yet found "
-                          "(issue 13 stays open)", strict=False)
 def test_one_step_overlap_generates_with_older_weights_and_resumes(tiny_model_dir, tmp_path):
     straight = tmp_path / "straight"
     run_launch(launch_cmd(straight, tiny_model_dir, *OVERRIDES))
