@@ -1,5 +1,5 @@
 """`python -m justrl.launch experiment=tiny` end to end: real vLLM engine, real learner, real files;
-then a run killed with SIGKILL after its first checkpoint, relaunched, ends where an uninterrupted
+then a run killed with SIGKILL after its first checkpoint, relaunched, ends where the uninterrupted
 run ends."""
 import os
 import signal
@@ -42,16 +42,27 @@ def load_weights(hf_dir: Path) -> dict[str, torch.Tensor]:
     return load_file(hf_dir / "model.safetensors")
 
 
-def test_tiny_run_end_to_end(tmp_path):
-    """A newcomer's first run: the tiny model is built because it is missing, three steps train,
-    everything lands in the run directory."""
+STEPS = 4
+OVERRIDES = (f"trainer.total_steps={STEPS}", "trainer.save_every=2", "trainer.val_every=2")
+
+
+@pytest.fixture(scope="module")
+def straight(tmp_path_factory):
+    """A newcomer's first run, uninterrupted: the tiny model is built because it is missing, four
+    steps train. Both tests below read it (one launch fewer in CI)."""
+    root = tmp_path_factory.mktemp("straight")
+    run, model_dir = root / "run", root / "models" / "tiny"
+    result = run_launch(launch_cmd(run, model_dir, *OVERRIDES))
+    return run, model_dir, result
+
+
+def test_tiny_run_end_to_end(straight):
+    """Everything of the first run lands in the run directory."""
     from transformers import AutoModelForCausalLM
 
-    run, model_dir = tmp_path / "run", tmp_path / "models" / "tiny"
-    result = run_launch(launch_cmd(run, model_dir, "trainer.total_steps=3", "trainer.save_every=2",
-                                   "trainer.val_every=2"))
+    run, model_dir, result = straight
     assert (model_dir / "config.json").is_file() and (model_dir / "justrl_tiny.json").is_file()
-    assert "3/3" in result.stderr  # the progress bar reached the end
+    assert f"{STEPS}/{STEPS}" in result.stderr  # the progress bar reached the end
 
     assert [p.name for p in (run / "tensorboard").iterdir()] == [EVENT_FILE_NAME]
     scalars = read_scalars(run / "tensorboard")
@@ -59,64 +70,63 @@ def test_tiny_run_end_to_end(tmp_path):
         assert tag in scalars, tag
     steps = lambda tag: [s for s, _ in scalars[tag]]  # noqa: E731
     value = lambda tag: [v for _, v in scalars[tag]]  # noqa: E731
-    assert steps("reward/mean") == [1, 2, 3]
-    assert steps("val/toy_scratchpad/accuracy") == [0, 2, 3]  # before training, every 2 steps, and at the end
+    assert steps("reward/mean") == [1, 2, 3, 4]
+    assert steps("val/toy_scratchpad/accuracy") == [0, 2, 4]  # before training, every 2 steps (the last one)
     assert all(-1.0 <= v <= 1.0 for v in value("reward/mean"))
     assert all(0.0 <= v <= 1.0 for v in value("reward/accuracy") + value("val/toy_scratchpad/accuracy"))
     # the strict verifier: reward = 2 * accuracy - 1 when there is no length penalty
     for mean, acc in zip(value("reward/mean"), value("reward/accuracy")):
         assert mean == pytest.approx(2 * acc - 1, abs=1e-6)
     assert all(1 <= v <= 64 for v in value("response_length/max"))  # rollout.max_response_length
-    assert value("actor/lr") == pytest.approx([0.0, 5e-5, 1e-4])  # lr 1e-4, warm-up over 2 steps
+    assert value("actor/lr") == pytest.approx([0.0, 5e-5, 1e-4, 1e-4])  # lr 1e-4, warm-up over 2 steps
     totals = value("perf/total_tokens")
-    assert totals[0] > 0 and totals == sorted(totals) and len(set(totals)) == 3
+    assert totals[0] > 0 and totals == sorted(totals) and len(set(totals)) == STEPS
     assert all(v > 0 for v in value("perf/tokens_per_second"))
 
     ckpts = run / "checkpoints"
-    assert (ckpts / "latest").read_text().strip() == "step_000003"
-    assert sorted(p.name for p in ckpts.iterdir()) == ["latest", "step_000002", "step_000003"]
+    assert (ckpts / "latest").read_text().strip() == "step_000004"
+    assert sorted(p.name for p in ckpts.iterdir()) == ["latest", "step_000002", "step_000004"]
     for name in ("hf/config.json", "hf/model.safetensors", "hf/tokenizer.json", "optimizer.pt",
                  "trainer_state.pt", "config.yaml", "COMPLETE"):
-        assert (ckpts / "step_000003" / name).is_file(), name
-    exported = AutoModelForCausalLM.from_pretrained(ckpts / "step_000003" / "hf")
+        assert (ckpts / "step_000004" / name).is_file(), name
+    exported = AutoModelForCausalLM.from_pretrained(ckpts / "step_000004" / "hf")
     initial = AutoModelForCausalLM.from_pretrained(model_dir)
     moved = [k for k, v in exported.state_dict().items() if not torch.equal(v, initial.state_dict()[k])]
-    assert moved, "three steps with lr > 0 changed no weight"
+    assert moved, "four steps with lr > 0 changed no weight"
     assert (run / "engines" / "engine0.log").read_text().count("starting engine0") == 1
-    assert "step 3/3" in (run / "train.log").read_text()
+    assert f"step {STEPS}/{STEPS}" in (run / "train.log").read_text()
     assert not list((run / "weights").glob("*.tmp"))
     assert len(list((run / "weights").iterdir())) == 1  # only the weights the engine serves are kept
 
 
-def test_killed_run_resumes_and_matches_an_uninterrupted_one(tiny_model_dir, tmp_path):
-    overrides = ("trainer.total_steps=6", "trainer.save_every=2", "trainer.val_every=0")
-    straight = tmp_path / "straight"
-    run_launch(launch_cmd(straight, tiny_model_dir, *overrides))
-
+def test_killed_run_resumes_and_matches_an_uninterrupted_one(straight, tmp_path):
+    straight_run, model_dir, _ = straight
     resumed = tmp_path / "resumed"
-    cmd = launch_cmd(resumed, tiny_model_dir, *overrides)
+    cmd = launch_cmd(resumed, model_dir, *OVERRIDES)
     with open(tmp_path / "first_attempt.log", "w") as out:
         proc = subprocess.Popen(cmd, cwd=REPO, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
         deadline = time.monotonic() + 400
         while not (resumed / "checkpoints" / "latest").exists():
             assert proc.poll() is None, (tmp_path / "first_attempt.log").read_text()[-3000:]
             assert time.monotonic() < deadline
-            time.sleep(0.1)
+            time.sleep(0.05)
         os.killpg(proc.pid, signal.SIGKILL)  # the whole job: controller, engine, reward workers
         proc.wait()
     killed_at = int((resumed / "checkpoints" / "latest").read_text().strip().removeprefix("step_"))
-    assert killed_at < 6, "the first attempt finished before it was killed: test is void"
+    assert killed_at < STEPS, "the first attempt finished before it was killed: test is void"
 
     run_launch(cmd)
     log = (resumed / "train.log").read_text()
     assert f"resuming from {resumed / 'checkpoints' / f'step_{killed_at:06d}'} (step {killed_at})" in log
 
-    a, b = read_scalars(straight / "tensorboard"), read_scalars(resumed / "tensorboard")
+    a, b = read_scalars(straight_run / "tensorboard"), read_scalars(resumed / "tensorboard")
     for tag in ("reward/mean", "prompt_length/mean", "response_length/mean", "actor/pg_loss", "actor/lr"):
-        assert [s for s, _ in b[tag]] == [1, 2, 3, 4, 5, 6], tag  # each step once, none lost
+        assert [s for s, _ in b[tag]] == list(range(1, STEPS + 1)), tag  # each step once, none lost
         assert [v for _, v in b[tag]] == pytest.approx([v for _, v in a[tag]], rel=1e-5, abs=1e-7), tag
-    wa = load_weights(straight / "checkpoints" / "step_000006" / "hf")
-    wb = load_weights(resumed / "checkpoints" / "step_000006" / "hf")
+    tag = "val/toy_scratchpad/accuracy"  # the evaluation after the resume sees the same weights
+    assert b[tag][-1] == pytest.approx(a[tag][-1], rel=1e-5)
+    wa = load_weights(straight_run / "checkpoints" / f"step_{STEPS:06d}" / "hf")
+    wb = load_weights(resumed / "checkpoints" / f"step_{STEPS:06d}" / "hf")
     assert wa.keys() == wb.keys()
     for key in wa:
         torch.testing.assert_close(wb[key], wa[key], rtol=0, atol=1e-6, msg=key)
