@@ -26,7 +26,8 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from justrl.rollout import EngineSpec, LocalEngine, RolloutFleet, SamplingSettings
+from justrl.engines import EngineSpec, EngineProcess, SamplingSettings
+from justrl.rollout import RolloutFleet
 from justrl.tiny_model import make_tiny_model
 
 N = 4
@@ -61,7 +62,7 @@ def main() -> None:
     spec = EngineSpec(max_model_len=512, dtype="float32", seed=0, gpu_memory_utilization=0.3,
                       extra_args=("--max-num-seqs", str(MAX_NUM_SEQS)), startup_timeout_s=600,
                       request_timeout_s=600)
-    fleet = RolloutFleet([LocalEngine(f"engine{i}", spec, work / f"engine{i}.log") for i in range(2)], model,
+    fleet = RolloutFleet([EngineProcess(f"engine{i}", spec, work / f"engine{i}.log") for i in range(2)], model,
                          max_requests_per_engine=MAX_NUM_SEQS // N)
     t = time.perf_counter()
     fleet.start()

@@ -66,7 +66,7 @@ def write_random_model(out: Path) -> None:
 def make_step(tokens: int, seed: int = 0):
     """GRPO groups of 8 (advantages summing to 0) of 1k-8k-token responses, about `tokens` in all,
     trimmed to a multiple of 8 sequences."""
-    from justrl.learner.packing import Sequence
+    from justrl.grpo import Sequence
 
     rng = random.Random(seed)
     seqs: list[Sequence] = []
@@ -127,7 +127,7 @@ def main() -> None:
 
     import torch.distributed as dist
 
-    from justrl.rollout import free_port
+    from justrl.placement import free_port
 
     torch.cuda.set_device(0)
     dist.init_process_group("nccl", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1,

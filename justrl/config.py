@@ -76,9 +76,7 @@ class AlgorithmConfig:
     clip_low: float = MISSING
     clip_high: float = MISSING
     clip_c: float = MISSING
-    loss_agg: str = MISSING
     adv_eps: float = MISSING
-    kl_coef: float = MISSING
     entropy_coef: float = MISSING
 
 
@@ -264,11 +262,7 @@ def validate(cfg: DictConfig) -> None:
     _check(e, 0 <= a.clip_low < 1, "algorithm.clip_low", "must be in [0, 1)", a.clip_low)
     _check(e, a.clip_high >= 0, "algorithm.clip_high", "must be >= 0", a.clip_high)
     _check(e, a.clip_c > 1, "algorithm.clip_c", "must be > 1 (dual-clip constant)", a.clip_c)
-    _check(e, a.loss_agg == "token-mean", "algorithm.loss_agg", "only 'token-mean' (the recipe) is implemented",
-           a.loss_agg)
     _check(e, a.adv_eps > 0, "algorithm.adv_eps", "must be > 0", a.adv_eps)
-    _check(e, a.kl_coef == 0, "algorithm.kl_coef",
-           "must be 0: the recipe has no KL term and justrl keeps no reference model", a.kl_coef)
     _check(e, a.entropy_coef >= 0, "algorithm.entropy_coef", "must be >= 0", a.entropy_coef)
 
     o = c.optim

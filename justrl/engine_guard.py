@@ -6,7 +6,7 @@ A controller killed with SIGKILL runs no cleanup, and a vLLM server started in a
 own would outlive it, holding memory and a port. The guard leads the server's process group
 (justrl starts it with a new session), checks every second that the watched process is alive,
 and when it is not, stops the whole group: SIGTERM, then SIGKILL after `GRACE_S`. A SIGTERM sent
-to the group (LocalEngine.stop) reaches the server directly; the guard then waits for the server
+to the group (EngineProcess.stop) reaches the server directly; the guard then waits for the server
 to exit before exiting itself, so that "stopped" means the memory is free again.
 """
 from __future__ import annotations

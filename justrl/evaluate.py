@@ -106,26 +106,6 @@ def check(cfg: DictConfig) -> None:
         raise ConfigError("invalid evaluation configuration:\n  " + "\n  ".join(errors))
 
 
-def resolve_eval_model(path: str) -> Path:
-    """An HF directory for `model_path=`: a run directory (latest checkpoint), a checkpoint, an HF
-    directory, or a hub id (downloaded)."""
-    from justrl import checkpoint as ckpt
-    from justrl.models import resolve_model_path
-
-    p = Path(path)
-    if (p / "checkpoints").is_dir():
-        latest = ckpt.latest_checkpoint(p / "checkpoints")
-        if latest is None:
-            raise ConfigError(f"model_path={path}: a run directory without a complete checkpoint")
-        p = latest
-    if (p / ckpt.COMPLETE).is_file():
-        p = p / "hf"
-    if p.is_dir() and not (p / "config.json").is_file():
-        raise ConfigError(f"model_path={path}: not a HF model directory, checkpoint or run directory "
-                          f"(no config.json in {p})")
-    return resolve_model_path(OmegaConf.create({"path": str(p), "build_tiny_if_missing": False}))
-
-
 def default_name(model: str, model_dir: Path) -> str:
     """`<run>-step_N` for a run or checkpoint, the last path component otherwise."""
     if model_dir.name == "hf" and (model_dir.parent / "COMPLETE").is_file():
@@ -193,7 +173,10 @@ def run_evaluation(cfg: DictConfig) -> dict:
     from justrl.data import BENCHMARKS, build_prompts, load_benchmark
     from justrl.evaluation import EvalItem, problem_seed, sample_and_grade, summarize
     from justrl.reward import ScorerPool
-    from justrl.rollout import EngineSpec, LocalEngine, RolloutFleet, SamplingSettings
+    from justrl.engines import EngineSpec, SamplingSettings, build_engines
+    from justrl.models import resolve_eval_model
+    from justrl.placement import EnginePlacement, gpu_groups
+    from justrl.rollout import RolloutFleet
 
     transformers.utils.logging.disable_progress_bar()
     check(cfg)
@@ -205,14 +188,13 @@ def run_evaluation(cfg: DictConfig) -> dict:
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
 
     tp = cfg.engine.tensor_parallel_size
-    gpu_sets = ([list(range(i, i + tp)) for i in range(0, cfg.engine.gpus - tp + 1, tp)] if cfg.engine.gpus
-                else [[] for _ in range(cfg.engine.count)])
-    spec = dict(max_model_len=cfg.max_prompt_length + cfg.max_new_tokens, dtype=cfg.engine.dtype, seed=cfg.seed,
-                tensor_parallel_size=tp, gpu_memory_utilization=cfg.engine.gpu_memory_utilization,
-                cpu_kv_cache_gb=cfg.engine.cpu_kv_cache_gb, extra_args=tuple(cfg.engine.engine_args),
-                startup_timeout_s=cfg.engine.startup_timeout_s, request_timeout_s=cfg.engine.request_timeout_s)
-    engines = [LocalEngine(f"engine{i}", EngineSpec(gpu_ids=tuple(g), **spec), out_dir / "engines" / f"engine{i}.log")
-               for i, g in enumerate(gpu_sets)]
+    placements = ([EnginePlacement(None, g) for g in gpu_groups(list(range(cfg.engine.gpus)), tp)] if cfg.engine.gpus
+                  else [EnginePlacement(None) for _ in range(cfg.engine.count)])
+    spec = EngineSpec(max_model_len=cfg.max_prompt_length + cfg.max_new_tokens, dtype=cfg.engine.dtype, seed=cfg.seed,
+                      tensor_parallel_size=tp, gpu_memory_utilization=cfg.engine.gpu_memory_utilization,
+                      cpu_kv_cache_gb=cfg.engine.cpu_kv_cache_gb, extra_args=tuple(cfg.engine.engine_args),
+                      startup_timeout_s=cfg.engine.startup_timeout_s, request_timeout_s=cfg.engine.request_timeout_s)
+    engines = build_engines(placements, spec, out_dir / "engines")
     fleet = RolloutFleet(engines, model_dir)
     grader = ScorerPool("grader", cfg.grader.num_workers, cfg.grader.timeout_s)
     all_records: dict[str, list[list]] = {}
@@ -283,7 +265,7 @@ def run_evaluation(cfg: DictConfig) -> dict:
 
 @hydra.main(config_path="pkg://justrl.hydra_conf", config_name="evaluate", version_base=None)
 def main(cfg: DictConfig) -> None:
-    from justrl.rollout import EngineError
+    from justrl.engines import EngineError
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     OmegaConf.resolve(cfg)

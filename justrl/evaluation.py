@@ -9,7 +9,8 @@ import random
 from dataclasses import asdict, dataclass
 
 from justrl.grading import extract_answer
-from justrl.rollout import RolloutFleet, SamplingSettings
+from justrl.engines import SamplingSettings
+from justrl.rollout import RolloutFleet
 
 
 @dataclass

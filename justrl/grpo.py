@@ -23,11 +23,26 @@ Where this module departs from the reference, on purpose:
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 # exp() of a log-ratio beyond this overflows nothing but makes the ratio meaningless; the
 # reference clamps log(pi/pi_old) to [-20, 20] before exponentiating, and so do we.
 MAX_LOG_RATIO = 20.0
+
+
+@dataclass(frozen=True)
+class Sequence:
+    """One prompt + response of the step, with its GRPO advantage: what the rollout produces and
+    the learner trains on."""
+
+    prompt_ids: tuple[int, ...]
+    response_ids: tuple[int, ...]
+    advantage: float
+
+    def __len__(self) -> int:
+        return len(self.prompt_ids) + len(self.response_ids)
 
 
 def group_advantages(rewards: torch.Tensor, group_ids: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:

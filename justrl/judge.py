@@ -32,8 +32,10 @@ def judge_rejected(cfg: DictConfig, records: dict[str, list[list]], questions: d
     """Set `judge` on every rejected, not yet judged sample; returns how many were judged."""
     from transformers import AutoTokenizer
 
-    from justrl.evaluate import resolve_eval_model
-    from justrl.rollout import EngineSpec, LocalEngine, RolloutFleet, SamplingSettings
+    from justrl.engines import EngineSpec, SamplingSettings, build_engines
+    from justrl.models import resolve_eval_model
+    from justrl.placement import EnginePlacement
+    from justrl.rollout import RolloutFleet
 
     pending = [(bench, r) for bench, groups in records.items() for g in groups for r in g
                if not r.correct and r.judge is None]
@@ -50,10 +52,11 @@ def judge_rejected(cfg: DictConfig, records: dict[str, list[list]], questions: d
         prompts.append(tokenizer(rendered, add_special_tokens=False)["input_ids"])
     longest = max(len(p) for p in prompts)
     spec = EngineSpec(max_model_len=longest + cfg.judge.max_new_tokens, dtype=cfg.judge.dtype, seed=cfg.seed,
-                      gpu_ids=tuple(range(cfg.engine.gpus and 1)), gpu_memory_utilization=cfg.engine.gpu_memory_utilization,
+                      gpu_memory_utilization=cfg.engine.gpu_memory_utilization,
                       cpu_kv_cache_gb=cfg.engine.cpu_kv_cache_gb, startup_timeout_s=cfg.engine.startup_timeout_s,
                       request_timeout_s=cfg.engine.request_timeout_s)
-    fleet = RolloutFleet([LocalEngine("judge", spec, out_dir / "engines" / "judge.log")], model_dir)
+    placement = EnginePlacement(None, tuple(range(cfg.engine.gpus and 1)))  # one GPU, or the CPU
+    fleet = RolloutFleet(build_engines([placement], spec, out_dir / "engines", names=["judge"]), model_dir)
     greedy = SamplingSettings(n=1, temperature=0.0, top_p=1.0, top_k=-1, max_tokens=cfg.judge.max_new_tokens)
     try:
         fleet.start()

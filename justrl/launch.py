@@ -28,23 +28,11 @@ from justrl.config import ConfigError, validate
 log = logging.getLogger("justrl")
 
 
-def local_placements(cluster, rollout) -> list[tuple[None, list[int]]] | None:
-    """(None, GPU ids) of each engine on this machine: the GPUs after the learner's,
-    `rollout.tensor_parallel_size` per engine. None on a CPU machine (gpus_per_node = 0)."""
-    if cluster.gpus_per_node == 0:
-        return None
-    free = list(range(cluster.learner_gpus, cluster.gpus_per_node))
-    tp = rollout.tensor_parallel_size
-    if len(free) < tp:
-        raise ConfigError(f"cluster.learner_gpus={cluster.learner_gpus} of gpus_per_node={cluster.gpus_per_node} "
-                          f"leaves {len(free)} GPUs for rollouts; rollout.tensor_parallel_size={tp} needs more")
-    return [(None, free[i:i + tp]) for i in range(0, len(free) - tp + 1, tp)]
-
-
-def _rank_main(rank: int, world_size: int, cfg_yaml: str, port: int, gpus) -> None:
+def _rank_main(rank: int, world_size: int, cfg_yaml: str, port: int, placements) -> None:
     from justrl import dist_groups
     from justrl.engine_launch import visible_devices
-    from justrl.slurm import learner_device_index, report_learner_rank
+    from justrl.placement import learner_device_index
+    from justrl.slurm import report_learner_rank
 
     cfg = OmegaConf.create(cfg_yaml)
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world_size),
@@ -58,24 +46,24 @@ def _rank_main(rank: int, world_size: int, cfg_yaml: str, port: int, gpus) -> No
     try:
         from justrl.trainer import train
 
-        train(cfg, gpus)
+        train(cfg, placements)
     finally:
         dist_groups.destroy()
 
 
 def launch_local(cfg: DictConfig) -> None:
     """Run the loop on this machine: in this process (one rank) or one process per learner GPU."""
-    from justrl.rollout import free_port
+    from justrl.placement import free_port, local_placements
     from justrl.trainer import train
 
-    gpus = local_placements(cfg.cluster, cfg.rollout)
+    placements = local_placements(cfg.cluster, cfg.rollout)
     world_size = max(1, cfg.cluster.learner_gpus)
     if world_size == 1:
-        train(cfg, gpus)
+        train(cfg, placements)
         return
     import torch.multiprocessing as mp
 
-    mp.spawn(_rank_main, args=(world_size, OmegaConf.to_yaml(cfg), free_port(), gpus), nprocs=world_size)
+    mp.spawn(_rank_main, args=(world_size, OmegaConf.to_yaml(cfg), free_port(), placements), nprocs=world_size)
 
 
 def _sweep_run_dir(cfg: DictConfig) -> DictConfig:
@@ -96,8 +84,9 @@ def main(cfg: DictConfig) -> None:
     """cluster=local: run here. cluster=slurm: inside a job's task (train.sbatch, submitit,
     hydra-submitit-launcher), run the loop; on a login node, submit the job with submitit."""
     from justrl.learner import NonFiniteError
-    from justrl.rollout import EngineError
-    from justrl.slurm import in_slurm_task, run_in_allocation, submit
+    from justrl.engines import EngineError
+    from justrl.placement import in_slurm_task
+    from justrl.slurm import run_in_allocation, submit
 
     OmegaConf.resolve(cfg)
     try:

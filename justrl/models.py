@@ -1,4 +1,5 @@
-"""Where the policy's weights come from: a local HF directory, a hub id, or the tiny model."""
+"""Where a model's weights come from: a local HF directory, a hub id, or the tiny model (training);
+a run directory, a checkpoint, an HF directory or a hub id (evaluation and the judge)."""
 from __future__ import annotations
 
 import logging
@@ -41,3 +42,24 @@ def resolve_model_path(model, build: bool = True) -> Path:
             raise ConfigError(f"model.path={model.path}: not a local directory, and fetching it from the HF hub "
                               f"failed ({type(exc).__name__}: {exc})") from exc
     raise ConfigError(f"model.path={model.path}: no such directory")
+
+
+def resolve_eval_model(path: str) -> Path:
+    """An HF directory for `model_path=`: a run directory (latest checkpoint), a checkpoint, an HF
+    directory, or a hub id (downloaded)."""
+    from omegaconf import OmegaConf
+
+    from justrl import checkpoint as ckpt
+
+    p = Path(path)
+    if (p / "checkpoints").is_dir():
+        latest = ckpt.latest_checkpoint(p / "checkpoints")
+        if latest is None:
+            raise ConfigError(f"model_path={path}: a run directory without a complete checkpoint")
+        p = latest
+    if (p / ckpt.COMPLETE).is_file():
+        p = p / "hf"
+    if p.is_dir() and not (p / "config.json").is_file():
+        raise ConfigError(f"model_path={path}: not a HF model directory, checkpoint or run directory "
+                          f"(no config.json in {p})")
+    return resolve_model_path(OmegaConf.create({"path": str(p), "build_tiny_if_missing": False}))

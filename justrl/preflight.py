@@ -14,9 +14,9 @@ Each node checks, and the first node prints one table (a row per node):
   exists, their free memory; there must be cluster.gpus_per_node of them;
 - versions: torch, vLLM, megatron-core, transformers, equal on every node (installed
   distributions, read without importing them);
-- rendezvous_port: the learner's torch.distributed port (justrl.slurm.rendezvous_port) on the first
+- rendezvous_port: the learner's torch.distributed port (justrl.placement.rendezvous_port) on the first
   node is free there and reachable from every node (when the learner has more than one rank);
-- engine_ports: each GPU engine's port (justrl.slurm.ENGINE_PORT_BASE + i) is free on its node;
+- engine_ports: each GPU engine's port (justrl.placement.ENGINE_PORT_BASE + i) is free on its node;
 - output_dir: trainer.output_dir is writable from every node, and shared_dir: a file written on
   one node is seen on all the others (the node results are exchanged through it);
 - disk: room in the output directory for trainer.keep_checkpoints + 1 checkpoints (the one being
@@ -41,6 +41,7 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 
 from justrl.config import ConfigError
+from justrl.placement import port_free
 
 # The composed config handed from the launching process to the step's tasks.
 CONFIG_ENV = "JUSTRL_PREFLIGHT_CONFIG"
@@ -114,15 +115,6 @@ def package_versions() -> dict[str, str | None]:
             except metadata.PackageNotFoundError:
                 continue
     return versions
-
-
-def port_free(port: int) -> bool:
-    with socket.socket() as s:
-        try:
-            s.bind(("", port))
-            return True
-        except OSError:
-            return False
 
 
 def model_parameters(model_dir: Path) -> int:
@@ -212,7 +204,7 @@ def _existing_parent(path: Path) -> Path:
 
 def engine_ports_here(cfg: DictConfig, nodes: list[str], here: str) -> list[int]:
     """Ports of the GPU engines planned on `here` (CPU engines pick free ports themselves)."""
-    from justrl.slurm import ENGINE_PORT_BASE, plan_engines
+    from justrl.placement import ENGINE_PORT_BASE, plan_engines
 
     if not cfg.cluster.gpus_per_node:
         return []
@@ -416,7 +408,7 @@ def _wait_s() -> float:
 
 def run_in_step(cfg: DictConfig) -> int:
     """This task's part in the preflight step (one task per node)."""
-    from justrl.slurm import allocation_nodes, learner_world_size, rendezvous_port
+    from justrl.placement import allocation_nodes, learner_world_size, rendezvous_port
 
     if os.environ.get("SLURM_LOCALID", "0") != "0":
         return 0  # one task per node does the checks (srun asked for one; be safe if given more)
@@ -489,7 +481,7 @@ def run_in_job(cfg: DictConfig) -> None:
 
 def main(argv: list[str]) -> int:
     from justrl.config import compose, validate
-    from justrl.slurm import in_slurm_task
+    from justrl.placement import in_slurm_task
 
     if os.environ.get(CONFIG_ENV):
         cfg = OmegaConf.create(os.environ[CONFIG_ENV])

@@ -1,6 +1,6 @@
 """Running the controller loop inside a Slurm allocation, and submitting it with submitit.
 
-Placement: one allocation holds everything (`cluster.nodes` x `cluster.gpus_per_node`). The learner
+Placement (computed in justrl.placement): one allocation holds everything (`cluster.nodes` x `cluster.gpus_per_node`). The learner
 ranks are the allocation's first `cluster.learner_gpus` GPUs (whole nodes, or part of the first
 node), one task per GPU, started by srun (by `slurm/train.sbatch`, by submitit, or by
 hydra-submitit-launcher, whose srun starts nodes x tasks-per-node tasks: the tasks past the
@@ -25,127 +25,19 @@ from __future__ import annotations
 import json
 import logging
 import os
-import re
 import socket
-import subprocess
-from dataclasses import dataclass
 from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
-from justrl.config import ConfigError, allocation_parameters, learner_tasks_per_node
+from justrl.config import ConfigError, allocation_parameters
+from justrl.placement import (EnginePlacement, allocation_nodes, learner_device_index, learner_rank, learner_tasks,
+                              learner_world_size, plan_engines, rendezvous_port)
 
 log = logging.getLogger(__name__)
 
-# Port of the learner ranks' rendezvous: fixed per job, so every rank computes the same one.
-MASTER_PORT_BASE = 29500
-# Port of engine i on its node (engines on different nodes may share a number).
-ENGINE_PORT_BASE = 8100
 # The start-up line of each learner rank (see report_learner_rank).
 LEARNER_LOG_PREFIX = "justrl-learner: "
-
-
-def in_slurm_task() -> bool:
-    """True inside an srun task of a Slurm job (where the loop runs), False on a login node."""
-    return "SLURM_JOB_ID" in os.environ and "SLURM_PROCID" in os.environ and "SLURM_STEP_ID" in os.environ
-
-
-def rendezvous_port(job_id: str) -> int:
-    """The learner's torch.distributed port on the job's first node (justrl.preflight checks it)."""
-    return MASTER_PORT_BASE + int(job_id) % 1000
-
-
-def allocation_nodes() -> list[str]:
-    """Hostnames of the job's nodes, in Slurm's order."""
-    nodelist = os.environ["SLURM_JOB_NODELIST"]
-    out = subprocess.run(["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True, check=True)
-    return out.stdout.split()
-
-
-@dataclass(frozen=True)
-class EnginePlacement:
-    node: str
-    gpu_ids: tuple[int, ...]
-    """CUDA devices on `node`; empty: a CPU engine."""
-
-
-def plan_engines(cluster, rollout, nodes: list[str]) -> list[EnginePlacement]:
-    """Where each vLLM engine runs: the GPUs the learner does not use, cut into engines of
-    `rollout.tensor_parallel_size` GPUs within a node (an engine never spans nodes)."""
-    if cluster.gpus_per_node == 0:
-        return [EnginePlacement(nodes[0], ()) for _ in range(rollout.engines)]
-    per_node, learner, tp = cluster.gpus_per_node, cluster.learner_gpus, rollout.tensor_parallel_size
-    if learner > per_node and learner % per_node:
-        raise ConfigError(f"cluster.learner_gpus={learner}: must fill whole nodes of "
-                          f"cluster.gpus_per_node={per_node} GPUs, or fit in one node")
-    engines = []
-    for index, node in enumerate(nodes[:cluster.nodes]):
-        free = [g for g in range(per_node) if index * per_node + g >= learner]
-        engines += [EnginePlacement(node, tuple(free[i:i + tp])) for i in range(0, len(free) - tp + 1, tp)]
-    if not engines:
-        raise ConfigError(f"no GPU left for rollouts: cluster.learner_gpus={learner} of "
-                          f"{cluster.nodes} x {per_node}, rollout.tensor_parallel_size={tp}")
-    return engines
-
-
-def learner_tasks(cluster) -> tuple[int, int]:
-    """(nodes, tasks per node) of the learner's srun: one task per learner GPU (one on a CPU)."""
-    per_node = learner_tasks_per_node(cluster.gpus_per_node, cluster.learner_gpus)
-    return (1 if cluster.gpus_per_node == 0 else -(-cluster.learner_gpus // per_node)), per_node
-
-
-def learner_world_size(cluster) -> int:
-    """Learner ranks: one per learner GPU, one on a CPU allocation."""
-    return 1 if cluster.gpus_per_node == 0 else cluster.learner_gpus
-
-
-def learner_rank(cluster, procid: int, ntasks: int) -> int | None:
-    """This task's learner rank, or None for a task past the learner's world size (the srun of
-    hydra-submitit-launcher starts nodes x tasks-per-node tasks; the extra ones, on the rollout
-    nodes, must not join the learner). With block distribution (srun's default) tasks 0..W-1 are
-    the learner's, on the first nodes."""
-    world = learner_world_size(cluster)
-    if ntasks < world:
-        raise ConfigError(f"the job step has {ntasks} task(s) but the learner needs {world} "
-                          f"(cluster.learner_gpus={cluster.learner_gpus}): start one task per learner GPU")
-    return procid if procid < world else None
-
-
-def learner_device_index(visible: list[str] | None, local_rank: int) -> int:
-    """The torch device index of a learner task: with one visible GPU (srun --gpus-per-task=1),
-    that one; when the task sees its node's GPUs (the learner step of train.sbatch, submitit),
-    the one of its local rank.
-
-    visible: the task's CUDA_VISIBLE_DEVICES entries (None: unset, every GPU)."""
-    if visible is not None and len(visible) == 1:
-        return 0
-    if visible is not None and local_rank >= len(visible):
-        raise ConfigError(f"{socket.gethostname()}: learner task with local rank {local_rank} sees only "
-                          f"CUDA_VISIBLE_DEVICES={','.join(visible) or '(empty)'}: give each task one GPU "
-                          f"(--gpus-per-task=1) or all of the node's GPUs")
-    return local_rank
-
-
-def job_cpus_per_node(value: str, nodes: list[str]) -> dict[str, int]:
-    """Slurm's SLURM_JOB_CPUS_PER_NODE ("72(x2),36") as {node: CPUs}, in the job's node order."""
-    counts = []
-    for part in value.split(","):
-        m = re.fullmatch(r"(\d+)(?:\(x(\d+)\))?", part.strip())
-        if not m:
-            raise ValueError(f"SLURM_JOB_CPUS_PER_NODE={value!r}: cannot read {part!r}")
-        counts += [int(m.group(1))] * int(m.group(2) or 1)
-    if len(counts) != len(nodes):
-        raise ValueError(f"SLURM_JOB_CPUS_PER_NODE={value!r} lists {len(counts)} nodes, the job has {len(nodes)}")
-    return dict(zip(nodes, counts))
-
-
-def engine_step_cpus(node: str | None) -> int:
-    """CPUs the job holds on `node` (its engine step takes them all, overlapping the learner); 0
-    outside a job or for a local engine."""
-    value = os.environ.get("SLURM_JOB_CPUS_PER_NODE")
-    if node is None or not value or "SLURM_JOB_NODELIST" not in os.environ:
-        return 0
-    return job_cpus_per_node(value, allocation_nodes()).get(node, 0)
 
 
 def report_learner_rank(rank: int, world_size: int, local_rank: int, compute: str) -> None:
@@ -213,7 +105,7 @@ def run_in_allocation(cfg: DictConfig) -> None:
              learner_world_size(cfg.cluster), [f"{p.node}:{list(p.gpu_ids)}" for p in placements])
     # GPU engines always run as srun steps of their node (also on this node): the step holds the
     # node's GPUs whatever this task was bound to. CPU engines run here, beside the learner.
-    train(cfg, engine_placements=[(None if (p.node == here and not p.gpu_ids) else p.node, list(p.gpu_ids))
+    train(cfg, engine_placements=[EnginePlacement(None, ()) if (p.node == here and not p.gpu_ids) else p
                                   for p in placements])
 
 

@@ -38,15 +38,15 @@ from omegaconf import DictConfig, OmegaConf
 
 from justrl import checkpoint as ckpt
 from justrl.data import TOY_SETS, PromptSampler, build_prompts, load_benchmark, load_problems, toy_problems
-from justrl.evaluation import EvalItem, problem_seed, sample_and_grade, summarize
-from justrl.grpo import group_advantages
-from justrl.learner import build_learner
-from justrl.learner.packing import Sequence
-from justrl.models import resolve_model_path
-from justrl.reward import ScorerPool, overlong_penalty
-from justrl.rollout import EngineSpec, LocalEngine, RolloutFleet, SamplingSettings, engine_cpu_shares
 from justrl.dist_groups import control_group
-from justrl.slurm import ENGINE_PORT_BASE, engine_step_cpus
+from justrl.engines import EngineSpec, SamplingSettings, build_engines
+from justrl.evaluation import EvalItem, problem_seed, sample_and_grade, summarize
+from justrl.grpo import Sequence, group_advantages
+from justrl.learner import build_learner
+from justrl.models import resolve_model_path
+from justrl.placement import EnginePlacement
+from justrl.reward import ScorerPool, overlong_penalty
+from justrl.rollout import RolloutFleet
 from justrl.tb import ScalarLog
 from justrl.weight_sync import WeightSync, engine_args_for
 
@@ -152,25 +152,16 @@ class Controller:
     """Rank 0's side of the loop: engines, reward workers, metrics."""
 
     def __init__(self, cfg: DictConfig, run: RunDir, tokenizer, serve_dir: Path,
-                 placements: list[tuple[str | None, list[int]]]):
+                 placements: list[EnginePlacement]):
         self.cfg, self.run, self.tokenizer = cfg, run, tokenizer
         r = cfg.rollout
-        spec = dict(max_model_len=cfg.data.max_prompt_length + max(r.max_response_length, r.val_max_new_tokens),
-                    dtype=r.dtype, seed=cfg.trainer.seed, tensor_parallel_size=r.tensor_parallel_size,
-                    gpu_memory_utilization=r.gpu_memory_utilization, cpu_kv_cache_gb=r.cpu_kv_cache_gb,
-                    extra_args=tuple(r.engine_args) + engine_args_for(r.weight_sync),
-                    startup_timeout_s=r.startup_timeout_s,
-                    request_timeout_s=r.request_timeout_s, srun_args=tuple(cfg.cluster.engine_srun_args))
-        # CPU engines on this machine: disjoint shares of its cores (justrl.rollout.engine_thread_env)
-        local_cpu = [i for i, (node, gpus) in enumerate(placements) if node is None and not gpus]
-        cpu_ids = dict(zip(local_cpu, engine_cpu_shares(len(local_cpu))))
-        engines = [LocalEngine(f"engine{i}", EngineSpec(gpu_ids=tuple(gpus), node=node,
-                                                        port=ENGINE_PORT_BASE + i if node else None,
-                                                        node_gpus=cfg.cluster.gpus_per_node if node else 0,
-                                                        node_cpus=engine_step_cpus(node),
-                                                        cpu_ids=cpu_ids.get(i, ()), **spec),
-                               run.engine_logs / f"engine{i}.log")
-                   for i, (node, gpus) in enumerate(placements)]
+        spec = EngineSpec(max_model_len=cfg.data.max_prompt_length + max(r.max_response_length, r.val_max_new_tokens),
+                          dtype=r.dtype, seed=cfg.trainer.seed, tensor_parallel_size=r.tensor_parallel_size,
+                          gpu_memory_utilization=r.gpu_memory_utilization, cpu_kv_cache_gb=r.cpu_kv_cache_gb,
+                          extra_args=tuple(r.engine_args) + engine_args_for(r.weight_sync),
+                          startup_timeout_s=r.startup_timeout_s, request_timeout_s=r.request_timeout_s,
+                          srun_args=tuple(cfg.cluster.engine_srun_args))
+        engines = build_engines(placements, spec, run.engine_logs, node_gpus=cfg.cluster.gpus_per_node)
         self.fleet = RolloutFleet(engines, serve_dir, max_restarts=r.max_restarts,
                                   max_requests_per_engine=r.max_requests_per_engine)
         self.scorer = ScorerPool(cfg.reward.verifier, cfg.reward.num_workers, cfg.reward.timeout_s)
@@ -329,11 +320,11 @@ def _setup_logging(run: RunDir, rank: int) -> None:
     root.setLevel(logging.INFO)
 
 
-def train(cfg: DictConfig, engine_placements: list[tuple[str | None, list[int]]] | None = None) -> Path:
+def train(cfg: DictConfig, engine_placements: list[EnginePlacement] | None = None) -> Path:
     """Run (or resume) training as described by `cfg`; returns the run directory.
 
-    `engine_placements`: (node, CUDA devices) of each engine; node None is this machine, and no
-    devices means vLLM's CPU build. None: `rollout.engines` CPU engines here.
+    `engine_placements`: where each engine runs (justrl.placement). None: `rollout.engines` CPU
+    engines here.
     Call on every learner rank, after torch.distributed is initialised when there are several.
     """
     import transformers
@@ -359,7 +350,7 @@ def train(cfg: DictConfig, engine_placements: list[tuple[str | None, list[int]]]
     # them (vLLM's server takes ~35 s on a CPU) while the learner builds and the data loads; a
     # resumed run's engines wait for the learner's export of the checkpoint.
     controller = engines_starting = None
-    placements = engine_placements or [(None, []) for _ in range(cfg.rollout.engines)]
+    placements = engine_placements or [EnginePlacement(None) for _ in range(cfg.rollout.engines)]
     if rank == 0 and not resume:
         controller = Controller(cfg, run, tokenizer, Path(model_path), placements)
         engines_starting = ThreadPoolExecutor(max_workers=1, thread_name_prefix="justrl-start")

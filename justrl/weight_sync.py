@@ -44,7 +44,6 @@ from pathlib import Path
 
 import requests
 import torch
-import torch.distributed as dist
 
 log = logging.getLogger(__name__)
 
@@ -76,7 +75,8 @@ def learner_probe_logprobs(learner, token_ids: list[int]) -> list[float]:
     (what vLLM's prompt log-probs are). Every learner rank must call (a Megatron forward is a
     tensor-parallel collective); every rank gets the list. Uses the learner's `_forward`, the same
     code that computes the old log-probs of a step."""
-    from justrl.learner.packing import Sequence, build_micro_batch
+    from justrl.grpo import Sequence
+    from justrl.learner.packing import build_micro_batch
 
     micro = build_micro_batch([Sequence(tuple(token_ids[:1]), tuple(token_ids[1:]), 0.0)],
                               pad_multiple=getattr(learner, "pad_multiple", 1))
@@ -97,7 +97,7 @@ def learner_probe_logprobs(learner, token_ids: list[int]) -> list[float]:
 def engine_probe_logprobs(client, token_ids: list[int]) -> list[float]:
     """The same log-probs from a vLLM server: prompt log-probs of the probe (raw model output, no
     sampling processing), one generated token that is thrown away."""
-    from justrl.rollout import SERVED_MODEL_NAME
+    from justrl.engines import SERVED_MODEL_NAME
 
     body = client._post("/v1/completions", {
         "model": SERVED_MODEL_NAME, "prompt": [list(token_ids)], "max_tokens": 1, "temperature": 0.0,
@@ -167,7 +167,7 @@ class NcclTransport:
     def _init_group(self, fleet) -> None:
         from vllm.distributed.weight_transfer.nccl_common import (NCCLWeightTransferInitInfo, trainer_init,
                                                                    worker_init_payload)
-        from justrl.rollout import free_port
+        from justrl.placement import free_port
 
         self.close(fleet)
         sizes = [e.spec.tensor_parallel_size for e in fleet.engines]

@@ -9,7 +9,8 @@ import time
 
 import pytest
 
-from justrl.rollout import EngineSpec, LocalEngine, RolloutFleet, SamplingSettings
+from justrl.engines import EngineSpec, EngineProcess, SamplingSettings
+from justrl.rollout import RolloutFleet
 
 pytestmark = pytest.mark.slow
 
@@ -26,7 +27,7 @@ SETTINGS = [SamplingSettings(n=4, temperature=1.0, top_p=1.0, top_k=-1, max_toke
 @pytest.fixture(scope="module")
 def fleet(random_tiny_model_dir, tmp_path_factory):
     logs = tmp_path_factory.mktemp("dispatch_logs")
-    fleet = RolloutFleet([LocalEngine(f"engine{i}", SPEC, logs / f"engine{i}.log") for i in range(2)],
+    fleet = RolloutFleet([EngineProcess(f"engine{i}", SPEC, logs / f"engine{i}.log") for i in range(2)],
                          random_tiny_model_dir, max_restarts=1, max_requests_per_engine=2)
     fleet.start()
     yield fleet

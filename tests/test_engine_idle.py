@@ -7,8 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from justrl.rollout import (EngineSpec, LocalEngine, RolloutFleet, SamplingSettings, _group_members,
-                            engine_cpu_shares, engine_thread_env)
+from justrl.engines import (EngineSpec, EngineProcess, SamplingSettings, _group_members, engine_cpu_shares,
+                            engine_thread_env)
+from justrl.rollout import RolloutFleet
 
 # A learner's step on the tiny model: the time over which the frozen engine's CPU is measured.
 TRAIN_PHASE_S = 3.0
@@ -39,7 +40,7 @@ def test_frozen_engine_uses_no_cpu_while_the_learner_trains(random_tiny_model_di
     cpus = engine_cpu_shares(1)[0]
     spec = EngineSpec(max_model_len=256, dtype="float32", seed=0, gpu_memory_utilization=0.3, startup_timeout_s=300,
                       request_timeout_s=300, cpu_ids=cpus)
-    engine = LocalEngine("engine0", spec, tmp_path / "engine0.log")
+    engine = EngineProcess("engine0", spec, tmp_path / "engine0.log")
     fleet = RolloutFleet([engine], random_tiny_model_dir, max_restarts=0)
     settings = SamplingSettings(n=4, temperature=1.0, top_p=1.0, top_k=-1, max_tokens=16)
     prompts = [[1, 5, 6, 7], [1, 8, 9]]

@@ -11,7 +11,7 @@ import torch.multiprocessing as mp
 from justrl.config import compose
 from justrl.learner import HFLearner, NonFiniteError, build_learner
 from justrl.learner.step import constant_with_warmup
-from justrl.learner.packing import Sequence
+from justrl.grpo import Sequence
 
 
 def tiny_cfg(*overrides):
@@ -89,7 +89,7 @@ DP_OPTIM = ("optim.lr=1e-3", "optim.eps=1e-3")
 
 
 def test_two_rank_data_parallel_equals_one_rank(tiny_model_dir, tmp_path):
-    from justrl.rollout import free_port
+    from justrl.placement import free_port
 
     torch.set_num_threads(1)
     single = learner_for(tiny_model_dir, *DP_OPTIM)

@@ -35,7 +35,7 @@ def _init(rank: int, world: int, port: int) -> None:
 
 
 def _spawn(fn, world: int, *args) -> None:
-    from justrl.rollout import free_port
+    from justrl.placement import free_port
 
     mp.spawn(fn, args=(world, free_port(), *args), nprocs=world)
 
@@ -164,7 +164,7 @@ def test_one_grpo_step_equals_the_hf_learner(tiny_model_dir, gqa_model_dir, tmp_
 
 def _nonfinite_worker(rank, world, port, model_dir, out):
     from justrl.learner import NonFiniteError, build_learner
-    from justrl.learner.packing import Sequence
+    from justrl.grpo import Sequence
 
     _init(rank, world, port)
     learner = build_learner(megatron_cfg(1, "learner.max_nonfinite_updates=3"), model_dir)
@@ -306,7 +306,8 @@ def test_tiny_run_with_megatron_resumes_and_its_checkpoint_merges_for_vllm(tiny_
     vLLM server loads it and generates."""
     from safetensors.torch import load_file
 
-    from justrl.rollout import EngineSpec, LocalEngine, RolloutFleet, SamplingSettings
+    from justrl.engines import EngineSpec, EngineProcess, SamplingSettings
+    from justrl.rollout import RolloutFleet
     from justrl.tb import read_scalars
 
     run = tmp_path / "run"
@@ -334,7 +335,7 @@ def test_tiny_run_with_megatron_resumes_and_its_checkpoint_merges_for_vllm(tiny_
 
     spec = EngineSpec(max_model_len=256, dtype="float32", seed=0, gpu_memory_utilization=0.3, startup_timeout_s=300,
                       request_timeout_s=300)
-    fleet = RolloutFleet([LocalEngine("engine0", spec, tmp_path / "engine0.log")], merged, max_restarts=0)
+    fleet = RolloutFleet([EngineProcess("engine0", spec, tmp_path / "engine0.log")], merged, max_restarts=0)
     fleet.start()
     try:
         out = fleet.generate([[1, 5, 6, 7]], SamplingSettings(n=2, temperature=1.0, top_p=1.0, top_k=-1,

@@ -3,8 +3,8 @@ and packed log-probs equal to one-sequence-at-a-time log-probs."""
 import pytest
 import torch
 
-from justrl.grpo import token_logprobs
-from justrl.learner.packing import (Sequence, build_micro_batch, micro_batch_fill, pack, padding_fraction,
+from justrl.grpo import Sequence, token_logprobs
+from justrl.learner.packing import (build_micro_batch, micro_batch_fill, pack, padding_fraction,
                                     plan_mini_batch, split_for_ranks)
 
 

@@ -3,8 +3,8 @@ cannot run here, their arithmetic can be checked)."""
 import pytest
 
 from justrl.config import ConfigError, compose
-from justrl.launch import local_placements
-from justrl.slurm import executor_parameters, learner_tasks, plan_engines
+from justrl.placement import EnginePlacement, gpu_groups, learner_tasks, local_placements, plan_engines
+from justrl.slurm import executor_parameters
 
 NODES = ["n1", "n2", "n3", "n4"]
 
@@ -57,9 +57,10 @@ def test_submitit_parameters_follow_the_cluster_config():
 def test_local_gpu_placement():
     cfg = compose(["cluster=local", "cluster.gpus_per_node=8", "cluster.learner_gpus=4",
                    "rollout.tensor_parallel_size=2"])
-    assert local_placements(cfg.cluster, cfg.rollout) == [(None, [4, 5]), (None, [6, 7])]
-    cpu = compose(["cluster=local"])
-    assert local_placements(cpu.cluster, cpu.rollout) is None  # CPU: rollout.engines engines
+    assert local_placements(cfg.cluster, cfg.rollout) == [EnginePlacement(None, (4, 5)), EnginePlacement(None, (6, 7))]
+    cpu = compose(["cluster=local", "rollout.engines=2"])
+    assert local_placements(cpu.cluster, cpu.rollout) == [EnginePlacement(None, ())] * 2  # CPU: rollout.engines
+    assert gpu_groups([0, 1, 2, 3, 4], 2) == [(0, 1), (2, 3)]  # evaluation's engines; a remainder is unused
 
 
 
@@ -71,7 +72,7 @@ def test_hydra_submitit_extra_tasks_are_not_learner_ranks():
     from hydra import compose as hydra_compose
     from hydra import initialize_config_module
 
-    from justrl.slurm import learner_rank, learner_world_size
+    from justrl.placement import learner_rank, learner_world_size
 
     with initialize_config_module("justrl.hydra_conf", version_base=None):
         launcher = hydra_compose("config", overrides=["cluster=slurm"], return_hydra_config=True).hydra.launcher
@@ -89,7 +90,7 @@ def test_hydra_submitit_extra_tasks_are_not_learner_ranks():
 
 
 def test_learner_device_follows_the_task_visible_devices():
-    from justrl.slurm import learner_device_index
+    from justrl.placement import learner_device_index
 
     assert learner_device_index(None, 3) == 3                       # nothing set: every GPU
     assert learner_device_index(["0", "1", "2", "3"], 3) == 3       # the node's GPUs: the local rank's
@@ -99,8 +100,8 @@ def test_learner_device_follows_the_task_visible_devices():
 
 
 def test_job_cpus_per_node_and_engine_step_command():
-    from justrl.rollout import EngineSpec, engine_srun_command
-    from justrl.slurm import job_cpus_per_node
+    from justrl.engines import EngineSpec, engine_srun_command
+    from justrl.placement import job_cpus_per_node
 
     assert job_cpus_per_node("72(x2),36", ["a", "b", "c"]) == {"a": 72, "b": 72, "c": 36}
     assert job_cpus_per_node("8", ["a"]) == {"a": 8}
@@ -143,7 +144,7 @@ def test_engine_client_ignores_the_environment_proxies(monkeypatch):
     import http.server
     import threading
 
-    from justrl.rollout import EngineClient
+    from justrl.engines import EngineClient
 
     class Health(http.server.BaseHTTPRequestHandler):
         def do_GET(self):  # noqa: N802
@@ -210,7 +211,7 @@ def test_control_plane_waits_longer_than_the_data_plane_timeout(tmp_path):
 
     import torch.multiprocessing as mp
 
-    from justrl.rollout import free_port
+    from justrl.placement import free_port
 
     result = tmp_path / "rank1.json"
     mp.spawn(_wait_past_timeout, args=(free_port(), str(result)), nprocs=2)

@@ -119,7 +119,7 @@ def test_a_node_that_does_not_share_the_directory_is_named(random_tiny_model_dir
 
 
 def test_busy_rendezvous_and_engine_ports_fail(random_tiny_model_dir, tmp_path, capsys, monkeypatch):
-    from justrl.slurm import ENGINE_PORT_BASE
+    from justrl.placement import ENGINE_PORT_BASE
 
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1,2,3")
     monkeypatch.setattr(preflight, "PORT_GRACE_S", 2.0)  # a port that stays busy is retried, then fails

@@ -9,8 +9,8 @@ import time
 import pytest
 import requests
 
-from justrl.rollout import (SERVED_MODEL_NAME, EngineError, EngineSpec, LocalEngine, RolloutFleet,
-                            SamplingSettings)
+from justrl.engines import SERVED_MODEL_NAME, EngineError, EngineSpec, EngineProcess, SamplingSettings
+from justrl.rollout import RolloutFleet
 
 pytestmark = pytest.mark.slow
 
@@ -22,13 +22,13 @@ PROMPTS = [[1, 5, 6, 7], [1, 8, 9], [1, 10, 11, 12, 13]]
 @pytest.fixture(scope="module")
 def fleet(random_tiny_model_dir, tmp_path_factory):
     logs = tmp_path_factory.mktemp("engine_logs")
-    fleet = RolloutFleet([LocalEngine("engine0", SPEC, logs / "engine0.log")], random_tiny_model_dir, max_restarts=1)
+    fleet = RolloutFleet([EngineProcess("engine0", SPEC, logs / "engine0.log")], random_tiny_model_dir, max_restarts=1)
     fleet.start()
     yield fleet
     fleet.stop()
 
 
-def sampled_logprobs(engine: LocalEngine, prompt: list[int], max_tokens: int = 8) -> list[float]:
+def sampled_logprobs(engine: EngineProcess, prompt: list[int], max_tokens: int = 8) -> list[float]:
     """Log-probs of sampled tokens, asked of the server directly (the controller does not need them)."""
     body = requests.post(f"{engine.client.url}/v1/completions", json={
         "model": SERVED_MODEL_NAME, "prompt": [prompt], "max_tokens": max_tokens, "temperature": 1.0, "seed": 1,
@@ -118,7 +118,7 @@ def test_restarts_are_bounded_then_a_clear_error(fleet):
 def test_an_engine_that_cannot_start_fails_with_its_log(tmp_path):
     broken = tmp_path / "broken"
     broken.mkdir()
-    engine = LocalEngine("engine9", SPEC, tmp_path / "engine9.log")
+    engine = EngineProcess("engine9", SPEC, tmp_path / "engine9.log")
     fleet = RolloutFleet([engine], broken, max_restarts=1)
     with pytest.raises(EngineError, match=r"engine9 exited with code \d+ while starting \(log: .*engine9.log\)"):
         fleet.start()

@@ -9,7 +9,8 @@ import torch
 
 from justrl.config import compose
 from justrl.learner import build_learner
-from justrl.rollout import EngineSpec, LocalEngine, RolloutFleet
+from justrl.engines import EngineSpec, EngineProcess
+from justrl.rollout import RolloutFleet
 from justrl.weight_sync import (DEFAULT_TOLERANCE, FileTransport, WeightSync, WeightSyncError, compare_probe,
                                 engine_probe_logprobs, learner_probe_logprobs)
 
@@ -42,7 +43,7 @@ def setup(random_tiny_model_dir, tmp_path_factory):
     cfg = compose(["experiment=tiny", f"model.path={random_tiny_model_dir}"])
     learner = build_learner(cfg, random_tiny_model_dir)
     tokenizer = AutoTokenizer.from_pretrained(random_tiny_model_dir)
-    fleet = RolloutFleet([LocalEngine("engine0", SPEC, root / "engine0.log")], random_tiny_model_dir)
+    fleet = RolloutFleet([EngineProcess("engine0", SPEC, root / "engine0.log")], random_tiny_model_dir)
     fleet.start()
     yield root, learner, tokenizer, fleet
     fleet.stop()
@@ -125,7 +126,7 @@ def test_nccl_transport_matches_the_file_transport(random_tiny_model_dir, tmp_pa
     tokenizer = AutoTokenizer.from_pretrained(random_tiny_model_dir)
     spec = EngineSpec(max_model_len=256, dtype="float32", seed=0, gpu_ids=(0,), gpu_memory_utilization=0.3,
                       extra_args=engine_args_for("nccl"))
-    fleet = RolloutFleet([LocalEngine("engine0", spec, tmp_path / "engine0.log")], random_tiny_model_dir)
+    fleet = RolloutFleet([EngineProcess("engine0", spec, tmp_path / "engine0.log")], random_tiny_model_dir)
     fleet.start()
     try:
         sync = WeightSync(tmp_path / "weights", learner, tokenizer, "float32", fleet, transport="nccl")

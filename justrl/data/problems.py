@@ -135,14 +135,10 @@ def parse_row(row: Row, problem_key: str | None, answer_key: str | None) -> tupl
     return problem, answer, wrapped
 
 
-def load_problems(source: str, problem_key: str | None = None,
-                  answer_key: str | None = None) -> tuple[list[Problem], LoadReport]:
-    """Load, validate and deduplicate training problems; see the module docstring."""
-    from justrl.data.toy import TOY_SETS, toy_problems  # here: justrl.data.toy imports this module
-
-    if source in TOY_SETS:  # justrl's generated toy sets, "toy" and "toy_scratchpad"
-        problems = toy_problems("train", task=source)
-        return problems, LoadReport(rows=len(problems), kept=len(problems))
+def load_problem_files(source: str, problem_key: str | None = None,
+                       answer_key: str | None = None) -> tuple[list[Problem], LoadReport]:
+    """Load, validate and deduplicate training problems from files; see the module docstring.
+    (`justrl.data.load_problems` also knows justrl's generated toy sets by name.)"""
     report = LoadReport()
     by_text: dict[str, Problem] = {}
     columns = ["prompt", "problem", "question", "answer", "solution", "ground_truth", "reward_model"]

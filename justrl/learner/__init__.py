@@ -18,7 +18,7 @@ from justrl.config import ConfigError
 
 from justrl.learner.hf import HFLearner
 from justrl.learner.step import NonFiniteError
-from justrl.learner.packing import Sequence
+from justrl.grpo import Sequence
 
 
 def init_source(cfg: DictConfig, model_path: str | Path, resume: Path | None) -> Path:

@@ -37,7 +37,7 @@ import torch.distributed as dist
 from torch.utils.checkpoint import checkpoint
 
 from justrl.grpo import entropy_from_logits, token_logprobs
-from justrl.learner import varlen_attention
+import justrl.learner.varlen_attention as varlen_attention
 from justrl.learner.packing import MicroBatch
 from justrl.learner.step import PolicyStep, constant_with_warmup
 

@@ -40,7 +40,7 @@ from torch.utils.checkpoint import checkpoint
 
 from justrl.config import ConfigError
 from justrl.hf_io import EXTRA_FILES
-from justrl.learner import mcore_cpu
+import justrl.learner.mcore_cpu as mcore_cpu
 from justrl.learner.mcore_adapter import Qwen2Shape, hf_to_mcore, mcore_to_hf
 from justrl.learner.mcore_checkpoint import HF_CONFIG_DIR, MEGATRON_DIR
 from justrl.learner.mcore_model import build_gpt_model
@@ -56,7 +56,7 @@ _OPTIMIZER_SHARDING = {"distrib_optim_sharding_type": "dp_reshardable"}
 
 def _init_single_process_group(on_cpu: bool) -> None:
     """Megatron needs torch.distributed even for one rank."""
-    from justrl.rollout import free_port
+    from justrl.placement import free_port
 
     # an explicit address: a MASTER_PORT inherited from the environment may be taken
     dist.init_process_group("gloo" if on_cpu else "nccl", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0,

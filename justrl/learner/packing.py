@@ -15,19 +15,9 @@ from dataclasses import dataclass
 
 import torch
 
+from justrl.grpo import Sequence
+
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class Sequence:
-    """One prompt + response of the step, with its GRPO advantage."""
-
-    prompt_ids: tuple[int, ...]
-    response_ids: tuple[int, ...]
-    advantage: float
-
-    def __len__(self) -> int:
-        return len(self.prompt_ids) + len(self.response_ids)
 
 
 def split_for_ranks(lengths: list[int], world_size: int) -> list[list[int]]:

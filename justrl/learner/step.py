@@ -19,8 +19,8 @@ import logging
 
 import torch
 
-from justrl.grpo import policy_loss
-from justrl.learner.packing import MicroBatch, Sequence, micro_batch_fill, padding_fraction, plan_mini_batch
+from justrl.grpo import Sequence, policy_loss
+from justrl.learner.packing import MicroBatch, micro_batch_fill, padding_fraction, plan_mini_batch
 
 log = logging.getLogger(__name__)
 

@@ -15,24 +15,9 @@ from __future__ import annotations
 import atexit
 import threading
 
-from justrl.reward.dapo import dapo_score
-from justrl.reward.lenient import in_main_thread, lenient_score
+from justrl.reward.lenient import in_main_thread
 from justrl.reward.pool import ScorerPool, ScoreStats
-
-VERIFIERS = {"dapo": dapo_score, "lenient": lenient_score}
-# What a ScorerPool can run: the training verifiers, and the evaluation grader (justrl.grading),
-# which receives an answer already extracted from the response.
-SCORER_NAMES = (*VERIFIERS, "grader")
-
-
-def scorer(name: str):
-    """The (response_or_answer, ground_truth) -> +1/-1 function called `name`."""
-    if name == "grader":
-        from justrl.grading import grader_score
-
-        return grader_score
-    return VERIFIERS[name]
-
+from justrl.reward.verifiers import SCORER_NAMES, VERIFIERS, scorer
 
 # The limit on one `score` call that runs in a worker process (see `score`): far above what
 # math-verify's own limits allow a call (5 s per parse, 5 s per comparison), so it only ends calls

@@ -45,7 +45,7 @@ class ScoreStats:
 def _worker_main(conn: Connection, verifier: str) -> None:
     import signal
 
-    from justrl.reward import scorer  # imported here: the child starts fresh (spawn)
+    from justrl.reward.verifiers import scorer  # imported here: the child starts fresh (spawn)
 
     # Slurm and submitit deliver their pre-emption signals to every process of the job; only the
     # training loop acts on them (it checkpoints), a worker must not die of them mid-step.
@@ -106,7 +106,7 @@ class ScorerPool:
     """
 
     def __init__(self, verifier: str = "dapo", num_workers: int = 2, timeout_s: float = 10.0):
-        from justrl.reward import SCORER_NAMES
+        from justrl.reward.verifiers import SCORER_NAMES
 
         if verifier not in SCORER_NAMES:
             raise ValueError(f"unknown verifier {verifier!r}; choose one of {sorted(SCORER_NAMES)}")

@@ -1,0 +1,169 @@
+"""Placement: where each process of a run goes, and the ports they meet on. The one owner.
+
+- `EnginePlacement`: one vLLM engine's node and CUDA devices, from the plan to the process that
+  starts it (`justrl.engines.build_engines`); `plan_engines` cuts a Slurm allocation's GPUs into
+  engines, `local_placements` this machine's, `gpu_groups` the GPUs of an evaluation.
+- The learner in an allocation: its tasks, ranks, world size and device of each task.
+- What the running job is: its nodes (`allocation_nodes`), its CPUs per node, whether this
+  process is an srun task.
+- Ports: the learner's rendezvous (fixed per job), engine i's port on its node, a free one here.
+
+Reads Slurm's environment and the config; imports nothing of justrl's but the config's errors.
+"""
+from __future__ import annotations
+
+import os
+import re
+import socket
+import subprocess
+from dataclasses import dataclass
+
+from justrl.config import ConfigError, learner_tasks_per_node
+
+# Port of the learner ranks' rendezvous: fixed per job, so every rank computes the same one.
+MASTER_PORT_BASE = 29500
+# Port of engine i on its node (engines on different nodes may share a number).
+ENGINE_PORT_BASE = 8100
+
+
+@dataclass(frozen=True)
+class EnginePlacement:
+    """Where one vLLM engine runs."""
+
+    node: str | None
+    """Its node's hostname; None: this machine, started as a plain subprocess (no srun step)."""
+    gpu_ids: tuple[int, ...] = ()
+    """CUDA devices on `node`; empty: vLLM's CPU build."""
+
+
+def free_port() -> int:
+    """A TCP port free on this machine now (the kernel's pick)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def port_free(port: int) -> bool:
+    """Whether this machine can listen on `port` on every interface now."""
+    with socket.socket() as s:
+        try:
+            s.bind(("", port))
+            return True
+        except OSError:
+            return False
+
+
+def gpu_groups(gpus: list[int], tensor_parallel_size: int) -> list[tuple[int, ...]]:
+    """`gpus` cut into engines of `tensor_parallel_size` consecutive devices (a remainder is unused)."""
+    tp = tensor_parallel_size
+    return [tuple(gpus[i:i + tp]) for i in range(0, len(gpus) - tp + 1, tp)]
+
+
+def local_placements(cluster, rollout) -> list[EnginePlacement]:
+    """The engines of a run on this machine: on a GPU machine, the GPUs after the learner's in
+    engines of `rollout.tensor_parallel_size`; on a CPU machine (gpus_per_node = 0),
+    `rollout.engines` CPU engines."""
+    if cluster.gpus_per_node == 0:
+        return [EnginePlacement(None) for _ in range(rollout.engines)]
+    free = list(range(cluster.learner_gpus, cluster.gpus_per_node))
+    tp = rollout.tensor_parallel_size
+    if len(free) < tp:
+        raise ConfigError(f"cluster.learner_gpus={cluster.learner_gpus} of gpus_per_node={cluster.gpus_per_node} "
+                          f"leaves {len(free)} GPUs for rollouts; rollout.tensor_parallel_size={tp} needs more")
+    return [EnginePlacement(None, group) for group in gpu_groups(free, tp)]
+
+
+def in_slurm_task() -> bool:
+    """True inside an srun task of a Slurm job (where the loop runs), False on a login node."""
+    return "SLURM_JOB_ID" in os.environ and "SLURM_PROCID" in os.environ and "SLURM_STEP_ID" in os.environ
+
+
+def rendezvous_port(job_id: str) -> int:
+    """The learner's torch.distributed port on the job's first node (justrl.preflight checks it)."""
+    return MASTER_PORT_BASE + int(job_id) % 1000
+
+
+def allocation_nodes() -> list[str]:
+    """Hostnames of the job's nodes, in Slurm's order."""
+    nodelist = os.environ["SLURM_JOB_NODELIST"]
+    out = subprocess.run(["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True, check=True)
+    return out.stdout.split()
+
+
+def plan_engines(cluster, rollout, nodes: list[str]) -> list[EnginePlacement]:
+    """Where each vLLM engine runs: the GPUs the learner does not use, cut into engines of
+    `rollout.tensor_parallel_size` GPUs within a node (an engine never spans nodes)."""
+    if cluster.gpus_per_node == 0:
+        return [EnginePlacement(nodes[0], ()) for _ in range(rollout.engines)]
+    per_node, learner, tp = cluster.gpus_per_node, cluster.learner_gpus, rollout.tensor_parallel_size
+    if learner > per_node and learner % per_node:
+        raise ConfigError(f"cluster.learner_gpus={learner}: must fill whole nodes of "
+                          f"cluster.gpus_per_node={per_node} GPUs, or fit in one node")
+    engines = []
+    for index, node in enumerate(nodes[:cluster.nodes]):
+        free = [g for g in range(per_node) if index * per_node + g >= learner]
+        engines += [EnginePlacement(node, tuple(free[i:i + tp])) for i in range(0, len(free) - tp + 1, tp)]
+    if not engines:
+        raise ConfigError(f"no GPU left for rollouts: cluster.learner_gpus={learner} of "
+                          f"{cluster.nodes} x {per_node}, rollout.tensor_parallel_size={tp}")
+    return engines
+
+
+def learner_tasks(cluster) -> tuple[int, int]:
+    """(nodes, tasks per node) of the learner's srun: one task per learner GPU (one on a CPU)."""
+    per_node = learner_tasks_per_node(cluster.gpus_per_node, cluster.learner_gpus)
+    return (1 if cluster.gpus_per_node == 0 else -(-cluster.learner_gpus // per_node)), per_node
+
+
+def learner_world_size(cluster) -> int:
+    """Learner ranks: one per learner GPU, one on a CPU allocation."""
+    return 1 if cluster.gpus_per_node == 0 else cluster.learner_gpus
+
+
+def learner_rank(cluster, procid: int, ntasks: int) -> int | None:
+    """This task's learner rank, or None for a task past the learner's world size (the srun of
+    hydra-submitit-launcher starts nodes x tasks-per-node tasks; the extra ones, on the rollout
+    nodes, must not join the learner). With block distribution (srun's default) tasks 0..W-1 are
+    the learner's, on the first nodes."""
+    world = learner_world_size(cluster)
+    if ntasks < world:
+        raise ConfigError(f"the job step has {ntasks} task(s) but the learner needs {world} "
+                          f"(cluster.learner_gpus={cluster.learner_gpus}): start one task per learner GPU")
+    return procid if procid < world else None
+
+
+def learner_device_index(visible: list[str] | None, local_rank: int) -> int:
+    """The torch device index of a learner task: with one visible GPU (srun --gpus-per-task=1),
+    that one; when the task sees its node's GPUs (the learner step of train.sbatch, submitit),
+    the one of its local rank.
+
+    visible: the task's CUDA_VISIBLE_DEVICES entries (None: unset, every GPU)."""
+    if visible is not None and len(visible) == 1:
+        return 0
+    if visible is not None and local_rank >= len(visible):
+        raise ConfigError(f"{socket.gethostname()}: learner task with local rank {local_rank} sees only "
+                          f"CUDA_VISIBLE_DEVICES={','.join(visible) or '(empty)'}: give each task one GPU "
+                          f"(--gpus-per-task=1) or all of the node's GPUs")
+    return local_rank
+
+
+def job_cpus_per_node(value: str, nodes: list[str]) -> dict[str, int]:
+    """Slurm's SLURM_JOB_CPUS_PER_NODE ("72(x2),36") as {node: CPUs}, in the job's node order."""
+    counts = []
+    for part in value.split(","):
+        m = re.fullmatch(r"(\d+)(?:\(x(\d+)\))?", part.strip())
+        if not m:
+            raise ValueError(f"SLURM_JOB_CPUS_PER_NODE={value!r}: cannot read {part!r}")
+        counts += [int(m.group(1))] * int(m.group(2) or 1)
+    if len(counts) != len(nodes):
+        raise ValueError(f"SLURM_JOB_CPUS_PER_NODE={value!r} lists {len(counts)} nodes, the job has {len(nodes)}")
+    return dict(zip(nodes, counts))
+
+
+def engine_step_cpus(node: str | None) -> int:
+    """CPUs the job holds on `node` (its engine step takes them all, overlapping the learner); 0
+    outside a job or for a local engine."""
+    value = os.environ.get("SLURM_JOB_CPUS_PER_NODE")
+    if node is None or not value or "SLURM_JOB_NODELIST" not in os.environ:
+        return 0
+    return job_cpus_per_node(value, allocation_nodes()).get(node, 0)
