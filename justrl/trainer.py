@@ -9,9 +9,9 @@
         sync        <- the new weights go to every engine (HF safetensors, reloaded in place)
         log, validate and checkpoint on schedule
 
-Every learner rank runs `train`; rank 0 is the controller: it alone owns the engines, the reward
-workers, the event file and the checkpoints, and broadcasts each step's sequences to the other
-ranks. The same function runs on a laptop (one CPU rank), in an sbatch allocation and under
+Every learner rank runs `train`; rank 0 is the controller: it alone owns the engines and the
+reward workers (`justrl.controller.Controller`), the event file and the checkpoints, and
+broadcasts each step's sequences to the other ranks. The same function runs on a laptop (one CPU rank), in an sbatch allocation and under
 submitit: only how the ranks and engines are started differs (justrl.launch).
 
 Where this departs from the authors' veRL setup, on purpose (the math itself is justrl.grpo's):
@@ -37,18 +37,14 @@ import torch.distributed as dist
 from omegaconf import DictConfig, OmegaConf
 
 from justrl import checkpoint as ckpt
-from justrl.data import TOY_SETS, PromptSampler, build_prompts, load_benchmark, load_problems, toy_problems
+from justrl.controller import Controller, validation_sets
+from justrl.data import PromptSampler, build_prompts, load_problems
 from justrl.dist_groups import control_group
-from justrl.engines import EngineSpec, SamplingSettings, build_engines
-from justrl.evaluation import EvalItem, problem_seed, sample_and_grade, summarize
-from justrl.grpo import Sequence, group_advantages
 from justrl.learner import build_learner
 from justrl.models import resolve_model_path
 from justrl.placement import EnginePlacement
-from justrl.reward import ScorerPool, overlong_penalty
-from justrl.rollout import RolloutFleet
 from justrl.tb import ScalarLog
-from justrl.weight_sync import WeightSync, engine_args_for
+from justrl.weight_sync import WeightSync
 
 log = logging.getLogger("justrl")
 STEP_LOGGER = "justrl.steps"
@@ -102,13 +98,6 @@ class StopRequested:
             previous(self.signal, None)
 
 
-def step_seeds(seed: int, step: int, num_prompts: int, n: int) -> list[int]:
-    """Per-prompt sampling seeds of a step; vLLM gives sample i of a prompt seed + i, so prompts
-    are spaced n apart and no two samples of a step share a seed."""
-    base = random.Random(f"justrl:{seed}:{step}").getrandbits(30)
-    return [base + i * n for i in range(num_prompts)]
-
-
 def _broadcast(obj):
     """Rank 0's `obj` on every rank (no-op without torch.distributed). Over the control-plane
     group (gloo, timeout `cluster.dist_timeout_s`): the other ranks wait here through rank 0's
@@ -132,155 +121,6 @@ def _rng_state() -> dict:
 def _set_rng_state(state: dict) -> None:
     random.setstate(state["python"])
     torch.set_rng_state(state["torch"])
-
-
-def _validation_sets(cfg: DictConfig, tokenizer) -> dict[str, list]:
-    """name -> prompts of each validation benchmark ("toy", "toy_scratchpad": the held-out toy split)."""
-    sets = {}
-    for name in cfg.data.val_benchmarks:
-        if name in TOY_SETS:
-            problems = toy_problems("val", task=name)
-        else:
-            problems = load_benchmark(name, cfg.data.benchmark_dir).problems
-        sets[name], dropped = build_prompts(problems, tokenizer, cfg.data.max_prompt_length, cfg.data.prompt_suffix)
-        if dropped:
-            log.warning("validation %s: %d prompts longer than data.max_prompt_length left out", name, dropped)
-    return sets
-
-
-class Controller:
-    """Rank 0's side of the loop: engines, reward workers, metrics."""
-
-    def __init__(self, cfg: DictConfig, run: RunDir, tokenizer, serve_dir: Path,
-                 placements: list[EnginePlacement]):
-        self.cfg, self.run, self.tokenizer = cfg, run, tokenizer
-        r = cfg.rollout
-        spec = EngineSpec(max_model_len=cfg.data.max_prompt_length + max(r.max_response_length, r.val_max_new_tokens),
-                          dtype=r.dtype, seed=cfg.trainer.seed, tensor_parallel_size=r.tensor_parallel_size,
-                          gpu_memory_utilization=r.gpu_memory_utilization, cpu_kv_cache_gb=r.cpu_kv_cache_gb,
-                          extra_args=tuple(r.engine_args) + engine_args_for(r.weight_sync),
-                          startup_timeout_s=r.startup_timeout_s, request_timeout_s=r.request_timeout_s,
-                          srun_args=tuple(cfg.cluster.engine_srun_args))
-        engines = build_engines(placements, spec, run.engine_logs, node_gpus=cfg.cluster.gpus_per_node)
-        self.fleet = RolloutFleet(engines, serve_dir, max_restarts=r.max_restarts,
-                                  max_requests_per_engine=r.max_requests_per_engine)
-        self.scorer = ScorerPool(cfg.reward.verifier, cfg.reward.num_workers, cfg.reward.timeout_s)
-        # The other training verifier scores every response too, for the log only: how often the
-        # strict and the lenient verdicts differ (what the lenient ablation changes).
-        self.shadow_scorer = ScorerPool(OTHER_VERIFIER[cfg.reward.verifier], cfg.reward.num_workers,
-                                        cfg.reward.timeout_s)
-        self.grader = ScorerPool("grader", 1, cfg.reward.timeout_s)  # validation: the evaluation grader
-        o = cfg.reward.overlong
-        log.info("reward: verifier %s; overlong penalty %s", cfg.reward.verifier,
-                 f"on (buffer {o.buffer}, factor {o.factor})" if o.enable else "off")
-        self.train_settings = SamplingSettings(r.n, r.temperature, r.top_p, r.top_k, r.max_response_length)
-        self.val_settings = SamplingSettings(r.val_samples, r.val_temperature, r.val_top_p, -1, r.val_max_new_tokens)
-
-    def start(self) -> None:
-        self.fleet.start()
-
-    def close(self) -> None:
-        self.fleet.stop()
-        self.scorer.close()
-        self.shadow_scorer.close()
-        self.grader.close()
-
-    def rollout(self, prompts: list, step: int) -> tuple[list[Sequence], dict[str, float]]:
-        """Generate, score and compute advantages for one step's prompts."""
-        cfg, n = self.cfg, self.cfg.rollout.n
-        t0 = time.perf_counter()
-        restarts_before = self.fleet.restarts
-        # Which step's weights generate this batch: read from what the engines serve now (the
-        # sync's check has verified they serve it), not from the loop's bookkeeping.
-        weights_step = _served_step(self.fleet.weights_dir, self.run.weights)
-        completions = self.fleet.generate([list(p.token_ids) for p in prompts], self.train_settings,
-                                          step_seeds(cfg.trainer.seed, step, len(prompts), n))
-        t1 = time.perf_counter()
-        flat = [(p, c) for p, group in zip(prompts, completions) for c in group]
-        texts = self.tokenizer.batch_decode([c.token_ids for _, c in flat], skip_special_tokens=True)
-        scores, stats = self.scorer.score(texts, [p.problem.answer for p, _ in flat])
-        shadow, _ = self.shadow_scorer.score(texts, [p.problem.answer for p, _ in flat])
-        lengths = [len(c.token_ids) for _, c in flat]
-        rewards = list(scores)
-        penalties = []
-        if cfg.reward.overlong.enable:
-            o = cfg.reward.overlong
-            penalties = [overlong_penalty(L, cfg.rollout.max_response_length, o.buffer, o.factor) for L in lengths]
-            rewards = [r + q for r, q in zip(rewards, penalties)]
-        group_ids = torch.arange(len(prompts)).repeat_interleave(n)
-        advantages = group_advantages(torch.tensor(rewards, dtype=torch.float32), group_ids, cfg.algorithm.adv_eps)
-        t2 = time.perf_counter()
-        sequences = [Sequence(tuple(p.token_ids), c.token_ids, float(a))
-                     for (p, c), a in zip(flat, advantages.tolist())]
-
-        per_group = torch.tensor(scores).view(len(prompts), n) > 0
-        metrics = {
-            "reward/mean": sum(rewards) / len(rewards),
-            "reward/accuracy": sum(s > 0 for s in scores) / len(scores),
-            "reward/solved_none": per_group.any(dim=1).logical_not().float().mean().item(),
-            "reward/solved_all": per_group.all(dim=1).float().mean().item(),
-            "reward/timeouts": float(stats.timeouts),
-            "reward/errors": float(stats.errors),
-            "response_length/mean": sum(lengths) / len(lengths),
-            "response_length/max": float(max(lengths)),
-            "response_length/min": float(min(lengths)),
-            "response_length/clip_ratio": sum(c.truncated for _, c in flat) / len(flat),
-            "prompt_length/mean": sum(len(p.token_ids) for p in prompts) / len(prompts),
-            "rollout/engine_restarts": float(self.fleet.restarts - restarts_before),
-            "rollout/weights_step": float(weights_step),
-            "perf/time_rollout": t1 - t0,
-            "perf/time_reward": t2 - t1,
-        }
-        metrics.update(verifier_metrics(scores, shadow, cfg.reward.verifier))
-        if penalties:
-            metrics["reward/overlong_penalty"] = sum(penalties) / len(penalties)
-        if stats.first_error:
-            log.warning("step %d: %d responses could not be scored (first error: %s)", step, stats.errors,
-                        stats.first_error)
-        return sequences, metrics
-
-    def validate(self, val_sets: dict[str, list]) -> dict[str, float]:
-        """avg@N with the evaluation grader (the same code and seeds as `justrl.evaluate`)."""
-        metrics = {}
-        for name, prompts in val_sets.items():
-            items = [EvalItem(getattr(p.problem, "id", None) or p.problem.origin, p.token_ids, p.problem.answer)
-                     for p in prompts]
-            seeds = [problem_seed(self.cfg.trainer.seed, name, item.problem_id) for item in items]
-            summary = summarize(sample_and_grade(self.fleet, self.grader, self.tokenizer, items, self.val_settings,
-                                                 seeds))
-            metrics[f"val/{name}/accuracy"] = summary["avg"] / 100.0
-            metrics[f"val/{name}/response_length"] = summary["mean_response_tokens"]
-        return metrics
-
-
-def _served_step(weights_dir: Path, versions_root: Path) -> int:
-    """The training step whose weights `weights_dir` holds: N for <run>/weights/step_N, 0 for the
-    initial model."""
-    path = Path(weights_dir)
-    if path.parent == versions_root and path.name.startswith("step_") and path.name[5:].isdigit():
-        return int(path.name[5:])
-    return 0
-
-
-OTHER_VERIFIER = {"dapo": "lenient", "lenient": "dapo"}
-
-
-def verifier_metrics(scores: list[float], shadow: list[float], verifier: str) -> dict[str, float]:
-    """The two training verifiers side by side, from `scores` (the run's `verifier`) and `shadow`
-    (the other one's) for the same responses:
-    reward/accuracy_dapo, reward/accuracy_lenient: the share each accepts;
-    reward/verifier_disagreement: the share on which their verdicts differ;
-    reward/strict_format: of the responses `lenient` accepts (right value), the share `dapo`
-    accepts too (written exactly as the ground truth); NaN when `lenient` accepts none."""
-    by_name = {verifier: scores, OTHER_VERIFIER[verifier]: shadow}
-    dapo, lenient = [s > 0 for s in by_name["dapo"]], [s > 0 for s in by_name["lenient"]]
-    n, n_lenient = len(dapo), sum(lenient)
-    return {
-        "reward/accuracy_dapo": sum(dapo) / n,
-        "reward/accuracy_lenient": n_lenient / n,
-        "reward/verifier_disagreement": sum(a != b for a, b in zip(dapo, lenient)) / n,
-        "reward/strict_format": sum(a and b for a, b in zip(dapo, lenient)) / n_lenient if n_lenient else float("nan"),
-    }
 
 
 def _warn_config_changes(saved: DictConfig, current: DictConfig) -> None:
@@ -352,7 +192,7 @@ def train(cfg: DictConfig, engine_placements: list[EnginePlacement] | None = Non
     controller = engines_starting = None
     placements = engine_placements or [EnginePlacement(None) for _ in range(cfg.rollout.engines)]
     if rank == 0 and not resume:
-        controller = Controller(cfg, run, tokenizer, Path(model_path), placements)
+        controller = Controller(cfg, tokenizer, Path(model_path), placements, run.engine_logs, run.weights)
         engines_starting = ThreadPoolExecutor(max_workers=1, thread_name_prefix="justrl-start")
         engines_started = engines_starting.submit(controller.start)
     try:
@@ -377,7 +217,7 @@ def train(cfg: DictConfig, engine_placements: list[EnginePlacement] | None = Non
         problems, report = load_problems(cfg.data.train_path, cfg.data.problem_key, cfg.data.answer_key)
         log.info("training data: %s", report.summary())
         prompts, _ = build_prompts(problems, tokenizer, cfg.data.max_prompt_length, cfg.data.prompt_suffix)
-        val_sets = _validation_sets(cfg, tokenizer)
+        val_sets = validation_sets(cfg, tokenizer)
         sampler = PromptSampler(len(prompts), cfg.data.seed)
         if total_steps is None:
             total_steps = sampler.batches_per_epoch(cfg.algorithm.prompts_per_step)
@@ -394,7 +234,7 @@ def train(cfg: DictConfig, engine_placements: list[EnginePlacement] | None = Non
             OmegaConf.save(cfg, run.root / RUN_CONFIG)
         tb = ScalarLog(run.tensorboard, resume_step=start_step if resume else None)
         if controller is None:
-            controller = Controller(cfg, run, tokenizer, serve_dir, placements)
+            controller = Controller(cfg, tokenizer, serve_dir, placements, run.engine_logs, run.weights)
             controller.start()
         else:
             try:

@@ -11,7 +11,7 @@ from justrl.data.toy import ANSWER_FORMS, MAX_SCRATCHPAD_GUESSES, scratchpad, wr
 from justrl.grading import grade
 from justrl.reward import score
 from justrl.tiny_model import WARM_START_FORM_SHARES, warm_start_target
-from justrl.trainer import verifier_metrics
+from justrl.controller import verifier_metrics
 
 # form -> (dapo, lenient) verdicts on the right value: what the two ablations need
 VERDICTS = {

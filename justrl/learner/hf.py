@@ -34,15 +34,12 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from torch.utils.checkpoint import checkpoint
 
 from justrl.grpo import entropy_from_logits, token_logprobs
 import justrl.learner.varlen_attention as varlen_attention
 from justrl.learner.packing import MicroBatch
-from justrl.learner.step import PolicyStep, constant_with_warmup
+from justrl.learner.step import LOGIT_CHUNK_TOKENS, PolicyStep, chunked_logprobs_entropy, constant_with_warmup
 
-# Positions whose logits are computed at once (2048 x 151936 float32 logits = 1.2 GiB).
-LOGIT_CHUNK_TOKENS = 2048
 OPTIMIZER_FILE = "optimizer.pt"
 # Above this many logits per chunk (vocabulary x LOGIT_CHUNK_TOKENS) they are recomputed in the
 # backward pass instead of kept (the 1.5B models' 152k vocabulary: yes; the tiny model's 1k: no).
@@ -148,18 +145,9 @@ class HFLearner(PolicyStep):
         # Checkpointing the chunk saves its logits' memory at the price of a second output-layer
         # GEMM in the backward pass: only worth it where the logits are big (152k vocabulary).
         remat = torch.is_grad_enabled() and LOGIT_CHUNK_TOKENS * weight.shape[0] > CHECKPOINT_LOGIT_ELEMENTS
-        logprobs, entropies = [], []
-        for start in range(0, hidden.shape[0], LOGIT_CHUNK_TOKENS):
-            piece = slice(start, start + LOGIT_CHUNK_TOKENS)
-            if remat:
-                lp, ent = checkpoint(_logprobs_and_entropy, hidden[piece], weight, targets[piece],
-                                     self.temperature, self.compute_dtype, use_reentrant=False)
-            else:
-                lp, ent = _logprobs_and_entropy(hidden[piece], weight, targets[piece], self.temperature,
-                                                self.compute_dtype)
-            logprobs.append(lp)
-            entropies.append(ent if need_entropy else ent.detach())
-        logprobs, entropies = torch.cat(logprobs), torch.cat(entropies)
+        logprobs, entropies = chunked_logprobs_entropy(
+            lambda h, t: _logprobs_and_entropy(h, weight, t, self.temperature, self.compute_dtype),
+            hidden, targets, need_entropy, remat)
         if where is not None:  # back to the row's positions; the prompt's hold 0 (mask 0)
             length = mb.input_ids.shape[1]
             logprobs = logprobs.new_zeros(length).index_copy(0, where, logprobs)

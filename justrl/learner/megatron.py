@@ -36,7 +36,6 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from torch.utils.checkpoint import checkpoint
 
 from justrl.config import ConfigError
 from justrl.hf_io import EXTRA_FILES
@@ -45,10 +44,9 @@ from justrl.learner.mcore_adapter import Qwen2Shape, hf_to_mcore, mcore_to_hf
 from justrl.learner.mcore_checkpoint import HF_CONFIG_DIR, MEGATRON_DIR
 from justrl.learner.mcore_model import build_gpt_model
 from justrl.learner.packing import MicroBatch
-from justrl.learner.step import PolicyStep, constant_with_warmup
+from justrl.learner.step import PolicyStep, chunked_logprobs_entropy, constant_with_warmup
 from justrl.learner.vocab_parallel import vocab_parallel_logprobs_entropy
 
-LOGIT_CHUNK_TOKENS = 2048
 # DP-reshardable: each DP rank saves its optimizer shard as is (no gather); a checkpoint loads
 # with the same TP size and any DP size.
 _OPTIMIZER_SHARDING = {"distrib_optim_sharding_type": "dp_reshardable"}
@@ -267,16 +265,9 @@ class MegatronLearner(PolicyStep):
         out_dtype = self.gpt.output_layer.weight.dtype if self.gpt.output_layer.weight is not None \
             else self.gpt.shared_embedding_or_output_weight().dtype
         hidden = hidden.to(out_dtype)
-        logprobs, entropies = [], []
-        for start in range(0, hidden.shape[0], LOGIT_CHUNK_TOKENS):
-            piece = slice(start, start + LOGIT_CHUNK_TOKENS)
-            if torch.is_grad_enabled():
-                lp, ent = checkpoint(self._logprobs_entropy, hidden[piece], targets[piece], use_reentrant=False)
-            else:
-                lp, ent = self._logprobs_entropy(hidden[piece], targets[piece])
-            logprobs.append(lp)
-            entropies.append(ent if need_entropy else ent.detach())
-        return torch.cat(logprobs)[None, :length], torch.cat(entropies)[None, :length]
+        logprobs, entropies = chunked_logprobs_entropy(self._logprobs_entropy, hidden, targets, need_entropy,
+                                                       remat=torch.is_grad_enabled())
+        return logprobs[None, :length], entropies[None, :length]
 
     # -- the step's hooks (justrl.learner.step.PolicyStep) -----------------------------------------
 

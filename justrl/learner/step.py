@@ -18,14 +18,35 @@ from __future__ import annotations
 import logging
 
 import torch
+from torch.utils.checkpoint import checkpoint
 
 from justrl.grpo import Sequence, policy_loss
 from justrl.learner.packing import MicroBatch, micro_batch_fill, padding_fraction, plan_mini_batch
 
 log = logging.getLogger(__name__)
 
+# Positions whose logits are computed at once (2048 x 151936 float32 logits = 1.2 GiB).
+LOGIT_CHUNK_TOKENS = 2048
 # Per-mini-batch sums kept by `PolicyStep._update`, in this order.
 SUMMED_METRICS = ("actor/pg_loss", "actor/pg_clipfrac", "actor/ppo_kl", "actor/pg_clipfrac_lower", "actor/entropy")
+
+
+def chunked_logprobs_entropy(fn, hidden: torch.Tensor, targets: torch.Tensor, need_entropy: bool,
+                             remat: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Both learners' output layer: `fn(hidden[c], targets[c]) -> (log-probs, entropies)` over
+    `LOGIT_CHUNK_TOKENS` positions at a time, so that no more than one chunk's logits exist at once;
+    with `remat`, each chunk runs under activation checkpointing (its logits are recomputed in the
+    backward pass instead of kept). Entropies carry a gradient only when `need_entropy`."""
+    logprobs, entropies = [], []
+    for start in range(0, hidden.shape[0], LOGIT_CHUNK_TOKENS):
+        piece = slice(start, start + LOGIT_CHUNK_TOKENS)
+        if remat:
+            lp, ent = checkpoint(fn, hidden[piece], targets[piece], use_reentrant=False)
+        else:
+            lp, ent = fn(hidden[piece], targets[piece])
+        logprobs.append(lp)
+        entropies.append(ent if need_entropy else ent.detach())
+    return torch.cat(logprobs), torch.cat(entropies)
 
 
 class NonFiniteError(RuntimeError):

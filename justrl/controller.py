@@ -1,0 +1,199 @@
+"""Rank 0's side of a step, the `Controller`: it owns the engines and the reward workers, and turns
+a step's prompts into the learner's batch (generate, score, penalise, advantages) and its
+metrics; it also runs the validation. The loop around it is justrl.trainer's.
+"""
+from __future__ import annotations
+
+import logging
+import random
+import time
+from pathlib import Path
+
+import torch
+from omegaconf import DictConfig
+
+from justrl.data import TOY_SETS, build_prompts, load_benchmark, toy_problems
+from justrl.engines import EngineSpec, SamplingSettings, build_engines
+from justrl.evaluation import EvalItem, problem_seed, sample_and_grade, summarize
+from justrl.grpo import Sequence, group_advantages
+from justrl.placement import EnginePlacement
+from justrl.reward import ScorerPool, overlong_penalty
+from justrl.rollout import RolloutFleet
+from justrl.weight_sync import engine_args_for
+
+log = logging.getLogger("justrl")
+
+
+def step_seeds(seed: int, step: int, num_prompts: int, n: int) -> list[int]:
+    """Per-prompt sampling seeds of a step; vLLM gives sample i of a prompt seed + i, so prompts
+    are spaced n apart and no two samples of a step share a seed."""
+    base = random.Random(f"justrl:{seed}:{step}").getrandbits(30)
+    return [base + i * n for i in range(num_prompts)]
+
+
+def validation_sets(cfg: DictConfig, tokenizer) -> dict[str, list]:
+    """name -> prompts of each validation benchmark ("toy", "toy_scratchpad": the held-out toy split)."""
+    sets = {}
+    for name in cfg.data.val_benchmarks:
+        if name in TOY_SETS:
+            problems = toy_problems("val", task=name)
+        else:
+            problems = load_benchmark(name, cfg.data.benchmark_dir).problems
+        sets[name], dropped = build_prompts(problems, tokenizer, cfg.data.max_prompt_length, cfg.data.prompt_suffix)
+        if dropped:
+            log.warning("validation %s: %d prompts longer than data.max_prompt_length left out", name, dropped)
+    return sets
+
+
+class Controller:
+    """Rank 0's side of the loop: engines, reward workers, metrics."""
+
+    def __init__(self, cfg: DictConfig, tokenizer, serve_dir: Path, placements: list[EnginePlacement],
+                 engine_logs: Path, weights_root: Path):
+        self.cfg, self.tokenizer, self.weights_root = cfg, tokenizer, weights_root
+        r = cfg.rollout
+        spec = EngineSpec(max_model_len=cfg.data.max_prompt_length + max(r.max_response_length, r.val_max_new_tokens),
+                          dtype=r.dtype, seed=cfg.trainer.seed, tensor_parallel_size=r.tensor_parallel_size,
+                          gpu_memory_utilization=r.gpu_memory_utilization, cpu_kv_cache_gb=r.cpu_kv_cache_gb,
+                          extra_args=tuple(r.engine_args) + engine_args_for(r.weight_sync),
+                          startup_timeout_s=r.startup_timeout_s, request_timeout_s=r.request_timeout_s,
+                          srun_args=tuple(cfg.cluster.engine_srun_args))
+        engines = build_engines(placements, spec, engine_logs, node_gpus=cfg.cluster.gpus_per_node)
+        self.fleet = RolloutFleet(engines, serve_dir, max_restarts=r.max_restarts,
+                                  max_requests_per_engine=r.max_requests_per_engine)
+        self.scorer = ScorerPool(cfg.reward.verifier, cfg.reward.num_workers, cfg.reward.timeout_s)
+        # The other training verifier scores every response too, for the log only: how often the
+        # strict and the lenient verdicts differ (what the lenient ablation changes).
+        self.shadow_scorer = ScorerPool(OTHER_VERIFIER[cfg.reward.verifier], cfg.reward.num_workers,
+                                        cfg.reward.timeout_s)
+        self.grader = ScorerPool("grader", 1, cfg.reward.timeout_s)  # validation: the evaluation grader
+        o = cfg.reward.overlong
+        log.info("reward: verifier %s; overlong penalty %s", cfg.reward.verifier,
+                 f"on (buffer {o.buffer}, factor {o.factor})" if o.enable else "off")
+        self.train_settings = SamplingSettings(r.n, r.temperature, r.top_p, r.top_k, r.max_response_length)
+        self.val_settings = SamplingSettings(r.val_samples, r.val_temperature, r.val_top_p, -1, r.val_max_new_tokens)
+
+    def start(self) -> None:
+        self.fleet.start()
+
+    def close(self) -> None:
+        self.fleet.stop()
+        self.scorer.close()
+        self.shadow_scorer.close()
+        self.grader.close()
+
+    def rollout(self, prompts: list, step: int) -> tuple[list[Sequence], dict[str, float]]:
+        """One step's batch: generate, score, penalise, advantages; and the step's rollout metrics."""
+        t0 = time.perf_counter()
+        restarts_before = self.fleet.restarts
+        # Which step's weights generate this batch: read from what the engines serve now (the
+        # sync's check has verified they serve it), not from the loop's bookkeeping.
+        weights_step = _served_step(self.fleet.weights_dir, self.weights_root)
+        flat = self.generate(prompts, step)
+        t1 = time.perf_counter()
+        scores, shadow, stats = self.score(flat)
+        rewards, penalties = self.penalise(scores, [len(c.token_ids) for _, c in flat])
+        advantages = group_advantages(torch.tensor(rewards, dtype=torch.float32),
+                                      torch.arange(len(prompts)).repeat_interleave(self.cfg.rollout.n),
+                                      self.cfg.algorithm.adv_eps)
+        t2 = time.perf_counter()
+        sequences = [Sequence(tuple(p.token_ids), c.token_ids, float(a))
+                     for (p, c), a in zip(flat, advantages.tolist())]
+        metrics = self.metrics(prompts, flat, scores, shadow, rewards, penalties, stats)
+        metrics.update({"rollout/engine_restarts": float(self.fleet.restarts - restarts_before),
+                        "rollout/weights_step": float(weights_step),
+                        "perf/time_rollout": t1 - t0, "perf/time_reward": t2 - t1})
+        if stats.first_error:
+            log.warning("step %d: %d responses could not be scored (first error: %s)", step, stats.errors,
+                        stats.first_error)
+        return sequences, metrics
+
+    def generate(self, prompts: list, step: int) -> list:
+        """(prompt, completion) pairs, n per prompt in prompt order, sampled with the step's seeds."""
+        n = self.cfg.rollout.n
+        completions = self.fleet.generate([list(p.token_ids) for p in prompts], self.train_settings,
+                                          step_seeds(self.cfg.trainer.seed, step, len(prompts), n))
+        return [(p, c) for p, group in zip(prompts, completions) for c in group]
+
+    def score(self, flat: list):
+        """(the run's verifier's scores, the other training verifier's, the scoring stats) of the
+        decoded responses (special tokens skipped, as veRL's reward manager does)."""
+        texts = self.tokenizer.batch_decode([c.token_ids for _, c in flat], skip_special_tokens=True)
+        answers = [p.problem.answer for p, _ in flat]
+        scores, stats = self.scorer.score(texts, answers)
+        shadow, _ = self.shadow_scorer.score(texts, answers)
+        return scores, shadow, stats
+
+    def penalise(self, scores: list[float], lengths: list[int]) -> tuple[list[float], list[float]]:
+        """(rewards, penalties): the scores plus the overlong penalty where reward.overlong is on
+        (the length_penalty ablation); no penalties otherwise."""
+        o = self.cfg.reward.overlong
+        if not o.enable:
+            return list(scores), []
+        penalties = [overlong_penalty(L, self.cfg.rollout.max_response_length, o.buffer, o.factor) for L in lengths]
+        return [r + q for r, q in zip(scores, penalties)], penalties
+
+    def metrics(self, prompts, flat, scores, shadow, rewards, penalties, stats) -> dict[str, float]:
+        """The batch's reward/, response_length/ and prompt_length/ metrics."""
+        lengths = [len(c.token_ids) for _, c in flat]
+        per_group = torch.tensor(scores).view(len(prompts), self.cfg.rollout.n) > 0
+        metrics = {
+            "reward/mean": sum(rewards) / len(rewards),
+            "reward/accuracy": sum(s > 0 for s in scores) / len(scores),
+            "reward/solved_none": per_group.any(dim=1).logical_not().float().mean().item(),
+            "reward/solved_all": per_group.all(dim=1).float().mean().item(),
+            "reward/timeouts": float(stats.timeouts),
+            "reward/errors": float(stats.errors),
+            "response_length/mean": sum(lengths) / len(lengths),
+            "response_length/max": float(max(lengths)),
+            "response_length/min": float(min(lengths)),
+            "response_length/clip_ratio": sum(c.truncated for _, c in flat) / len(flat),
+            "prompt_length/mean": sum(len(p.token_ids) for p in prompts) / len(prompts),
+        }
+        metrics.update(verifier_metrics(scores, shadow, self.cfg.reward.verifier))
+        if penalties:
+            metrics["reward/overlong_penalty"] = sum(penalties) / len(penalties)
+        return metrics
+
+    def validate(self, val_sets: dict[str, list]) -> dict[str, float]:
+        """avg@N with the evaluation grader (the same code and seeds as `justrl.evaluate`)."""
+        metrics = {}
+        for name, prompts in val_sets.items():
+            items = [EvalItem(getattr(p.problem, "id", None) or p.problem.origin, p.token_ids, p.problem.answer)
+                     for p in prompts]
+            seeds = [problem_seed(self.cfg.trainer.seed, name, item.problem_id) for item in items]
+            summary = summarize(sample_and_grade(self.fleet, self.grader, self.tokenizer, items, self.val_settings,
+                                                 seeds))
+            metrics[f"val/{name}/accuracy"] = summary["avg"] / 100.0
+            metrics[f"val/{name}/response_length"] = summary["mean_response_tokens"]
+        return metrics
+
+
+def _served_step(weights_dir: Path, versions_root: Path) -> int:
+    """The training step whose weights `weights_dir` holds: N for <run>/weights/step_N, 0 for the
+    initial model."""
+    path = Path(weights_dir)
+    if path.parent == versions_root and path.name.startswith("step_") and path.name[5:].isdigit():
+        return int(path.name[5:])
+    return 0
+
+
+OTHER_VERIFIER = {"dapo": "lenient", "lenient": "dapo"}
+
+
+def verifier_metrics(scores: list[float], shadow: list[float], verifier: str) -> dict[str, float]:
+    """The two training verifiers side by side, from `scores` (the run's `verifier`) and `shadow`
+    (the other one's) for the same responses:
+    reward/accuracy_dapo, reward/accuracy_lenient: the share each accepts;
+    reward/verifier_disagreement: the share on which their verdicts differ;
+    reward/strict_format: of the responses `lenient` accepts (right value), the share `dapo`
+    accepts too (written exactly as the ground truth); NaN when `lenient` accepts none."""
+    by_name = {verifier: scores, OTHER_VERIFIER[verifier]: shadow}
+    dapo, lenient = [s > 0 for s in by_name["dapo"]], [s > 0 for s in by_name["lenient"]]
+    n, n_lenient = len(dapo), sum(lenient)
+    return {
+        "reward/accuracy_dapo": sum(dapo) / n,
+        "reward/accuracy_lenient": n_lenient / n,
+        "reward/verifier_disagreement": sum(a != b for a, b in zip(dapo, lenient)) / n,
+        "reward/strict_format": sum(a and b for a, b in zip(dapo, lenient)) / n_lenient if n_lenient else float("nan"),
+    }
