@@ -1,19 +1,20 @@
 """Running the controller loop inside a Slurm allocation, and submitting it with submitit.
 
-Placement (computed in justrl.placement): one allocation holds everything (`cluster.nodes` x `cluster.gpus_per_node`). The learner
-ranks are the allocation's first `cluster.learner_gpus` GPUs (whole nodes, or part of the first
-node), one task per GPU, started by srun (by `slurm/train.sbatch`, by submitit, or by
-hydra-submitit-launcher, whose srun starts nodes x tasks-per-node tasks: the tasks past the
-learner's world size exit at once, see `learner_rank`). Each learner task sees its node's GPUs
-and takes the one of its local rank (`learner_device_index`). The remaining GPUs serve vLLM
-engines of `rollout.tensor_parallel_size` GPUs each; rank 0 starts each engine on its node as an
-`srun --overlap` step of the same job holding all of the node's GPUs, and justrl.engine_launch,
-inside the step, narrows them to the planned ones. The rendezvous needs no hostname: the
-learner's comes from SLURM_JOB_NODELIST, the engines' from the placement. On a CPU allocation
-(gpus_per_node = 0) there is one learner rank and `rollout.engines` CPU engines beside it on the
-first node. Where Slurm hands out GPUs but torch sees no CUDA (the emulated cluster of
-slurm/setup_emulated_cluster.sh), learner ranks compute on the CPU over gloo and engines run
-vLLM's CPU build, on exactly the same placement; both say so in their logs.
+Placement (computed in justrl.placement): one allocation holds everything (`cluster.nodes` x
+`cluster.gpus_per_node`). The learner ranks are the allocation's first `cluster.learner_gpus` GPUs
+(whole nodes, or part of the first node), one task per GPU, started by srun (by
+`slurm/train.sbatch`, by submitit, or by hydra-submitit-launcher, whose srun starts nodes x
+tasks-per-node tasks: the tasks past the learner's world size exit at once, see `learner_rank`).
+Each learner task sees its node's GPUs and takes the one of its local rank
+(`learner_device_index`). The remaining GPUs serve vLLM engines of `rollout.tensor_parallel_size`
+GPUs each; rank 0 starts each engine on its node as an `srun --overlap` step of the same job
+holding all of the node's GPUs, and justrl.engine_launch, inside the step, narrows them to the
+planned ones. The rendezvous needs no hostname: the learner's comes from SLURM_JOB_NODELIST, the
+engines' from the placement. On a CPU allocation (gpus_per_node = 0) there is one learner rank and
+`rollout.engines` CPU engines beside it on the first node. Where Slurm hands out GPUs but torch
+sees no CUDA (the emulated cluster of slurm/setup_emulated_cluster.sh), learner ranks compute on
+the CPU over gloo and engines run vLLM's CPU build, on exactly the same placement; both say so in
+their logs.
 
 Pre-emption: the job's signal (SIGUSR1 from `sbatch --signal=B:USR1@...` forwarded by the batch
 script, submitit's SIGUSR2, or SIGTERM) makes the loop finish its step and checkpoint; then the

@@ -9,10 +9,11 @@
         sync        <- the new weights go to every engine (HF safetensors, reloaded in place)
         log, validate and checkpoint on schedule
 
-Every learner rank runs `train`; rank 0 is the controller: it alone owns the engines and the
-reward workers (`justrl.controller.Controller`), the event file and the checkpoints, and
-broadcasts each step's sequences to the other ranks. The same function runs on a laptop (one CPU rank), in an sbatch allocation and under
-submitit: only how the ranks and engines are started differs (justrl.launch).
+Every learner rank runs `train`; rank 0 is the controller: it alone owns the engines and the reward
+workers (`justrl.controller.Controller`), the event file and the checkpoints, and broadcasts each
+step's sequences to the other ranks. The same function runs on a laptop (one CPU rank), in an
+sbatch allocation and under submitit: only how the ranks and engines are started differs
+(justrl.launch).
 
 Where this departs from the authors' veRL setup, on purpose (the math itself is justrl.grpo's):
 - Rollout sampling is seeded per prompt from (trainer.seed, step), so a resumed run draws the
