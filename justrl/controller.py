@@ -92,14 +92,15 @@ class Controller:
         flat = self.generate(prompts, step)
         t1 = time.perf_counter()
         scores, shadow, stats = self.score(flat)
-        rewards, penalties = self.penalise(scores, [len(c.token_ids) for _, c in flat])
+        lengths = [len(c.token_ids) for _, c in flat]
+        rewards, penalties = self.penalise(scores, lengths)
         advantages = group_advantages(torch.tensor(rewards, dtype=torch.float32),
                                       torch.arange(len(prompts)).repeat_interleave(self.cfg.rollout.n),
                                       self.cfg.algorithm.adv_eps)
         t2 = time.perf_counter()
         sequences = [Sequence(tuple(p.token_ids), c.token_ids, float(a))
                      for (p, c), a in zip(flat, advantages.tolist())]
-        metrics = self.metrics(prompts, flat, scores, shadow, rewards, penalties, stats)
+        metrics = self.metrics(prompts, flat, lengths, scores, shadow, rewards, penalties, stats)
         metrics.update({"rollout/engine_restarts": float(self.fleet.restarts - restarts_before),
                         "rollout/weights_step": float(weights_step),
                         "perf/time_rollout": t1 - t0, "perf/time_reward": t2 - t1})
@@ -133,9 +134,8 @@ class Controller:
         penalties = [overlong_penalty(L, self.cfg.rollout.max_response_length, o.buffer, o.factor) for L in lengths]
         return [r + q for r, q in zip(scores, penalties)], penalties
 
-    def metrics(self, prompts, flat, scores, shadow, rewards, penalties, stats) -> dict[str, float]:
+    def metrics(self, prompts, flat, lengths, scores, shadow, rewards, penalties, stats) -> dict[str, float]:
         """The batch's reward/, response_length/ and prompt_length/ metrics."""
-        lengths = [len(c.token_ids) for _, c in flat]
         per_group = torch.tensor(scores).view(len(prompts), self.cfg.rollout.n) > 0
         metrics = {
             "reward/mean": sum(rewards) / len(rewards),

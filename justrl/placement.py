@@ -102,7 +102,7 @@ def plan_engines(cluster, rollout, nodes: list[str]) -> list[EnginePlacement]:
     engines = []
     for index, node in enumerate(nodes[:cluster.nodes]):
         free = [g for g in range(per_node) if index * per_node + g >= learner]
-        engines += [EnginePlacement(node, tuple(free[i:i + tp])) for i in range(0, len(free) - tp + 1, tp)]
+        engines += [EnginePlacement(node, group) for group in gpu_groups(free, tp)]
     if not engines:
         raise ConfigError(f"no GPU left for rollouts: cluster.learner_gpus={learner} of "
                           f"{cluster.nodes} x {per_node}, rollout.tensor_parallel_size={tp}")
