@@ -135,7 +135,7 @@ def test_sbatch_two_nodes_preempted_requeued_resumed(emu, random_tiny_model_dir,
         ["sbatch", "--parsable", "--nodes=2", f"--gpus-per-node={GPUS}", "-J", "justrl-emu",
          f"--output={tmp_path / 'slurm.out'}", str(REPO / "slurm" / "train.sbatch"),
          *[a for a in SHAPE if not a.startswith(("cluster=", "cluster.nodes", "cluster.gpus_per_node"))],
-         f"model.path={random_tiny_model_dir}", "trainer.total_steps=4", "trainer.save_every=1",
+         f"model.path={random_tiny_model_dir}", "trainer.total_steps=3", "trainer.save_every=1",
          f"trainer.output_dir={run}"],
         cwd=REPO, env=emu, check=True, capture_output=True, text=True).stdout.strip().split(";")[0]
     latest = run / "checkpoints" / "latest"
@@ -157,9 +157,9 @@ def test_sbatch_two_nodes_preempted_requeued_resumed(emu, random_tiny_model_dir,
     # the engine steps outlived the signal (Slurm signals every step of the job): none restarted
     assert "restarting it" not in train_log, train_log[-3000:]
     stopped = int(train_log.split("stopped at step ", 1)[1].split()[0])
-    assert 1 <= stopped < 4 and f"(step {stopped})" in train_log.split("resuming from", 1)[1].split("\n")[0]
-    assert [s for s, _ in read_scalars(run / "tensorboard")["reward/mean"]] == list(range(1, 5))
-    assert latest.read_text().strip() == "step_000004"
+    assert 1 <= stopped < 3 and f"(step {stopped})" in train_log.split("resuming from", 1)[1].split("\n")[0]
+    assert [s for s, _ in read_scalars(run / "tensorboard")["reward/mean"]] == list(range(1, 4))
+    assert latest.read_text().strip() == "step_000003"
 
 
 @pytest.mark.timeout(3600)  # 2-node jobs with vLLM start-ups; slow on a shared 2-core machine

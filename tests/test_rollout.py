@@ -75,8 +75,8 @@ def test_weight_sync_reloads_in_place(fleet, random_tiny_model_dir, tmp_path):
 def test_engine_killed_mid_step_is_restarted_and_the_step_retried(fleet):
     engine = fleet.engines[0]
     settings = SamplingSettings(n=8, temperature=1.0, top_p=1.0, top_k=-1, max_tokens=200)
-    prompts = [[1, 100 + i, 7] for i in range(64)]
-    seeds = [1000 + 8 * i for i in range(64)]
+    prompts = [[1, 100 + i, 7] for i in range(32)]
+    seeds = [1000 + 8 * i for i in range(32)]
     expected = fleet.generate(prompts, settings, seeds)
     old_pid, restarts = engine.process.pid, fleet.restarts
     done = threading.Event()
@@ -106,13 +106,10 @@ def test_restarts_are_bounded_then_a_clear_error(fleet):
     engine.process.wait()
     fleet.max_restarts = 0
     settings = SamplingSettings(n=1, temperature=1.0, top_p=1.0, top_k=-1, max_tokens=4)
-    try:
-        with pytest.raises(EngineError, match=r"engine0 failed 1 time in a row; giving up "
-                                              r"\(rollout.max_restarts=0\)(.|\n)*engine0.log"):
-            fleet.generate(PROMPTS[:1], settings, seeds=[1])
-    finally:
-        fleet.max_restarts = 1
-        engine.start(fleet.weights_dir)  # leave the module's engine running for the teardown
+    with pytest.raises(EngineError, match=r"engine0 failed 1 time in a row; giving up "
+                                          r"\(rollout.max_restarts=0\)(.|\n)*engine0.log"):
+        fleet.generate(PROMPTS[:1], settings, seeds=[1])
+    # the module's last test of the fleet: its engine stays down (the teardown stops what is left)
 
 
 def test_an_engine_that_cannot_start_fails_with_its_log(tmp_path):

@@ -36,15 +36,16 @@ def test_tiny_model_loads_in_transformers(tiny_model_dir):
     assert 100_000 < n_params < 2_000_000
 
 
-def test_make_tiny_model_cli_is_deterministic(tmp_path):
+def test_make_tiny_model_cli_is_deterministic(tiny_model_dir, tmp_path):
+    """The CLI, in its own process, writes exactly the session's model (built in this process by
+    `make_tiny_model` with the same defaults): same weights to the bit, same tokenizer."""
     from safetensors.torch import load_file
 
-    for name in ("a", "b"):
-        subprocess.run([sys.executable, str(REPO / "tools" / "make_tiny_model.py"), str(tmp_path / name)],
-                       check=True, capture_output=True)
-    a, b = load_file(tmp_path / "a" / "model.safetensors"), load_file(tmp_path / "b" / "model.safetensors")
+    subprocess.run([sys.executable, str(REPO / "tools" / "make_tiny_model.py"), str(tmp_path / "cli")],
+                   check=True, capture_output=True)
+    a, b = load_file(tiny_model_dir / "model.safetensors"), load_file(tmp_path / "cli" / "model.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    assert (tmp_path / "a" / "tokenizer.json").read_text() == (tmp_path / "b" / "tokenizer.json").read_text()
+    assert (tiny_model_dir / "tokenizer.json").read_text() == (tmp_path / "cli" / "tokenizer.json").read_text()
 
 
 VLLM_SCRIPT = r"""
