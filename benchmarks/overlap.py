@@ -31,7 +31,7 @@ def run(lag: int, steps: int, out: Path, model: Path) -> dict[str, float]:
     result = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
     if result.returncode:
         raise SystemExit(f"run failed ({result.returncode}):\n{result.stderr[-3000:]}")
-    scalars = read_scalars(out / "tensorboard")
+    scalars = read_scalars(out)
     after = lambda tag: [v for s, v in scalars[tag] if s > 2]  # noqa: E731
     return {tag: statistics.median(after(tag)) for tag in
             ("perf/time_step", "perf/time_rollout", "perf/time_train", "perf/learner_wait_s",

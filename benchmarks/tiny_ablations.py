@@ -92,7 +92,7 @@ def main() -> int:
     total_s = time.time() - start
 
     runs = {name: sweep / f"{i}-{name}" for i, name in enumerate(ABLATIONS)}
-    scalars = {name: read_scalars(run / "tensorboard") for name, run in runs.items()}
+    scalars = {name: read_scalars(run) for name, run in runs.items()}
     rows = {name: summarize(s) for name, s in scalars.items()}
     steps = len(scalars["none"]["reward/mean"])
 
@@ -102,7 +102,7 @@ def main() -> int:
     print(f"model build {build_s:.0f} s; three runs of {steps} steps, {'Slurm' if args.slurm else 'one after the other'}: "
           f"{total_s:.0f} s from start to the last exit")
     for name, run in runs.items():
-        points = read_scalars(run / "tensorboard")["reward/mean"]
+        points = read_scalars(run)["reward/mean"]
         log = (run / "train.log").read_text()
         first = log.split(" ", 2)[:2]
         print(f"  {name}: {len(points)} steps; train.log from {' '.join(first)}")

@@ -53,7 +53,7 @@ def main() -> int:
     subprocess.run(cmd, cwd=REPO, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     total_s = time.time() - start
 
-    acc = EventAccumulator(str(run / "tensorboard"), size_guidance={"scalars": 0})
+    acc = EventAccumulator(str(run), size_guidance={"scalars": 0})
     acc.Reload()
     events = acc.Scalars("reward/mean")
     steps = [e.step for e in events]
@@ -63,7 +63,7 @@ def main() -> int:
     baseline = sum(reward[:WINDOW]) / WINDOW
     rise = [s - baseline for s in smooth]
     reached = next((i for i, r in enumerate(rise) if i >= WINDOW - 1 and r >= TARGET_RISE), None)
-    scalars = read_scalars(run / "tensorboard")
+    scalars = read_scalars(run)
     val = scalars.get("val/toy_scratchpad/accuracy", [])
 
     print(f"\nmachine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores; "

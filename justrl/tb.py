@@ -2,7 +2,7 @@
 
 torch's SummaryWriter starts a new event file at every start, so a run resumed from step 50 after
 reaching step 63 would show steps 51-63 twice. This writer keeps one file per run
-(`<run>/tensorboard/events.out.tfevents.justrl`, in TensorBoard's record format, written with
+(`<run>/events.out.tfevents.justrl`, in TensorBoard's record format, written with
 tensorboard's own protos and record writer) and, on resume, first rewrites it without the events
 logged after the checkpoint's step (write to a temporary file, then rename), then appends.
 """

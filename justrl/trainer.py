@@ -26,6 +26,7 @@ Where this departs from the authors' veRL setup, on purpose (the math itself is 
 from __future__ import annotations
 
 import logging
+import os
 import random
 import signal
 import time
@@ -44,7 +45,7 @@ from justrl.dist_groups import control_group
 from justrl.learner import build_learner
 from justrl.models import resolve_model_path
 from justrl.placement import EnginePlacement
-from justrl.tb import ScalarLog
+from justrl.tb import EVENT_FILE_NAME, ScalarLog
 from justrl.weight_sync import WeightSync
 
 log = logging.getLogger("justrl")
@@ -67,7 +68,10 @@ class RunDir:
 
     @property
     def tensorboard(self) -> Path:
-        return self.root / "tensorboard"
+        """Where the event file goes: the run directory itself. TensorBoard names a run by the
+        directory that holds its event file, relative to `--logdir`: `justrl-tiny` under
+        `--logdir outputs/`, `0-length_penalty` under `--logdir <sweep dir>`."""
+        return self.root
 
     @property
     def engine_logs(self) -> Path:
@@ -233,6 +237,9 @@ def train(cfg: DictConfig, engine_placements: list[EnginePlacement] | None = Non
             _warn_config_changes(OmegaConf.load(resume / RUN_CONFIG), cfg)
         else:
             OmegaConf.save(cfg, run.root / RUN_CONFIG)
+        legacy = run.root / "tensorboard" / EVENT_FILE_NAME  # where runs before 2026-11-22 logged
+        if legacy.is_file() and not (run.tensorboard / EVENT_FILE_NAME).exists():
+            os.replace(legacy, run.tensorboard / EVENT_FILE_NAME)
         tb = ScalarLog(run.tensorboard, resume_step=start_step if resume else None)
         if controller is None:
             controller = Controller(cfg, tokenizer, serve_dir, placements, run.engine_logs, run.weights)

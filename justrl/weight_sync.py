@@ -73,8 +73,8 @@ def version_dir(root: Path, step: int) -> Path:
 def learner_probe_logprobs(learner, token_ids: list[int]) -> list[float]:
     """Log-probs of tokens 1.. of `token_ids` under the learner's current weights, at temperature 1
     (what vLLM's prompt log-probs are). Every learner rank must call (a Megatron forward is a
-    tensor-parallel collective); every rank gets the list. Uses the learner's `_forward`, the same
-    code that computes the old log-probs of a step."""
+    tensor-parallel collective); every rank gets the list. Uses the learner's `forward`, as a step
+    computes its old log-probs."""
     from justrl.grpo import Sequence
     from justrl.learner.packing import build_micro_batch
 
@@ -86,7 +86,7 @@ def learner_probe_logprobs(learner, token_ids: list[int]) -> list[float]:
     learner.model.eval()
     try:
         with torch.no_grad():
-            logprobs = learner._forward(micro, need_entropy=False)[0]
+            logprobs = learner.forward(micro, need_entropy=False, response_only=True)[0]
     finally:
         learner.temperature = temperature
         learner.model.train(was_training)

@@ -158,7 +158,7 @@ def test_sbatch_two_nodes_preempted_requeued_resumed(emu, random_tiny_model_dir,
     assert "restarting it" not in train_log, train_log[-3000:]
     stopped = int(train_log.split("stopped at step ", 1)[1].split()[0])
     assert 1 <= stopped < 3 and f"(step {stopped})" in train_log.split("resuming from", 1)[1].split("\n")[0]
-    assert [s for s, _ in read_scalars(run / "tensorboard")["reward/mean"]] == list(range(1, 4))
+    assert [s for s, _ in read_scalars(run)["reward/mean"]] == list(range(1, 4))
     assert latest.read_text().strip() == "step_000003"
 
 
@@ -180,7 +180,7 @@ def test_launch_cluster_slurm_submitit_two_nodes(emu, random_tiny_model_dir, tmp
     assert sorted(p.name for p in (run / "submitit").glob(f"{job_id}_*_log.out")) == \
         [f"{job_id}_{t}_log.out" for t in range(4)]
     _check_engines(run, job_id, _check_learner(logs(), job_id, emu))
-    assert [s for s, _ in read_scalars(run / "tensorboard")["reward/mean"]] == [1, 2]
+    assert [s for s, _ in read_scalars(run)["reward/mean"]] == [1, 2]
 
 
 @pytest.mark.timeout(3600)  # 2-node jobs with vLLM start-ups; slow on a shared 2-core machine
@@ -207,8 +207,8 @@ def test_multirun_two_ablations_hydra_submitit_two_nodes(emu, random_tiny_model_
         assert len(re.findall(r"is not a learner rank \(the learner has 4\): exiting", logs)) == 4, task_dir.name
     assert len(job_nodes) == 2
     for name, run in runs.items():
-        assert [s for s, _ in read_scalars(run / "tensorboard")["reward/mean"]] == [1], name
+        assert [s for s, _ in read_scalars(run)["reward/mean"]] == [1], name
         engine_job = _lines((run / "engines" / "engine0.log").read_text(), "justrl-engine")[0]["slurm_job"]
         _check_engines(run, engine_job, job_nodes[engine_job])
-    assert "reward/overlong_penalty" in read_scalars(runs["0-length_penalty"] / "tensorboard")
+    assert "reward/overlong_penalty" in read_scalars(runs["0-length_penalty"])
     assert "verifier lenient" in (runs["1-lenient"] / "train.log").read_text()

@@ -112,7 +112,7 @@ def test_non_finite_updates_are_skipped_then_stop_the_run(tiny_model_dir):
     assert all(torch.equal(before[k], v) for k, v in weights(learner).items())
     # a finite update in between resets the count
     learner.train_step(make_batch())
-    assert learner.consecutive_nonfinite == 0
+    assert learner.nonfinite.consecutive == 0
     learner.train_step(bad)
     with pytest.raises(NonFiniteError, match=r"3 updates in a row.*learner.max_nonfinite_updates=3"):
         learner.train_step(bad)

@@ -6,7 +6,7 @@ import json
 import pytest
 import torch
 
-from justrl.learner.mcore_adapter import Qwen2Shape, hf_to_mcore, mcore_to_hf, merge_tp, padded_vocab_size
+from justrl.learner.megatron.adapter import Qwen2Shape, hf_to_mcore, mcore_to_hf, merge_tp, padded_vocab_size
 
 # DeepSeek-R1-Distill-Qwen-1.5B's config.json (the fields that shape the model): untied output layer.
 DEEPSEEK_1_5B = {"model_type": "qwen2", "hidden_size": 1536, "intermediate_size": 8960, "num_hidden_layers": 28,
@@ -94,7 +94,7 @@ def megatron_tp1():
 
 def megatron_param_count(config: dict) -> tuple[int, int]:
     """(parameters of the Megatron model, of which vocabulary padding)."""
-    from justrl.learner.mcore_model import build_gpt_model
+    from justrl.learner.megatron.model import build_gpt_model
 
     shape = Qwen2Shape.from_hf_config(config)
     model = build_gpt_model(shape, params_dtype=torch.bfloat16, initialize=False)
@@ -116,7 +116,7 @@ def test_tiny_model_maps_into_megatron_by_name_and_shape(megatron_tp1, tiny_mode
     from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM
 
-    from justrl.learner.mcore_model import build_gpt_model
+    from justrl.learner.megatron.model import build_gpt_model
 
     config = json.loads((tiny_model_dir / "config.json").read_text())
     shape = Qwen2Shape.from_hf_config(config)

@@ -67,7 +67,7 @@ def _worker(rank, world, port, tp, model_dir, out):
     cfg.learner.tensor_parallel_size = tp
     learner = build_learner(cfg, model_dir)
     with torch.no_grad():
-        logprobs, entropy = learner._forward(build_micro_batch(make_batch()), need_entropy=True)
+        logprobs, entropy = learner.forward(build_micro_batch(make_batch()), need_entropy=True)
     metrics = learner.train_step(make_batch())
     state = learner.gather_hf_state()
     if rank == 0:
@@ -83,7 +83,7 @@ def hf_result(qwen2_dir):
     learner = build_learner(gpu_cfg(), qwen2_dir)
     before = {k: v.detach().float().cpu().clone() for k, v in learner.model.state_dict().items()}
     with torch.no_grad():
-        logprobs, entropy = learner._forward(build_micro_batch(make_batch()), need_entropy=True)
+        logprobs, entropy = learner.forward(build_micro_batch(make_batch()), need_entropy=True)
     metrics = learner.train_step(make_batch())
     after = {k: v.detach().float().cpu().clone() for k, v in learner.model.state_dict().items()}
     del learner

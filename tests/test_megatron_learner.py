@@ -1,5 +1,5 @@
 """learner=megatron on a CPU: Megatron-core's own GPTModel, DDP, distributed optimizer and
-distributed checkpointing, over gloo (justrl.learner.mcore_cpu keeps its tensors on the CPU).
+distributed checkpointing, over gloo (justrl.learner.megatron.cpu keeps its tensors on the CPU).
 
 Reference: the `hf` learner on the same tiny model and batch. Float32 on both sides, so the
 figures are tight; the bf16 comparison is in test_megatron_gpu.py.
@@ -50,7 +50,7 @@ def _reference_logprobs_entropy(logits, targets, vocab_size, temperature):
 
 
 def _vocab_worker(rank, world, port, out):
-    from justrl.learner.vocab_parallel import vocab_parallel_logprobs_entropy
+    from justrl.learner.megatron.vocab_parallel import vocab_parallel_logprobs_entropy
 
     _init(rank, world, port)
     g = torch.Generator().manual_seed(0)
@@ -91,7 +91,7 @@ def _step_worker(rank, world, port, tp, model_dir, out):
     _init(rank, world, port)
     learner = build_learner(megatron_cfg(tp), model_dir)
     with torch.no_grad():
-        logprobs, entropy = learner._forward(build_micro_batch(make_batch()), need_entropy=True)
+        logprobs, entropy = learner.forward(build_micro_batch(make_batch()), need_entropy=True)
     metrics = learner.train_step(make_batch())
     state = learner.gather_hf_state()
     if rank == 0:
@@ -131,7 +131,7 @@ def hf_reference(model_dir):
                                          "algorithm.mini_batch_prompts=2", "optim.warmup_steps=0", *DP_OPTIM),
                                 model_dir)
         with torch.no_grad():
-            logprobs, entropy = learner._forward(build_micro_batch(make_batch()), need_entropy=True)
+            logprobs, entropy = learner.forward(build_micro_batch(make_batch()), need_entropy=True)
         metrics = learner.train_step(make_batch())
         weights = {k: v.detach().clone() for k, v in learner.model.state_dict().items()}
         _references[model_dir] = {"logprobs": logprobs, "entropy": entropy, "metrics": metrics, "weights": weights}
@@ -173,7 +173,7 @@ def _nonfinite_worker(rank, world, port, model_dir, out):
     first = learner.train_step(bad)  # two mini-batches: two skipped updates
     unchanged = all(torch.equal(before[k], v) for k, v in learner.gather_hf_state().items())
     learner.train_step(make_batch())
-    reset = learner.consecutive_nonfinite
+    reset = learner.nonfinite.consecutive
     learner.train_step(bad)
     try:
         learner.train_step(bad)
@@ -319,7 +319,7 @@ def test_tiny_run_with_megatron_resumes_and_its_checkpoint_merges_for_vllm(tiny_
         assert result.returncode == 0, result.stderr[-4000:]
     log = (run / "train.log").read_text()
     assert "resuming from" in log and f"serving {run / 'weights' / 'step_000002'}" in log
-    scalars = read_scalars(run / "tensorboard")
+    scalars = read_scalars(run)
     assert [s for s, _ in scalars["actor/lr"]] == [1, 2, 3, 4]
     assert [v for _, v in scalars["actor/lr"]] == pytest.approx([0.0, 5e-5, 1e-4, 1e-4])
     assert all(v > 0 for _, v in scalars["actor/grad_norm"])

@@ -13,7 +13,7 @@ from plot_runs import plot_runs  # noqa: E402
 
 
 def fake_run(run_dir: Path, offset: float, steps: int = 12) -> None:
-    log = ScalarLog(run_dir / "tensorboard")
+    log = ScalarLog(run_dir)
     log.scalars(0, {"val/AIME24/accuracy": 0.1 + offset, "val/AMC23/accuracy": 0.3 + offset})
     for step in range(1, steps + 1):
         log.scalars(step, {"actor/entropy": 1.3 - 0.01 * step, "reward/mean": -0.6 + 0.05 * step + offset,
@@ -46,6 +46,7 @@ def test_plot_runs_cli_reports_missing_input(tmp_path):
 
 
 def test_plot_runs_adds_the_verifier_panels_when_runs_log_them(tmp_path):
+    # a run written before the event file moved to the run directory (<run>/tensorboard/)
     log = ScalarLog(tmp_path / "sweep" / "2-lenient" / "tensorboard")
     for step, strict in enumerate([0.4, float("nan"), 0.5], start=1):
         log.scalars(step, {"actor/entropy": 1.0, "reward/mean": 0.0, "response_length/mean": 30.0,

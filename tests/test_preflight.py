@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 from safetensors import safe_open
 
-from justrl import preflight
+from justrl import node_checks, preflight
 from justrl.config import compose
 
 REPO = Path(__file__).resolve().parents[1]
@@ -38,16 +38,16 @@ def test_one_node_passes_and_prints_the_table(random_tiny_model_dir, tmp_path, c
     out = capsys.readouterr().out
     row = [line for line in out.splitlines() if line.startswith(f"| {socket.gethostname()} |")]
     assert len(row) == 1 and "FAIL" not in row[0]
-    versions = preflight.package_versions()
+    versions = node_checks.package_versions()
     assert all(v for v in versions.values())
     assert f"| {versions['torch']} | {versions['vllm']} | {versions['megatron-core']} | {versions['transformers']} |" \
         in row[0]
     # disk: (keep_checkpoints + 1) checkpoints of 16 bytes per parameter, parameters from the headers
     with safe_open(str(random_tiny_model_dir / "model.safetensors"), "pt") as f:
         params = sum(_numel(f.get_slice(k).get_shape()) for k in f.keys())
-    assert preflight.model_parameters(random_tiny_model_dir) == params
-    need = 3 * params * preflight.CHECKPOINT_BYTES_PER_PARAM
-    assert "for 3 checkpoints" in row[0] and preflight._size(need) in row[0]
+    assert node_checks.model_parameters(random_tiny_model_dir) == params
+    need = 3 * params * node_checks.CHECKPOINT_BYTES_PER_PARAM
+    assert "for 3 checkpoints" in row[0] and node_checks._size(need) in row[0]
     assert out.strip().endswith("preflight: all checks passed on 1 node(s)")
     assert (tmp_path / "run" / "preflight").is_dir()
 
@@ -122,9 +122,9 @@ def test_busy_rendezvous_and_engine_ports_fail(random_tiny_model_dir, tmp_path, 
     from justrl.placement import ENGINE_PORT_BASE
 
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1,2,3")
-    monkeypatch.setattr(preflight, "PORT_GRACE_S", 2.0)  # a port that stays busy is retried, then fails
+    monkeypatch.setattr(node_checks, "PORT_GRACE_S", 2.0)  # a port that stays busy is retried, then fails
     cfg = _cfg(tmp_path, random_tiny_model_dir, "cluster.gpus_per_node=4", "cluster.learner_gpus=2")
-    assert preflight.engine_ports_here(cfg, ["node1"], "node1") == [ENGINE_PORT_BASE, ENGINE_PORT_BASE + 1]
+    assert node_checks.engine_ports_here(cfg, ["node1"], "node1") == [ENGINE_PORT_BASE, ENGINE_PORT_BASE + 1]
     port = _free_port()
     with socket.socket() as engine_port, socket.socket() as rendezvous:
         try:
@@ -144,8 +144,8 @@ def test_busy_rendezvous_and_engine_ports_fail(random_tiny_model_dir, tmp_path, 
 
 def test_gpu_count_must_match_the_allocation(monkeypatch):
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1")
-    assert preflight.check_gpus(2)["ok"]
-    result = preflight.check_gpus(4)
+    assert node_checks.check_gpus(2)["ok"]
+    result = node_checks.check_gpus(4)
     assert not result["ok"] and "sees 2 GPU(s), cluster.gpus_per_node=4" in result["text"]
 
 

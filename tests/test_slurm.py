@@ -110,7 +110,7 @@ def test_sbatch_train_is_preempted_requeues_and_resumes(slurm, tiny_model_dir, t
     stopped = int(train_log.split("stopped at step ", 1)[1].split()[0])
     assert 3 <= stopped < steps, "the job ended before the signal: test is void"
     assert f"resuming from {run / 'checkpoints' / f'step_{stopped:06d}'} (step {stopped})" in train_log
-    scalars = read_scalars(run / "tensorboard")
+    scalars = read_scalars(run)
     assert [s for s, _ in scalars["reward/mean"]] == list(range(1, steps + 1))  # every step once
     assert (run / "checkpoints" / "latest").read_text().strip() == f"step_{steps:06d}"
     assert scalars["reward/errors"] and all(v == 0 for _, v in scalars["reward/errors"])  # no worker died of USR1
@@ -156,8 +156,12 @@ def test_multirun_of_the_two_ablations_through_submitit(slurm, tiny_model_dir, t
     tasks = sorted(p.name for p in (sweep / ".submitit").iterdir() if re.fullmatch(r"\d+_\d+", p.name))
     assert [t.split("_")[1] for t in tasks] == ["0", "1"]
 
-    penalty = read_scalars(runs["0-length_penalty"] / "tensorboard")
-    lenient = read_scalars(runs["1-lenient"] / "tensorboard")
+    penalty = read_scalars(runs["0-length_penalty"])
+    lenient = read_scalars(runs["1-lenient"])
+    # TensorBoard on the sweep directory shows each run under its ablation's name
+    from tensorboard.backend.event_processing.plugin_event_multiplexer import EventMultiplexer
+
+    assert sorted(EventMultiplexer().AddRunsFromDirectory(str(sweep)).Runs()) == ["0-length_penalty", "1-lenient"]
     steps = list(range(1, SWEEP_STEPS + 1))
     assert [s for s, _ in penalty["reward/mean"]] == steps == [s for s, _ in lenient["reward/mean"]]
     # the length-penalty run logs the penalty, and its reward is the verifier's plus the penalty

@@ -64,8 +64,13 @@ def test_tiny_run_end_to_end(straight):
     assert (model_dir / "config.json").is_file() and (model_dir / "justrl_tiny.json").is_file()
     assert f"{STEPS}/{STEPS}" in result.stderr  # the progress bar reached the end
 
-    assert [p.name for p in (run / "tensorboard").iterdir()] == [EVENT_FILE_NAME]
-    scalars = read_scalars(run / "tensorboard")
+    assert [p.name for p in run.glob("events.out.tfevents*")] == [EVENT_FILE_NAME]
+    # TensorBoard on the directory of runs shows this one under its directory's name
+    from tensorboard.backend.event_processing.plugin_event_multiplexer import EventMultiplexer
+
+    runs = EventMultiplexer().AddRunsFromDirectory(str(run.parent))
+    assert list(runs.Runs()) == [run.name]
+    scalars = read_scalars(run)
     for tag in REQUIRED_TAGS:
         assert tag in scalars, tag
     steps = lambda tag: [s for s, _ in scalars[tag]]  # noqa: E731
@@ -119,7 +124,7 @@ def test_killed_run_resumes_and_matches_an_uninterrupted_one(straight, tmp_path)
     log = (resumed / "train.log").read_text()
     assert f"resuming from {resumed / 'checkpoints' / f'step_{killed_at:06d}'} (step {killed_at})" in log
 
-    a, b = read_scalars(straight_run / "tensorboard"), read_scalars(resumed / "tensorboard")
+    a, b = read_scalars(straight_run), read_scalars(resumed)
     for tag in ("reward/mean", "prompt_length/mean", "response_length/mean", "actor/pg_loss", "actor/lr"):
         assert [s for s, _ in b[tag]] == list(range(1, STEPS + 1)), tag  # each step once, none lost
         assert [v for _, v in b[tag]] == pytest.approx([v for _, v in a[tag]], rel=1e-5, abs=1e-7), tag

@@ -94,7 +94,7 @@ def test_wheel_installs_trains_and_evaluates_outside_the_repository(tmp_path):
     assert train.returncode == 0, train.stderr[-4000:]
     assert (work / "models" / "tiny" / "config.json").is_file()  # built on first use, under the user's directory
     assert (run / "checkpoints" / "step_000002" / "COMPLETE").is_file()
-    assert list((run / "tensorboard").glob("events.out.tfevents.*"))
+    assert list(run.glob("events.out.tfevents.*"))
 
     out = tmp_path / "eval"
     evaluate = subprocess.run(

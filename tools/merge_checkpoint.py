@@ -20,7 +20,7 @@ def main() -> int:
     parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
                         help="cast the weights (default: keep the stored dtype)")
     args = parser.parse_args()
-    from justrl.learner.mcore_checkpoint import NotAMegatronCheckpoint, merge_checkpoint
+    from justrl.learner.megatron.checkpoint import NotAMegatronCheckpoint, merge_checkpoint
 
     try:
         out = merge_checkpoint(args.checkpoint, args.out_dir, args.dtype)

@@ -1,6 +1,6 @@
 """The `hf` learner: a transformers causal LM trained with torch, data parallel over torch.distributed.
 
-One training step (`justrl.learner.step.PolicyStep`) on every rank, each rank holding the whole
+One training step (`justrl.learner.step.grpo_update`) on every rank, each rank holding the whole
 step's sequences (see `justrl.trainer`); gradients are summed over the ranks with an all-reduce
 (no DDP, so ranks may run different numbers of micro-batches), clipped, and AdamW steps.
 
@@ -35,10 +35,11 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from justrl.grpo import entropy_from_logits, token_logprobs
+from justrl.grpo import Sequence, entropy_from_logits, token_logprobs
 import justrl.learner.varlen_attention as varlen_attention
 from justrl.learner.packing import MicroBatch
-from justrl.learner.step import LOGIT_CHUNK_TOKENS, PolicyStep, chunked_logprobs_entropy, constant_with_warmup
+from justrl.learner.step import (LOGIT_CHUNK_TOKENS, NonFiniteCounter, UpdateSettings, chunked_logprobs_entropy,
+                                 constant_with_warmup, grpo_update)
 
 OPTIMIZER_FILE = "optimizer.pt"
 # Above this many logits per chunk (vocabulary x LOGIT_CHUNK_TOKENS) they are recomputed in the
@@ -81,7 +82,7 @@ def _all_reduce_bucketed(tensors: list[torch.Tensor], bucket_bytes: int) -> None
     flush()
 
 
-class HFLearner(PolicyStep):
+class HFLearner:
     """Policy model, optimizer and schedule of the `hf` backend.
 
     Args:
@@ -104,8 +105,8 @@ class HFLearner(PolicyStep):
             self.device = torch.device("cuda", torch.cuda.current_device())
         else:
             self.device = torch.device("cpu")
-        self.cfg, self.algorithm = learner, algorithm
-        self.mini_batch_size = mini_batch_size
+        self.update_settings = UpdateSettings.from_config(learner, algorithm, mini_batch_size)
+        self.nonfinite = NonFiniteCounter(learner.max_nonfinite_updates)
         self.temperature = temperature
         self.autocast_dtype = torch.bfloat16 if learner.dtype == "bfloat16" else None
         self.compute_dtype = self.autocast_dtype or torch.float32
@@ -120,15 +121,21 @@ class HFLearner(PolicyStep):
                                            eps=optim.eps, weight_decay=optim.weight_decay)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, constant_with_warmup(optim.warmup_steps))
         self.grad_clip = optim.grad_clip
-        self.consecutive_nonfinite = 0
-        self._response_only = False
 
     # -- forward ------------------------------------------------------------------------------
 
-    def _forward(self, mb: MicroBatch, need_entropy: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    def train_step(self, sequences: list[Sequence]) -> dict[str, float]:
+        """One GRPO step (`justrl.learner.step.grpo_update`) on this learner."""
+        return grpo_update(self, sequences, self.update_settings, self.nonfinite)
+
+    # -- the update's backend (justrl.learner.step.Backend) ----------------------------------------
+
+    def forward(self, mb: MicroBatch, need_entropy: bool, response_only: bool = False
+                ) -> tuple[torch.Tensor, torch.Tensor]:
         """Log-probs and entropies `[1, L]` of a packed micro-batch (each sequence attends to itself
         only: the sequence boundaries, where the position ids restart at 0, go to the varlen
-        attention as `cu_seq_lens_q`)."""
+        attention as `cu_seq_lens_q`). With `response_only` (a training step), the output layer,
+        the log-softmax and the entropy skip the positions of mask 0 (they hold 0)."""
         input_ids, position_ids = mb.input_ids.to(self.device), mb.position_ids.to(self.device)
         targets = mb.targets.to(self.device)
         with torch.autocast(self.device.type, dtype=self.compute_dtype, enabled=self.autocast_dtype is not None):
@@ -137,9 +144,7 @@ class HFLearner(PolicyStep):
         weight = self.model.get_output_embeddings().weight
         targets = targets[0]
         where = None
-        if self._response_only:
-            # In a training step only the response positions (mask 1) enter the loss and the
-            # metrics: the output layer, the log-softmax and the entropy skip the prompt's.
+        if response_only:  # only the response positions (mask 1) enter the loss and the metrics
             where = torch.nonzero(mb.mask[0]).flatten().to(self.device)
             hidden, targets = hidden[where], targets[where]
         # Checkpointing the chunk saves its logits' memory at the price of a second output-layer
@@ -154,32 +159,22 @@ class HFLearner(PolicyStep):
             entropies = entropies.new_zeros(length).index_copy(0, where, entropies)
         return logprobs[None], entropies[None]
 
-    def train_step(self, sequences):
-        """`PolicyStep.train_step`, with log-probs computed at response positions only."""
-        self._response_only = True
-        try:
-            return super().train_step(sequences)
-        finally:
-            self._response_only = False
-
-    # -- the step's hooks (justrl.learner.step.PolicyStep) -----------------------------------------
-
-    def _data_parallel(self) -> tuple[int, int]:
+    def data_parallel(self) -> tuple[int, int]:
         return self.rank, self.world_size
 
-    def _zero_grad(self) -> None:
+    def zero_grad(self) -> None:
         self.optimizer.zero_grad(set_to_none=False)
 
-    def _current_lr(self) -> float:
+    def current_lr(self) -> float:
         return self.optimizer.param_groups[0]["lr"]
 
-    def _advance_schedule(self) -> None:
+    def advance_schedule(self) -> None:
         with warnings.catch_warnings():
             # a step whose updates were all skipped (non-finite) still advances the schedule
             warnings.filterwarnings("ignore", message=re.escape("Detected call of `lr_scheduler.step()` before"))
             self.scheduler.step()
 
-    def _reduce_and_step(self, sums: torch.Tensor) -> tuple[torch.Tensor, float, bool]:
+    def reduce_and_step(self, sums: torch.Tensor) -> tuple[torch.Tensor, float, bool]:
         params = [p for p in self.model.parameters() if p.requires_grad]
         for p in params:  # a rank with no sequences in this mini-batch still joins the all-reduce
             if p.grad is None:
@@ -234,10 +229,10 @@ class HFLearner(PolicyStep):
         """Optimizer and schedule state (the weights go in the HF export). Rank 0 writes."""
         if self.rank == 0:
             torch.save({"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
-                        "consecutive_nonfinite": self.consecutive_nonfinite}, Path(out_dir) / OPTIMIZER_FILE)
+                        "consecutive_nonfinite": self.nonfinite.consecutive}, Path(out_dir) / OPTIMIZER_FILE)
 
     def load_state(self, in_dir: str | Path) -> None:
         state = torch.load(Path(in_dir) / OPTIMIZER_FILE, map_location=self.device, weights_only=True)
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
-        self.consecutive_nonfinite = state["consecutive_nonfinite"]
+        self.nonfinite.consecutive = state["consecutive_nonfinite"]

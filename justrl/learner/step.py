@@ -1,5 +1,7 @@
-"""One GRPO training step, as both learners run it; they differ only in how they compute
-log-probs and how they synchronise gradients and step the optimizer.
+"""One GRPO training step, as both learners run it: `grpo_update(backend, sequences, settings,
+nonfinite)`. The learners are "model + parallelism": each implements the `Backend` contract below
+(log-probs of a packed micro-batch, its data-parallel split, reduce-and-step, the learning rate)
+and nothing of the recipe.
 
 1. cut the step into PPO mini-batches (consecutive groups, no shuffle), split each mini-batch
    over the data-parallel ranks by token count and pack each rank's share into micro-batches;
@@ -16,6 +18,8 @@ each mini-batch, averaged over the mini-batches (as veRL reports them).
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 from torch.utils.checkpoint import checkpoint
@@ -27,7 +31,7 @@ log = logging.getLogger(__name__)
 
 # Positions whose logits are computed at once (2048 x 151936 float32 logits = 1.2 GiB).
 LOGIT_CHUNK_TOKENS = 2048
-# Per-mini-batch sums kept by `PolicyStep._update`, in this order.
+# Per-mini-batch sums kept by `_mini_batch_update`, in this order.
 SUMMED_METRICS = ("actor/pg_loss", "actor/pg_clipfrac", "actor/ppo_kl", "actor/pg_clipfrac_lower", "actor/entropy")
 
 
@@ -62,96 +66,139 @@ def constant_with_warmup(warmup_steps: int):
     return factor
 
 
-class PolicyStep:
-    """The step above, for a learner that has `cfg` (the learner config), `algorithm`,
-    `mini_batch_size`, `device`, `model` and `consecutive_nonfinite`, and implements:
+class Backend(Protocol):
+    """What `grpo_update` needs from a learner (`justrl.learner.hf.HFLearner`,
+    `justrl.learner.megatron.MegatronLearner`)."""
 
-        _forward(micro, need_entropy) -> (logprobs [1, L], entropies [1, L])
-        _data_parallel() -> (rank, size)          how the step is split
-        _zero_grad()
-        _reduce_and_step(sums) -> (sums, grad_norm, finite)
-            sum the gradients and the metric sums over the data-parallel ranks, and step the
-            optimizer unless the loss (sums[0]) or the gradient is not finite
-        _current_lr() -> float
-        _advance_schedule()
-    """
+    device: torch.device
+    model: torch.nn.Module  # the update sets its train()/eval() mode
 
-    def train_step(self, sequences: list[Sequence]) -> dict[str, float]:
-        """Old log-probs, then the PPO mini-batch updates, then one schedule step."""
-        if len(sequences) % self.mini_batch_size:
-            raise ValueError(f"{len(sequences)} sequences do not split into mini-batches of {self.mini_batch_size}")
-        mini_batches = [sequences[i:i + self.mini_batch_size] for i in range(0, len(sequences), self.mini_batch_size)]
-        rank, size = self._data_parallel()
-        plans = [plan_mini_batch(mb, rank, size, self.cfg.micro_batch_tokens) for mb in mini_batches]
-        # The token-mean's denominator: the mini-batch's response tokens over all ranks. Every rank
-        # holds the whole mini-batch, so no all-reduce is needed to know it.
-        token_counts = [sum(len(s.response_ids) for s in mb) for mb in mini_batches]
+    def forward(self, micro: MicroBatch, need_entropy: bool,
+                response_only: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """Log-probs and entropies `[1, L]` of a packed micro-batch. `response_only`: only the
+        positions of mask 1 are needed (the others may hold anything)."""
 
-        self.model.eval()  # no dropout either way; eval() only skips recomputation under no_grad
-        with torch.no_grad():
-            for plan in plans:
-                for micro in plan:
-                    # kept on the device: no host sync per micro-batch
-                    micro.old_logprobs = self._forward(micro, need_entropy=False)[0]
-        self.model.train()
+    def data_parallel(self) -> tuple[int, int]:
+        """(rank, size) over which a step is split."""
 
-        lr = self._current_lr()
-        totals: dict[str, float] = {}
-        skipped = 0
-        for _ in range(self.algorithm.ppo_epochs):
-            for plan, num_tokens in zip(plans, token_counts):
-                metrics = self._update(plan, num_tokens)
-                skipped += int(metrics.pop("actor/nonfinite"))
-                for key, value in metrics.items():
-                    totals[key] = totals.get(key, 0.0) + value
-        self._advance_schedule()  # also after a step whose updates were all skipped
-        updates = len(plans) * self.algorithm.ppo_epochs
-        result = {key: value / updates for key, value in totals.items()}
-        all_micro = [m for plan in plans for m in plan]
-        result.update({
-            "actor/lr": lr,
-            "actor/skipped_updates": float(skipped),
-            "perf/padding_fraction": padding_fraction(all_micro),
-            "perf/micro_batch_fill": micro_batch_fill(all_micro, self.cfg.micro_batch_tokens),
-            "perf/micro_batches": float(len(all_micro)),
-        })
-        return result
+    def zero_grad(self) -> None: ...
 
-    def _update(self, plan: list[MicroBatch], num_tokens: int) -> dict[str, float]:
-        """One optimizer step on one mini-batch (this rank's micro-batches of it). The metric sums
-        stay on the device (no host sync per micro-batch); `_reduce_and_step` brings them back."""
-        self._zero_grad()
-        sums = torch.zeros(len(SUMMED_METRICS), dtype=torch.float64, device=self.device)
-        coef = self.algorithm.entropy_coef
-        for micro in plan:
-            logprobs, entropy = self._forward(micro, need_entropy=coef > 0)
-            mask = micro.mask.to(self.device)
-            loss, m = policy_loss(logprobs, micro.old_logprobs.to(self.device), micro.advantages.to(self.device),
-                                  mask, self.algorithm.clip_low, self.algorithm.clip_high, self.algorithm.clip_c,
-                                  num_tokens=num_tokens)
-            entropy_term = (entropy * mask).sum() / max(num_tokens, 1)
-            if coef > 0:
-                loss = loss - coef * entropy_term
-            loss.backward()
-            m["actor/entropy"] = entropy_term
-            sums += torch.stack([m[name].detach().to(torch.float64) for name in SUMMED_METRICS])
-        sums, grad_norm, finite = self._reduce_and_step(sums)
-        self._count_nonfinite(finite, sums[0].item(), grad_norm)
-        metrics = {name: value for name, value in zip(SUMMED_METRICS, sums.tolist())}
-        metrics["actor/grad_norm"] = float(grad_norm)
-        metrics["actor/nonfinite"] = float(not finite)
-        return metrics
+    def reduce_and_step(self, sums: torch.Tensor) -> tuple[torch.Tensor, float, bool]:
+        """Sum the gradients and the metric sums over the data-parallel ranks; step the optimizer
+        unless the loss (sums[0]) or the gradient is not finite. Returns (sums on the host,
+        gradient norm, finite)."""
 
-    def _count_nonfinite(self, finite: bool, loss: float, grad_norm: float) -> None:
+    def current_lr(self) -> float: ...
+
+    def advance_schedule(self) -> None: ...
+
+
+@dataclass(frozen=True)
+class UpdateSettings:
+    """The recipe's knobs of one update (from the `learner` and `algorithm` configs)."""
+
+    mini_batch_size: int  # sequences per PPO mini-batch (mini_batch_prompts x n)
+    micro_batch_tokens: int
+    ppo_epochs: int
+    clip_low: float
+    clip_high: float
+    clip_c: float
+    entropy_coef: float
+    max_nonfinite_updates: int
+
+    @classmethod
+    def from_config(cls, learner, algorithm, mini_batch_size: int) -> "UpdateSettings":
+        return cls(mini_batch_size, learner.micro_batch_tokens, algorithm.ppo_epochs, algorithm.clip_low,
+                   algorithm.clip_high, algorithm.clip_c, algorithm.entropy_coef, learner.max_nonfinite_updates)
+
+
+class NonFiniteCounter:
+    """Updates skipped in a row for a non-finite loss or gradient (kept in checkpoints)."""
+
+    def __init__(self, limit: int, consecutive: int = 0):
+        self.limit, self.consecutive = limit, consecutive
+
+    def record(self, finite: bool, loss: float, grad_norm: float) -> None:
         if finite:
-            self.consecutive_nonfinite = 0
+            self.consecutive = 0
             return
-        self.consecutive_nonfinite += 1
+        self.consecutive += 1
         log.warning("non-finite update skipped (loss %s, grad norm %s); %d in a row", loss, grad_norm,
-                    self.consecutive_nonfinite)
-        if self.consecutive_nonfinite >= self.cfg.max_nonfinite_updates:
+                    self.consecutive)
+        if self.consecutive >= self.limit:
             raise NonFiniteError(
-                f"{self.consecutive_nonfinite} updates in a row had a non-finite loss or gradient "
+                f"{self.consecutive} updates in a row had a non-finite loss or gradient "
                 f"(last: loss={loss}, grad_norm={grad_norm}); stopping "
-                f"(learner.max_nonfinite_updates={self.cfg.max_nonfinite_updates}). The weights are those of "
+                f"(learner.max_nonfinite_updates={self.limit}). The weights are those of "
                 f"the last finite update; the latest checkpoint is intact. Lower optim.lr or inspect the batch.")
+
+
+def grpo_update(backend: Backend, sequences: list[Sequence], settings: UpdateSettings,
+                nonfinite: NonFiniteCounter) -> dict[str, float]:
+    """Old log-probs, then the PPO mini-batch updates, then one schedule step (see above)."""
+    per = settings.mini_batch_size
+    if len(sequences) % per:
+        raise ValueError(f"{len(sequences)} sequences do not split into mini-batches of {per}")
+    mini_batches = [sequences[i:i + per] for i in range(0, len(sequences), per)]
+    rank, size = backend.data_parallel()
+    plans = [plan_mini_batch(mb, rank, size, settings.micro_batch_tokens) for mb in mini_batches]
+    # The token-mean's denominator: the mini-batch's response tokens over all ranks. Every rank
+    # holds the whole mini-batch, so no all-reduce is needed to know it.
+    token_counts = [sum(len(s.response_ids) for s in mb) for mb in mini_batches]
+
+    backend.model.eval()  # no dropout either way; eval() only skips recomputation under no_grad
+    with torch.no_grad():
+        for plan in plans:
+            for micro in plan:
+                # kept on the device: no host sync per micro-batch
+                micro.old_logprobs = backend.forward(micro, need_entropy=False, response_only=True)[0]
+    backend.model.train()
+
+    lr = backend.current_lr()
+    totals: dict[str, float] = {}
+    skipped = 0
+    for _ in range(settings.ppo_epochs):
+        for plan, num_tokens in zip(plans, token_counts):
+            metrics = _mini_batch_update(backend, plan, num_tokens, settings)
+            finite = not metrics.pop("actor/nonfinite")
+            nonfinite.record(finite, metrics["actor/pg_loss"], metrics["actor/grad_norm"])
+            skipped += int(not finite)
+            for key, value in metrics.items():
+                totals[key] = totals.get(key, 0.0) + value
+    backend.advance_schedule()  # also after a step whose updates were all skipped
+    updates = len(plans) * settings.ppo_epochs
+    result = {key: value / updates for key, value in totals.items()}
+    all_micro = [m for plan in plans for m in plan]
+    result.update({
+        "actor/lr": lr,
+        "actor/skipped_updates": float(skipped),
+        "perf/padding_fraction": padding_fraction(all_micro),
+        "perf/micro_batch_fill": micro_batch_fill(all_micro, settings.micro_batch_tokens),
+        "perf/micro_batches": float(len(all_micro)),
+    })
+    return result
+
+
+def _mini_batch_update(backend: Backend, plan: list[MicroBatch], num_tokens: int,
+                       settings: UpdateSettings) -> dict[str, float]:
+    """One optimizer step on one mini-batch (this rank's micro-batches of it). The metric sums
+    stay on the device (no host sync per micro-batch); `reduce_and_step` brings them back."""
+    backend.zero_grad()
+    sums = torch.zeros(len(SUMMED_METRICS), dtype=torch.float64, device=backend.device)
+    coef = settings.entropy_coef
+    for micro in plan:
+        logprobs, entropy = backend.forward(micro, need_entropy=coef > 0, response_only=True)
+        mask = micro.mask.to(backend.device)
+        loss, m = policy_loss(logprobs, micro.old_logprobs.to(backend.device), micro.advantages.to(backend.device),
+                              mask, settings.clip_low, settings.clip_high, settings.clip_c, num_tokens=num_tokens)
+        entropy_term = (entropy * mask).sum() / max(num_tokens, 1)
+        if coef > 0:
+            loss = loss - coef * entropy_term
+        loss.backward()
+        m["actor/entropy"] = entropy_term
+        sums += torch.stack([m[name].detach().to(torch.float64) for name in SUMMED_METRICS])
+    sums, grad_norm, finite = backend.reduce_and_step(sums)
+    metrics = {name: value for name, value in zip(SUMMED_METRICS, sums.tolist())}
+    metrics["actor/grad_norm"] = float(grad_norm)
+    metrics["actor/nonfinite"] = float(not finite)
+    return metrics

@@ -4,7 +4,7 @@ GQA (num_query_groups = KV heads), QKV bias, no other bias, RoPE with the config
 (gated linear unit with SiLU), RMSNorm with the config's eps, tied or untied output layer as the
 config says, vocabulary padded for tensor parallelism. Needs megatron.core.parallel_state to be
 initialised (TP size as wanted); builds on a CPU (`use_cpu_initialization`). Megatron's forward
-asks for CUDA; `justrl.learner.mcore_cpu` lets it run on a CPU-only torch.
+asks for CUDA; `justrl.learner.megatron.cpu` lets it run on a CPU-only torch.
 
 Two layer specs: "local" (plain torch modules: runs anywhere, attention over packed rows through
 a block-diagonal mask) and "te" (Transformer Engine: fused kernels and packed `thd` attention
@@ -13,10 +13,13 @@ with cu_seqlens, the GPU path; the norms live inside the linear layers, hence th
 """
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import torch
 import torch.nn.functional as F
 
-from justrl.learner.mcore_adapter import Qwen2Shape, padded_vocab_size
+from justrl.learner.megatron.adapter import Qwen2Shape, padded_vocab_size
 
 
 def transformer_config(shape: Qwen2Shape, tp: int = 1, params_dtype: torch.dtype = torch.float32,
@@ -63,12 +66,49 @@ def build_gpt_model(shape: Qwen2Shape, tp: int = 1, spec: str = "local", **confi
     from megatron.core.models.gpt import gpt_layer_specs
 
     if spec == "te":
-        layer_spec = gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec()
+        layers = gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec()
     elif spec == "local":
-        layer_spec = gpt_layer_specs.get_gpt_layer_local_spec()
+        layers = gpt_layer_specs.get_gpt_layer_local_spec()
     else:
         raise ValueError(f"unknown layer spec {spec!r} (local or te)")
-    return GPTModel(transformer_config(shape, tp, **config_kwargs), layer_spec,
+    return GPTModel(transformer_config(shape, tp, **config_kwargs), layers,
                     vocab_size=padded_vocab_size(shape.vocab_size, tp), max_sequence_length=shape.max_position_embeddings,
                     position_embedding_type="rope", rotary_base=int(shape.rope_theta),
                     share_embeddings_and_output_weights=shape.tie_word_embeddings)
+
+
+def layer_spec(on_cpu: bool) -> str:
+    """"te" on GPUs (required: packed attention needs it), "local" on a CPU."""
+    if on_cpu:
+        return "local"
+    try:
+        import transformer_engine  # noqa: F401
+    except ImportError as e:
+        raise RuntimeError(
+            "learner=megatron on GPUs needs Transformer Engine (pip install transformer-engine[pytorch]) "
+            "for packed-sequence attention; without it use learner=hf") from e
+    return "te"
+
+
+def read_shape(model_path: str | Path) -> tuple[dict, Qwen2Shape]:
+    config_file = Path(model_path) / "config.json"
+    if not config_file.is_file():
+        raise FileNotFoundError(f"{config_file}: no config.json (learner=megatron loads an HF model directory)")
+    config = json.loads(config_file.read_text())
+    try:
+        return config, Qwen2Shape.from_hf_config(config)
+    except (KeyError, ValueError) as e:
+        raise ValueError(f"{config_file}: {e}") from e
+
+
+def load_hf_state(model_path: str | Path) -> dict[str, torch.Tensor]:
+    """Every tensor of the HF safetensors in `model_path` (one file or an indexed set)."""
+    from safetensors.torch import load_file
+
+    files = sorted(Path(model_path).glob("*.safetensors"))
+    if not files:
+        raise FileNotFoundError(f"{model_path}: no *.safetensors weights")
+    state: dict[str, torch.Tensor] = {}
+    for f in files:
+        state.update(load_file(f))
+    return state

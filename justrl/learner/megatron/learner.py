@@ -2,8 +2,8 @@
 
 The same step as the `hf` learner (`justrl.learner.hf`), with Megatron-core's parallel pieces:
 
-- the model is `justrl.learner.mcore_model.build_gpt_model` from the HF config.json, loaded from
-  the HF safetensors through `justrl.learner.mcore_adapter` (this TP rank's shard only);
+- the model is `justrl.learner.megatron.model.build_gpt_model` from the HF config.json, loaded from
+  the HF safetensors through `justrl.learner.megatron.adapter` (this TP rank's shard only);
 - tensor parallelism over `learner.tensor_parallel_size` ranks, data parallelism over the rest;
   every rank of a TP group trains on the same micro-batches (the step is split over DP ranks);
 - Megatron's DDP and distributed optimizer: gradients are reduce-scattered (summed: the loss is
@@ -15,10 +15,10 @@ The same step as the `hf` learner (`justrl.learner.hf`), with Megatron-core's pa
 - packed micro-batches: Transformer Engine's `thd` attention with cu_seqlens on GPUs; on a CPU
   (tests, the tiny experiment) the local layer spec with a block-diagonal mask (RoPE is relative,
   so a sequence's offset in its row does not change its attention);
-- log-probs and entropy from vocabulary-parallel logits (`justrl.learner.vocab_parallel`), the
+- log-probs and entropy from vocabulary-parallel logits (`justrl.learner.megatron.vocab_parallel`), the
   output layer applied `LOGIT_CHUNK_TOKENS` positions at a time under activation checkpointing;
   the step itself (old log-probs, PPO mini-batch updates, GRPO loss, non-finite skips) is
-  `justrl.learner.step.PolicyStep`, as for the `hf` learner.
+  `justrl.learner.step.grpo_update` over this class's `Backend` methods, as for the `hf` learner.
 
 Differences from the `hf` learner, on purpose: weight exports (for the engines and the merge tool)
 hold the model's compute-dtype weights (bf16 under bf16; the fp32 master weights are in the
@@ -27,29 +27,22 @@ optimizer's checkpoint); checkpoints are Megatron distributed checkpoints (`save
 from __future__ import annotations
 
 import contextlib
-import json
 import math
-import shutil
-import warnings
 from datetime import timedelta
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
-from justrl.config import ConfigError
-from justrl.hf_io import EXTRA_FILES
-import justrl.learner.mcore_cpu as mcore_cpu
-from justrl.learner.mcore_adapter import Qwen2Shape, hf_to_mcore, mcore_to_hf
-from justrl.learner.mcore_checkpoint import HF_CONFIG_DIR, MEGATRON_DIR
-from justrl.learner.mcore_model import build_gpt_model
+from justrl.grpo import Sequence
+from justrl.learner.megatron import checkpoint
+from justrl.learner.megatron.adapter import hf_to_mcore, mcore_to_hf
+from justrl.learner.megatron.cpu import on_cpu_scope
+from justrl.learner.megatron.model import build_gpt_model, layer_spec, load_hf_state, read_shape
+from justrl.learner.megatron.vocab_parallel import vocab_parallel_logprobs_entropy
 from justrl.learner.packing import MicroBatch
-from justrl.learner.step import PolicyStep, chunked_logprobs_entropy, constant_with_warmup
-from justrl.learner.vocab_parallel import vocab_parallel_logprobs_entropy
-
-# DP-reshardable: each DP rank saves its optimizer shard as is (no gather); a checkpoint loads
-# with the same TP size and any DP size.
-_OPTIMIZER_SHARDING = {"distrib_optim_sharding_type": "dp_reshardable"}
+from justrl.learner.step import (NonFiniteCounter, UpdateSettings, chunked_logprobs_entropy, constant_with_warmup,
+                                 grpo_update)
 
 
 def _init_single_process_group(on_cpu: bool) -> None:
@@ -59,43 +52,6 @@ def _init_single_process_group(on_cpu: bool) -> None:
     # an explicit address: a MASTER_PORT inherited from the environment may be taken
     dist.init_process_group("gloo" if on_cpu else "nccl", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0,
                             world_size=1, timeout=timedelta(minutes=30))
-
-
-def layer_spec(on_cpu: bool) -> str:
-    """"te" on GPUs (required: packed attention needs it), "local" on a CPU."""
-    if on_cpu:
-        return "local"
-    try:
-        import transformer_engine  # noqa: F401
-    except ImportError as e:
-        raise RuntimeError(
-            "learner=megatron on GPUs needs Transformer Engine (pip install transformer-engine[pytorch]) "
-            "for packed-sequence attention; without it use learner=hf") from e
-    return "te"
-
-
-def read_shape(model_path: str | Path) -> tuple[dict, Qwen2Shape]:
-    config_file = Path(model_path) / "config.json"
-    if not config_file.is_file():
-        raise FileNotFoundError(f"{config_file}: no config.json (learner=megatron loads an HF model directory)")
-    config = json.loads(config_file.read_text())
-    try:
-        return config, Qwen2Shape.from_hf_config(config)
-    except (KeyError, ValueError) as e:
-        raise ValueError(f"{config_file}: {e}") from e
-
-
-def load_hf_state(model_path: str | Path) -> dict[str, torch.Tensor]:
-    """Every tensor of the HF safetensors in `model_path` (one file or an indexed set)."""
-    from safetensors.torch import load_file
-
-    files = sorted(Path(model_path).glob("*.safetensors"))
-    if not files:
-        raise FileNotFoundError(f"{model_path}: no *.safetensors weights")
-    state: dict[str, torch.Tensor] = {}
-    for f in files:
-        state.update(load_file(f))
-    return state
 
 
 def _block_causal_mask(position_ids: torch.Tensor) -> torch.Tensor:
@@ -117,13 +73,14 @@ def _packed_seq_params(position_ids: torch.Tensor, device: torch.device):
                            max_seqlen_kv=longest)
 
 
-class MegatronLearner(PolicyStep):
+class MegatronLearner:
     """Policy model, distributed optimizer and schedule of the `megatron` backend.
 
     Same arguments and methods as `justrl.learner.hf.HFLearner`. Call on every rank of the
     job after torch.distributed is initialised (one process: it initialises a group of one).
     """
 
+    @on_cpu_scope
     def __init__(self, model_path: str | Path, learner, optim, algorithm, mini_batch_size: int,
                  temperature: float):
         from megatron.core import parallel_state as ps
@@ -132,7 +89,7 @@ class MegatronLearner(PolicyStep):
         from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
         from megatron.core.transformer.module import Float16Module
 
-        self.on_cpu = mcore_cpu.enable()
+        self.on_cpu = not torch.cuda.is_available()  # then every public method runs in cpu.cuda_as_cpu()
         if not dist.is_initialized():
             _init_single_process_group(self.on_cpu)
         self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
@@ -155,8 +112,9 @@ class MegatronLearner(PolicyStep):
         else:
             self.device = torch.device("cuda", torch.cuda.current_device())
             tensor_parallel.model_parallel_cuda_manual_seed(1234)
-        self.cfg, self.algorithm = learner, algorithm
-        self.mini_batch_size, self.temperature = mini_batch_size, temperature
+        self.update_settings = UpdateSettings.from_config(learner, algorithm, mini_batch_size)
+        self.nonfinite = NonFiniteCounter(learner.max_nonfinite_updates)
+        self.temperature = temperature
         self.bf16 = learner.dtype == "bfloat16"
         self.spec = layer_spec(self.on_cpu)
 
@@ -165,7 +123,7 @@ class MegatronLearner(PolicyStep):
         # tensor-parallel (which the gradient norm relies on) only in its initialisation code
         # Sequence parallelism whenever TP > 1 with Transformer Engine's layers: the norms and
         # residuals (replicated under plain TP) are split along the sequence, so a packed row is
-        # padded to a multiple of TP (`_forward`). Megatron's local spec (torch norms, the CPU
+        # padded to a multiple of TP (`forward`). Megatron's local spec (torch norms, the CPU
         # path) does not support it, so CPU runs keep plain TP.
         self.sequence_parallel = tp > 1 and self.spec == "te"
         recompute = learner.recompute_granularity if learner.gradient_checkpointing else False
@@ -173,7 +131,7 @@ class MegatronLearner(PolicyStep):
                               initialize=True, recompute=recompute, bf16=self.bf16, per_token_loss=True,
                               fusions=self.spec == "te", sequence_parallel=self.sequence_parallel)
         if self.sequence_parallel:
-            # `_forward` gathers the final hidden states along the sequence itself (so the output
+            # `forward` gathers the final hidden states along the sequence itself (so the output
             # layer can run in chunks of whole positions); the output layer must not gather again.
             # Its input-gradient all-reduce stays off (it was built for SP): the gather's backward
             # reduce-scatters the partial gradients of the TP ranks instead.
@@ -202,8 +160,7 @@ class MegatronLearner(PolicyStep):
         self.base_lr = optim.lr
         self.lr_factor = constant_with_warmup(optim.warmup_steps)
         self.schedule_step = 0
-        self._set_lr()
-        self.consecutive_nonfinite = 0
+        self.set_lr()
         self.adam_steps = 0  # updates taken (Adam's bias correction counts them)
 
     @staticmethod
@@ -219,7 +176,7 @@ class MegatronLearner(PolicyStep):
                                    f"{tuple(shard[key].shape)}")
         gpt.load_state_dict({k: v.to(own[k].dtype) for k, v in shard.items()}, strict=False)
 
-    def _set_lr(self) -> None:
+    def set_lr(self) -> None:
         for group in self.optimizer.param_groups:
             group["lr"] = self.base_lr * self.lr_factor(self.schedule_step)
 
@@ -228,7 +185,7 @@ class MegatronLearner(PolicyStep):
     @contextlib.contextmanager
     def _hidden_states_only(self):
         """GPTModel returns its final hidden states (after the final norm) instead of logits: the
-        output layer is applied by `_forward` in chunks."""
+        output layer is applied by `forward` in chunks."""
         self.gpt.post_process = False
         try:
             yield
@@ -242,8 +199,18 @@ class MegatronLearner(PolicyStep):
         return vocab_parallel_logprobs_entropy(logits[:, 0], targets, vocab_start, self.shape.vocab_size,
                                                self.temperature, self.tp_group if self.tp > 1 else None)
 
-    def _forward(self, mb: MicroBatch, need_entropy: bool) -> tuple[torch.Tensor, torch.Tensor]:
-        """Log-probs and entropies `[1, L]` of a packed micro-batch."""
+    @on_cpu_scope
+    def train_step(self, sequences: list[Sequence]) -> dict[str, float]:
+        """One GRPO step (`justrl.learner.step.grpo_update`) on this learner."""
+        return grpo_update(self, sequences, self.update_settings, self.nonfinite)
+
+    # -- the update's backend (justrl.learner.step.Backend) ----------------------------------------
+
+    @on_cpu_scope
+    def forward(self, mb: MicroBatch, need_entropy: bool, response_only: bool = False
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Log-probs and entropies `[1, L]` of a packed micro-batch (every position, whatever
+        `response_only`: the vocabulary-parallel output layer runs over whole chunks)."""
         input_ids, position_ids = mb.input_ids.to(self.device), mb.position_ids.to(self.device)
         targets = mb.targets[0].to(self.device)
         length = input_ids.shape[1]
@@ -269,24 +236,22 @@ class MegatronLearner(PolicyStep):
                                                        remat=torch.is_grad_enabled())
         return logprobs[None, :length], entropies[None, :length]
 
-    # -- the step's hooks (justrl.learner.step.PolicyStep) -----------------------------------------
-
-    def _data_parallel(self) -> tuple[int, int]:
+    def data_parallel(self) -> tuple[int, int]:
         """The step is split over the DP ranks; the ranks of a TP group train on the same micro-batches."""
         return self.dp_rank, self.dp
 
-    def _zero_grad(self) -> None:
+    def zero_grad(self) -> None:
         self.model.zero_grad_buffer()
         self.optimizer.zero_grad()
 
-    def _current_lr(self) -> float:
+    def current_lr(self) -> float:
         return self.optimizer.param_groups[0]["lr"]
 
-    def _advance_schedule(self) -> None:
+    def advance_schedule(self) -> None:
         self.schedule_step += 1
-        self._set_lr()
+        self.set_lr()
 
-    def _reduce_and_step(self, sums: torch.Tensor) -> tuple[torch.Tensor, float, bool]:
+    def reduce_and_step(self, sums: torch.Tensor) -> tuple[torch.Tensor, float, bool]:
         from megatron.core import parallel_state as ps
 
         if self.sequence_parallel:
@@ -315,6 +280,7 @@ class MegatronLearner(PolicyStep):
 
     # -- weights and state ------------------------------------------------------------------------
 
+    @on_cpu_scope
     def gather_hf_state(self) -> dict[str, torch.Tensor] | None:
         """The HF state dict (model dtype) on rank 0, gathered from the TP ranks of DP rank 0;
         None elsewhere. Every rank must call."""
@@ -337,6 +303,7 @@ class MegatronLearner(PolicyStep):
             return None
         return mcore_to_hf(shards, self.shape, fused_norms=self.spec == "te")
 
+    @on_cpu_scope
     def export_hf(self, out_dir: str | Path | None, tokenizer, dtype: str = "float32") -> Path | None:
         """Write the weights as an HF directory (config.json, safetensors, tokenizer) atomically.
         Every rank must call; only rank 0 writes (the others may pass None)."""
@@ -351,88 +318,12 @@ class MegatronLearner(PolicyStep):
         dist.barrier()
         return out
 
+    @on_cpu_scope
     def save_checkpoint(self, ckpt_dir: str | Path, tokenizer) -> None:
-        """A Megatron distributed checkpoint (model, distributed optimizer, schedule position and
-        the non-finite counter) in `<ckpt_dir>/megatron/`, and the HF config and tokenizer the
-        merge tool needs in `<ckpt_dir>/hf_config/`. Every rank must call."""
-        from megatron.core import dist_checkpointing
+        """A Megatron distributed checkpoint (`justrl.learner.megatron.checkpoint.save`). Every rank must call."""
+        checkpoint.save(self, ckpt_dir, tokenizer)
 
-        ckpt_dir = Path(ckpt_dir)
-        if self.rank == 0:
-            (ckpt_dir / MEGATRON_DIR).mkdir(parents=True, exist_ok=True)
-            hf_config = ckpt_dir / HF_CONFIG_DIR
-            hf_config.mkdir(parents=True, exist_ok=True)
-            (hf_config / "config.json").write_text(json.dumps(self.config, indent=2) + "\n")
-            tokenizer.save_pretrained(hf_config)
-            for name in EXTRA_FILES:
-                if (self.model_path / name).is_file():
-                    shutil.copy(self.model_path / name, hf_config / name)
-        dist.barrier()
-        dist_checkpointing.save(self._sharded_state(is_loading=False), str(ckpt_dir / MEGATRON_DIR))
-        dist.barrier()
-
+    @on_cpu_scope
     def load_checkpoint(self, ckpt_dir: str | Path) -> None:
         """Load what `save_checkpoint` wrote (same TP size; any DP size). Every rank must call."""
-        from megatron.core import dist_checkpointing
-
-        path = Path(ckpt_dir) / MEGATRON_DIR
-        if not (path / "metadata.json").is_file():
-            raise ConfigError(f"{ckpt_dir} holds no Megatron distributed checkpoint ({MEGATRON_DIR}/metadata.json): "
-                              f"it was written by learner=hf; resume it with learner=hf, or start a new run "
-                              f"(trainer.output_dir) from its hf/ weights (model.path)")
-        self._materialise_optimizer_state()
-        state = dist_checkpointing.load(self._sharded_state(is_loading=True), str(path))
-        self.gpt.load_state_dict(state["model"], strict=False)
-        with torch.no_grad():  # Megatron copies into views of the parameters
-            self.optimizer.load_state_dict(state["optimizer"])
-        learner_state = state["learner"]
-        if learner_state["tensor_parallel_size"] != self.tp:
-            raise ConfigError(f"{path} was written with learner.tensor_parallel_size="
-                               f"{learner_state['tensor_parallel_size']}, this run has {self.tp}")
-        self.schedule_step = learner_state["schedule_step"]
-        self.consecutive_nonfinite = learner_state["consecutive_nonfinite"]
-        self.adam_steps = learner_state["adam_steps"]
-        self._set_adam_step()
-        self._set_lr()
-
-    def _materialise_optimizer_state(self) -> None:
-        """torch's Adam creates its state at its first step, and Megatron's loader needs the state
-        to exist: take one step with zero gradients and learning rate 0 (no parameter moves, not
-        even by weight decay); the loaded state replaces it."""
-        for opt in [o.optimizer for o in getattr(self.optimizer, "chained_optimizers", [self.optimizer])]:
-            if len(opt.state):
-                continue
-            lrs = [group["lr"] for group in opt.param_groups]
-            with warnings.catch_warnings():  # fp32 shards are views: "grad of a non-leaf Tensor"
-                warnings.simplefilter("ignore", UserWarning)
-                for group in opt.param_groups:
-                    group["lr"] = 0.0
-                    for p in group["params"]:
-                        p.grad = torch.zeros_like(p)
-                opt.step()
-                opt.zero_grad(set_to_none=True)
-            for group, lr in zip(opt.param_groups, lrs):
-                group["lr"] = lr
-
-    def _set_adam_step(self) -> None:
-        """Adam's step count after a load. torch's Adam keeps it per parameter, and Megatron's
-        DP-reshardable loader (written for Apex/TE's FusedAdam, which keeps it per group) leaves
-        the placeholder's count there: set it in both places."""
-        for opt in [o.optimizer for o in getattr(self.optimizer, "chained_optimizers", [self.optimizer])]:
-            for group in opt.param_groups:
-                if "step" in group:
-                    group["step"] = self.adam_steps
-            for state in opt.state.values():
-                if "step" in state:
-                    state["step"] = torch.tensor(float(self.adam_steps), dtype=state["step"].dtype,
-                                                 device=state["step"].device)
-
-    def _sharded_state(self, is_loading: bool) -> dict:
-        model = self.gpt.sharded_state_dict()
-        return {
-            "model": model,
-            "optimizer": self.optimizer.sharded_state_dict(model, is_loading=is_loading, metadata=_OPTIMIZER_SHARDING),
-            # plain values are "common" state, written once by rank 0
-            "learner": {"schedule_step": self.schedule_step, "consecutive_nonfinite": self.consecutive_nonfinite,
-                        "adam_steps": self.adam_steps, "tensor_parallel_size": self.tp},
-        }
+        checkpoint.load(self, ckpt_dir)
