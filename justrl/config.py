@@ -1,15 +1,18 @@
-"""The typed schema of justrl's Hydra configuration, and the start-up checks.
+"""justrl's Hydra configuration: each key's type and the values that can work, declared once.
 
-The values (the recipe table) and their documentation live in hydra_conf/*.yaml; this module only
-says what type each key has and which values make sense. Hydra merges the YAML into these
-dataclasses, so an unknown key or a value of the wrong type fails at composition with the key's
-name; `validate` then checks ranges and names (negative learning rate, n = 0, a verifier that does
-not exist...). `compose` does both, for tests and scripts; `justrl.launch` does both at start-up.
+The values (the recipe table) and what each key means live in hydra_conf/*.yaml; this module
+declares, in one table (`SCHEMA`), each key's type and its rule, and nothing else. From the table
+come the structured schema Hydra merges the YAML into (so an unknown key or a value of the wrong
+type fails at composition with the key's name) and the per-key checks of `validate` (negative
+learning rate, n = 0, a verifier that does not exist...); `validate` adds the few checks that
+relate two keys. `ENGINE_KEYS` (how a vLLM server is started) are shared by training
+(`rollout.*`) and evaluation (`engine.*`, justrl/evaluate.py). `compose` composes and validates,
+for tests and scripts; `justrl.launch` does both at start-up.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Any, Optional
+from dataclasses import dataclass, field, make_dataclass
+from typing import Any, Callable, Optional
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
@@ -22,144 +25,183 @@ CLUSTERS = ("local", "slurm")
 WEIGHT_SYNC_TRANSPORTS = ("files", "nccl")  # kept in step with justrl.weight_sync.TRANSPORTS by a test
 
 
-@dataclass
-class ModelConfig:
-    name: str = MISSING
-    path: str = MISSING
-    build_tiny_if_missing: bool = MISSING
+@dataclass(frozen=True)
+class Key:
+    """A config key: its type and, when not every value of the type works, the rule (a test and
+    the words an error message uses)."""
+
+    type: Any
+    ok: Optional[Callable[[Any], bool]] = None
+    rule: str = ""
 
 
-@dataclass
-class DataConfig:
-    train_path: str = MISSING
-    problem_key: Optional[str] = MISSING
-    answer_key: Optional[str] = MISSING
-    prompt_suffix: str = MISSING
-    max_prompt_length: int = MISSING
-    seed: int = MISSING
-    benchmark_dir: str = MISSING
-    val_benchmarks: list[str] = MISSING
+def typed(t) -> Key:
+    return Key(t)
 
 
-@dataclass
-class RolloutConfig:
-    n: int = MISSING
-    temperature: float = MISSING
-    top_p: float = MISSING
-    top_k: int = MISSING
-    max_response_length: int = MISSING
-    val_samples: int = MISSING
-    val_temperature: float = MISSING
-    val_top_p: float = MISSING
-    val_max_new_tokens: int = MISSING
-    engines: int = MISSING
-    dtype: str = MISSING
-    tensor_parallel_size: int = MISSING
-    gpu_memory_utilization: float = MISSING
-    cpu_kv_cache_gb: int = MISSING
-    engine_args: list[str] = MISSING
-    max_restarts: int = MISSING
-    startup_timeout_s: float = MISSING
-    request_timeout_s: float = MISSING
-    max_requests_per_engine: int = MISSING
-    weight_sync: str = MISSING
-    weight_check: bool = MISSING
-    weight_check_tol: Optional[float] = MISSING
-    max_policy_lag: int = MISSING
+def at_least(t, low, rule: str = "") -> Key:
+    return Key(t, lambda v: v >= low, rule or f"must be >= {low}")
 
 
-@dataclass
-class AlgorithmConfig:
-    prompts_per_step: int = MISSING
-    mini_batch_prompts: int = MISSING
-    ppo_epochs: int = MISSING
-    clip_low: float = MISSING
-    clip_high: float = MISSING
-    clip_c: float = MISSING
-    adv_eps: float = MISSING
-    entropy_coef: float = MISSING
+def positive(t) -> Key:
+    return Key(t, lambda v: v > 0, "must be > 0")
 
 
-@dataclass
-class OptimConfig:
-    lr: float = MISSING
-    warmup_steps: int = MISSING
-    weight_decay: float = MISSING
-    grad_clip: float = MISSING
-    betas: list[float] = MISSING
-    eps: float = MISSING
+def one_of(names) -> Key:
+    return Key(str, lambda v: v in names, f"must be one of {list(names)}")
 
 
-@dataclass
-class OverlongConfig:
-    enable: bool = MISSING
-    buffer: int = MISSING
-    factor: float = MISSING
+def in_unit_interval(t=float) -> Key:
+    return Key(t, lambda v: 0 < v <= 1, "must be in (0, 1]")
 
 
-@dataclass
-class RewardConfig:
-    verifier: str = MISSING
-    overlong: OverlongConfig = field(default_factory=OverlongConfig)
-    num_workers: int = MISSING
-    timeout_s: float = MISSING
+def nonempty() -> Key:
+    return Key(str, bool, "must not be empty")
 
 
-@dataclass
-class LearnerConfig:
-    name: str = MISSING
-    dtype: str = MISSING
-    micro_batch_tokens: int = MISSING
-    gradient_checkpointing: bool = MISSING
-    tensor_parallel_size: int = MISSING
-    max_nonfinite_updates: int = MISSING
-    # Megatron only (hydra_conf/learner/megatron.yaml); the hf learner recomputes whole layers.
-    recompute_granularity: str = "full"
+# How a vLLM server is started: the same keys in training (rollout.*) and evaluation (engine.*).
+ENGINE_KEYS = {
+    "tensor_parallel_size": at_least(int, 1),
+    "dtype": Key(str, lambda v: v in ("float32", "bfloat16", "float16"), "must be float32, bfloat16 or float16"),
+    "gpu_memory_utilization": in_unit_interval(),
+    "cpu_kv_cache_gb": positive(int),
+    "engine_args": typed(list[str]),
+    "startup_timeout_s": positive(float),
+    "request_timeout_s": positive(float),
+}
+
+SCHEMA = {
+    "model": {
+        "name": typed(str),
+        "path": Key(str, bool, "must name a HF hub id or a local directory"),
+        "build_tiny_if_missing": typed(bool),
+    },
+    "data": {
+        "train_path": nonempty(),
+        "problem_key": typed(Optional[str]),
+        "answer_key": typed(Optional[str]),
+        "prompt_suffix": typed(str),
+        "max_prompt_length": at_least(int, 1),
+        "seed": typed(int),
+        "benchmark_dir": typed(str),
+        "val_benchmarks": typed(list[str]),
+    },
+    "rollout": {
+        "n": at_least(int, 2, "must be >= 2 (GRPO compares responses within a group)"),
+        "temperature": positive(float),
+        "top_p": in_unit_interval(),
+        "top_k": Key(int, lambda v: v == -1 or v >= 1, "must be -1 (off) or >= 1"),
+        "max_response_length": at_least(int, 1),
+        "val_samples": at_least(int, 1),
+        "val_temperature": positive(float),
+        "val_top_p": in_unit_interval(),
+        "val_max_new_tokens": at_least(int, 1),
+        "engines": at_least(int, 1),
+        **ENGINE_KEYS,
+        "max_restarts": at_least(int, 0),
+        "max_requests_per_engine": at_least(int, 1),
+        "weight_sync": one_of(WEIGHT_SYNC_TRANSPORTS),
+        "weight_check": typed(bool),
+        "weight_check_tol": Key(Optional[float], lambda v: v is None or v > 0, "must be null (by rollout.dtype) or > 0"),
+        "max_policy_lag": Key(int, lambda v: v in (0, 1),
+                              "must be 0 (strictly on-policy, the recipe) or 1 (one-step overlap)"),
+    },
+    "algorithm": {
+        "prompts_per_step": at_least(int, 1),
+        "mini_batch_prompts": at_least(int, 1),  # and divides prompts_per_step (validate)
+        "ppo_epochs": at_least(int, 1),
+        "clip_low": Key(float, lambda v: 0 <= v < 1, "must be in [0, 1)"),
+        "clip_high": at_least(float, 0),
+        "clip_c": Key(float, lambda v: v > 1, "must be > 1 (dual-clip constant)"),
+        "adv_eps": positive(float),
+        "entropy_coef": at_least(float, 0),
+    },
+    "optim": {
+        "lr": positive(float),
+        "warmup_steps": at_least(int, 0),
+        "weight_decay": at_least(float, 0),
+        "grad_clip": positive(float),
+        "betas": Key(list[float], lambda v: len(v) == 2 and all(0 <= b < 1 for b in v), "must be two numbers in [0, 1)"),
+        "eps": positive(float),
+    },
+    "reward": {
+        "verifier": one_of(VERIFIER_NAMES),
+        "overlong": {
+            "enable": typed(bool),
+            "buffer": positive(int),  # and <= rollout.max_response_length (validate)
+            "factor": at_least(float, 0),
+        },
+        "num_workers": at_least(int, 1),
+        "timeout_s": positive(float),
+    },
+    "learner": {
+        "name": one_of(LEARNERS),
+        "dtype": Key(str, lambda v: v in ("float32", "bfloat16"), "must be float32 or bfloat16"),
+        "micro_batch_tokens": at_least(int, 1),
+        "gradient_checkpointing": typed(bool),
+        "tensor_parallel_size": at_least(int, 1),  # 1 for hf, divides the learner ranks (validate)
+        "max_nonfinite_updates": at_least(int, 1),
+        # Megatron only (hydra_conf/learner/megatron.yaml); the hf learner recomputes whole layers.
+        "recompute_granularity": Key(str, lambda v: v in ("full", "selective"), "must be full or selective"),
+    },
+    "cluster": {
+        "name": one_of(CLUSTERS),
+        "nodes": at_least(int, 1),
+        "gpus_per_node": at_least(int, 0),
+        "learner_gpus": at_least(int, 0),  # and fits the nodes (validate)
+        "partition": typed(Optional[str]),
+        "account": typed(Optional[str]),
+        "time_minutes": at_least(int, 1),
+        "cpus_per_task": at_least(int, 1),
+        "signal_delay_s": at_least(int, 0),
+        "max_requeues": at_least(int, 0),
+        "engine_srun_args": typed(list[str]),
+        "exclusive": typed(bool),
+        "dist_timeout_s": at_least(int, 60, "must be >= 60 (seconds)"),
+        "preflight": typed(bool),
+    },
+    "trainer": {
+        "total_steps": Key(Optional[int], lambda v: v is None or v >= 1, "must be null (one pass over the data) or >= 1"),
+        "val_before_train": typed(bool),
+        "val_every": at_least(int, 0, "must be >= 0 (0: never)"),
+        "save_every": at_least(int, 1),
+        "keep_checkpoints": Key(Optional[int], lambda v: v is None or v >= 1, "must be null (keep all) or >= 1"),
+        "seed": typed(int),
+        "run_name": nonempty(),
+        "output_dir": typed(str),
+    },
+}
+# Keys with a default here, by dotted name: set by only some options of a group (the hf learner has
+# no recompute_granularity; hydra_conf/learner/megatron.yaml sets it).
+SCHEMA_DEFAULTS = {"learner.recompute_granularity": "full"}
 
 
-@dataclass
-class ClusterConfig:
-    name: str = MISSING
-    nodes: int = MISSING
-    gpus_per_node: int = MISSING
-    learner_gpus: int = MISSING
-    partition: Optional[str] = MISSING
-    account: Optional[str] = MISSING
-    time_minutes: int = MISSING
-    cpus_per_task: int = MISSING
-    signal_delay_s: int = MISSING
-    max_requeues: int = MISSING
-    engine_srun_args: list[str] = MISSING
-    exclusive: bool = MISSING
-    dist_timeout_s: int = MISSING
-    preflight: bool = MISSING
+def schema_dataclass(name: str, table: dict, prefix: str = ""):
+    """The structured config (a dataclass, every field MISSING unless in SCHEMA_DEFAULTS) of a
+    table like `SCHEMA`, for Hydra's ConfigStore."""
+    fields = []
+    for key, spec in table.items():
+        if isinstance(spec, dict):
+            sub = schema_dataclass(name + key.title().replace("_", ""), spec, f"{prefix}{key}.")
+            fields.append((key, sub, field(default_factory=sub)))
+        else:
+            fields.append((key, spec.type, field(default=SCHEMA_DEFAULTS.get(prefix + key, MISSING))))
+    return make_dataclass(name, fields)
 
 
-@dataclass
-class TrainerConfig:
-    total_steps: Optional[int] = MISSING
-    val_before_train: bool = MISSING
-    val_every: int = MISSING
-    save_every: int = MISSING
-    keep_checkpoints: Optional[int] = MISSING
-    seed: int = MISSING
-    run_name: str = MISSING
-    output_dir: str = MISSING
+def key_errors(cfg: DictConfig, table: dict, prefix: str = "") -> list[str]:
+    """`<key>: <rule>, got <value>` for every key of `cfg` whose value breaks its rule in `table`."""
+    errors = []
+    for key, spec in table.items():
+        if isinstance(spec, dict):
+            errors += key_errors(cfg[key], spec, f"{prefix}{key}.")
+        elif spec.ok is not None and not spec.ok(cfg[key]):
+            value = cfg[key]
+            errors.append(f"{prefix}{key}: {spec.rule}, got {list(value) if OmegaConf.is_list(value) else value!r}")
+    return errors
 
 
-@dataclass
-class JustRLConfig:
-    model: ModelConfig = field(default_factory=ModelConfig)
-    data: DataConfig = field(default_factory=DataConfig)
-    rollout: RolloutConfig = field(default_factory=RolloutConfig)
-    algorithm: AlgorithmConfig = field(default_factory=AlgorithmConfig)
-    optim: OptimConfig = field(default_factory=OptimConfig)
-    reward: RewardConfig = field(default_factory=RewardConfig)
-    learner: LearnerConfig = field(default_factory=LearnerConfig)
-    cluster: ClusterConfig = field(default_factory=ClusterConfig)
-    trainer: TrainerConfig = field(default_factory=TrainerConfig)
-
-
+JustRLConfig = schema_dataclass("JustRLConfig", SCHEMA)
 ConfigStore.instance().store(name=SCHEMA_NAME, node=JustRLConfig)
 
 
@@ -193,11 +235,6 @@ class ConfigError(ValueError):
     """A configuration value that cannot work; the message starts with the key."""
 
 
-def _check(errors: list[str], ok: bool, key: str, rule: str, value: Any) -> None:
-    if not ok:
-        errors.append(f"{key}: {rule}, got {value!r}")
-
-
 def _unknown_keys(node: Any, schema: Any, prefix: str = "") -> list[str]:
     """Keys of `node` that the schema does not have (Hydra's `+key=value` can add them)."""
     unknown, known = [], set(schema.keys())  # `in` would call a MISSING ("???") field absent
@@ -211,114 +248,37 @@ def _unknown_keys(node: Any, schema: Any, prefix: str = "") -> list[str]:
 
 def validate(cfg: DictConfig) -> None:
     """Raise ConfigError naming every key whose value cannot work. Call once, at start-up."""
-    c = cfg
     e: list[str] = [f"{key}: unknown config key" for key in
                     _unknown_keys(cfg, OmegaConf.structured(JustRLConfig)) if key != "hydra"]
-    _check(e, bool(c.model.path), "model.path", "must name a HF hub id or a local directory", c.model.path)
-
-    _check(e, bool(c.data.train_path), "data.train_path", "must not be empty", c.data.train_path)
-    _check(e, c.data.max_prompt_length >= 1, "data.max_prompt_length", "must be >= 1", c.data.max_prompt_length)
+    e += key_errors(cfg, SCHEMA)
     # The validation sets are read before the first step; a missing file must stop the run here,
     # before a job queues, engines start or a GPU is used.
     from justrl.data.benchmarks import benchmark_file_errors
 
     e += [f"data.val_benchmarks: {msg}" for msg in
-          benchmark_file_errors(c.data.val_benchmarks, c.data.benchmark_dir, "data.benchmark_dir")]
+          benchmark_file_errors(cfg.data.val_benchmarks, cfg.data.benchmark_dir, "data.benchmark_dir")]
 
-    r = c.rollout
-    _check(e, r.n >= 2, "rollout.n", "must be >= 2 (GRPO compares responses within a group)", r.n)
-    for key in ("temperature", "val_temperature"):
-        _check(e, r[key] > 0, f"rollout.{key}", "must be > 0", r[key])
-    for key in ("top_p", "val_top_p"):
-        _check(e, 0 < r[key] <= 1, f"rollout.{key}", "must be in (0, 1]", r[key])
-    _check(e, r.top_k == -1 or r.top_k >= 1, "rollout.top_k", "must be -1 (off) or >= 1", r.top_k)
-    for key in ("max_response_length", "val_samples", "val_max_new_tokens", "engines", "tensor_parallel_size"):
-        _check(e, r[key] >= 1, f"rollout.{key}", "must be >= 1", r[key])
-    _check(e, r.dtype in ("float32", "bfloat16", "float16"), "rollout.dtype",
-           "must be float32, bfloat16 or float16", r.dtype)
-    _check(e, 0 < r.gpu_memory_utilization <= 1, "rollout.gpu_memory_utilization", "must be in (0, 1]",
-           r.gpu_memory_utilization)
-    _check(e, r.cpu_kv_cache_gb > 0, "rollout.cpu_kv_cache_gb", "must be > 0", r.cpu_kv_cache_gb)
-    _check(e, r.max_restarts >= 0, "rollout.max_restarts", "must be >= 0", r.max_restarts)
-    for key in ("startup_timeout_s", "request_timeout_s"):
-        _check(e, r[key] > 0, f"rollout.{key}", "must be > 0", r[key])
-    _check(e, r.max_requests_per_engine >= 1, "rollout.max_requests_per_engine", "must be >= 1",
-           r.max_requests_per_engine)
-    _check(e, r.weight_sync in WEIGHT_SYNC_TRANSPORTS, "rollout.weight_sync",
-           f"must be one of {list(WEIGHT_SYNC_TRANSPORTS)}", r.weight_sync)
-    _check(e, r.weight_sync != "nccl" or c.cluster.gpus_per_node > 0, "rollout.weight_sync",
-           "nccl needs GPUs (cluster.gpus_per_node > 0); use files on a CPU", r.weight_sync)
-    _check(e, r.weight_check_tol is None or r.weight_check_tol > 0, "rollout.weight_check_tol",
-           "must be null (by rollout.dtype) or > 0", r.weight_check_tol)
-    _check(e, r.max_policy_lag in (0, 1), "rollout.max_policy_lag",
-           "must be 0 (strictly on-policy, the recipe) or 1 (one-step overlap)", r.max_policy_lag)
-
-    a = c.algorithm
-    _check(e, a.prompts_per_step >= 1, "algorithm.prompts_per_step", "must be >= 1", a.prompts_per_step)
-    _check(e, a.mini_batch_prompts >= 1 and a.prompts_per_step % max(a.mini_batch_prompts, 1) == 0,
-           "algorithm.mini_batch_prompts", f"must be >= 1 and divide prompts_per_step={a.prompts_per_step}",
-           a.mini_batch_prompts)
-    _check(e, a.ppo_epochs >= 1, "algorithm.ppo_epochs", "must be >= 1", a.ppo_epochs)
-    _check(e, 0 <= a.clip_low < 1, "algorithm.clip_low", "must be in [0, 1)", a.clip_low)
-    _check(e, a.clip_high >= 0, "algorithm.clip_high", "must be >= 0", a.clip_high)
-    _check(e, a.clip_c > 1, "algorithm.clip_c", "must be > 1 (dual-clip constant)", a.clip_c)
-    _check(e, a.adv_eps > 0, "algorithm.adv_eps", "must be > 0", a.adv_eps)
-    _check(e, a.entropy_coef >= 0, "algorithm.entropy_coef", "must be >= 0", a.entropy_coef)
-
-    o = c.optim
-    _check(e, o.lr > 0, "optim.lr", "must be > 0", o.lr)
-    _check(e, o.warmup_steps >= 0, "optim.warmup_steps", "must be >= 0", o.warmup_steps)
-    _check(e, o.weight_decay >= 0, "optim.weight_decay", "must be >= 0", o.weight_decay)
-    _check(e, o.grad_clip > 0, "optim.grad_clip", "must be > 0", o.grad_clip)
-    _check(e, len(o.betas) == 2 and all(0 <= b < 1 for b in o.betas), "optim.betas",
-           "must be two numbers in [0, 1)", list(o.betas))
-    _check(e, o.eps > 0, "optim.eps", "must be > 0", o.eps)
-
-    w = c.reward
-    _check(e, w.verifier in VERIFIER_NAMES, "reward.verifier", f"must be one of {list(VERIFIER_NAMES)}", w.verifier)
-    _check(e, 0 < w.overlong.buffer <= r.max_response_length, "reward.overlong.buffer",
-           f"must be in (0, rollout.max_response_length={r.max_response_length}]", w.overlong.buffer)
-    _check(e, w.overlong.factor >= 0, "reward.overlong.factor", "must be >= 0", w.overlong.factor)
-    _check(e, w.num_workers >= 1, "reward.num_workers", "must be >= 1", w.num_workers)
-    _check(e, w.timeout_s > 0, "reward.timeout_s", "must be > 0", w.timeout_s)
-
-    lr = c.learner
-    _check(e, lr.name in LEARNERS, "learner.name", f"must be one of {list(LEARNERS)}", lr.name)
-    _check(e, lr.dtype in ("float32", "bfloat16"), "learner.dtype", "must be float32 or bfloat16", lr.dtype)
-    _check(e, lr.micro_batch_tokens >= 1, "learner.micro_batch_tokens", "must be >= 1", lr.micro_batch_tokens)
-    _check(e, lr.tensor_parallel_size >= 1 and (lr.name == "megatron" or lr.tensor_parallel_size == 1),
-           "learner.tensor_parallel_size", "must be >= 1, and 1 for the hf learner", lr.tensor_parallel_size)
-    _check(e, lr.max_nonfinite_updates >= 1, "learner.max_nonfinite_updates", "must be >= 1",
-           lr.max_nonfinite_updates)
-    _check(e, lr.recompute_granularity in ("full", "selective"), "learner.recompute_granularity",
-           "must be full or selective", lr.recompute_granularity)
-
-    cl = c.cluster
-    _check(e, cl.name in CLUSTERS, "cluster.name", f"must be one of {list(CLUSTERS)}", cl.name)
-    _check(e, cl.nodes >= 1, "cluster.nodes", "must be >= 1", cl.nodes)
-    _check(e, cl.gpus_per_node >= 0, "cluster.gpus_per_node", "must be >= 0", cl.gpus_per_node)
-    _check(e, 0 <= cl.learner_gpus <= cl.nodes * cl.gpus_per_node, "cluster.learner_gpus",
-           f"must be in [0, nodes * gpus_per_node = {cl.nodes * cl.gpus_per_node}]", cl.learner_gpus)
-    _check(e, cl.time_minutes >= 1, "cluster.time_minutes", "must be >= 1", cl.time_minutes)
-    _check(e, cl.cpus_per_task >= 1, "cluster.cpus_per_task", "must be >= 1", cl.cpus_per_task)
-    _check(e, cl.signal_delay_s >= 0, "cluster.signal_delay_s", "must be >= 0", cl.signal_delay_s)
-    _check(e, cl.max_requeues >= 0, "cluster.max_requeues", "must be >= 0", cl.max_requeues)
-    _check(e, cl.dist_timeout_s >= 60, "cluster.dist_timeout_s", "must be >= 60 (seconds)", cl.dist_timeout_s)
-    _check(e, cl.gpus_per_node == 0 or cl.learner_gpus >= 1, "cluster.learner_gpus",
-           "must be >= 1 when the nodes have GPUs", cl.learner_gpus)
+    # What relates two keys.
+    r, a, w, lr, cl = cfg.rollout, cfg.algorithm, cfg.reward, cfg.learner, cfg.cluster
+    if a.mini_batch_prompts >= 1 and a.prompts_per_step % a.mini_batch_prompts:
+        e.append(f"algorithm.mini_batch_prompts: must divide prompts_per_step={a.prompts_per_step}, "
+                 f"got {a.mini_batch_prompts!r}")
+    if r.weight_sync == "nccl" and cl.gpus_per_node == 0:
+        e.append("rollout.weight_sync: nccl needs GPUs (cluster.gpus_per_node > 0); use files on a CPU, got 'nccl'")
+    if w.overlong.buffer > r.max_response_length:
+        e.append(f"reward.overlong.buffer: must be <= rollout.max_response_length={r.max_response_length}, "
+                 f"got {w.overlong.buffer!r}")
+    if lr.name == "hf" and lr.tensor_parallel_size != 1:
+        e.append(f"learner.tensor_parallel_size: must be 1 for the hf learner, got {lr.tensor_parallel_size!r}")
+    if cl.learner_gpus > cl.nodes * cl.gpus_per_node:
+        e.append(f"cluster.learner_gpus: must be in [0, nodes * gpus_per_node = {cl.nodes * cl.gpus_per_node}], "
+                 f"got {cl.learner_gpus!r}")
+    if cl.gpus_per_node > 0 and cl.learner_gpus == 0:
+        e.append("cluster.learner_gpus: must be >= 1 when the nodes have GPUs, got 0")
     learner_ranks = max(1, cl.learner_gpus)
-    _check(e, learner_ranks % lr.tensor_parallel_size == 0, "learner.tensor_parallel_size",
-           f"must divide the learner ranks (cluster.learner_gpus={cl.learner_gpus}, so {learner_ranks})",
-           lr.tensor_parallel_size)
-
-    t = c.trainer
-    _check(e, t.total_steps is None or t.total_steps >= 1, "trainer.total_steps",
-           "must be null (one pass over the data) or >= 1", t.total_steps)
-    _check(e, t.val_every >= 0, "trainer.val_every", "must be >= 0 (0: never)", t.val_every)
-    _check(e, t.save_every >= 1, "trainer.save_every", "must be >= 1", t.save_every)
-    _check(e, t.keep_checkpoints is None or t.keep_checkpoints >= 1, "trainer.keep_checkpoints",
-           "must be null (keep all) or >= 1", t.keep_checkpoints)
-    _check(e, bool(t.run_name), "trainer.run_name", "must not be empty", t.run_name)
+    if lr.tensor_parallel_size >= 1 and learner_ranks % lr.tensor_parallel_size:
+        e.append(f"learner.tensor_parallel_size: must divide the learner ranks (cluster.learner_gpus="
+                 f"{cl.learner_gpus}, so {learner_ranks}), got {lr.tensor_parallel_size!r}")
     if e:
         raise ConfigError("invalid configuration:\n  " + "\n  ".join(e))
 

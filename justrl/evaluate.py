@@ -16,77 +16,55 @@ import json
 import logging
 import os
 import sys
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
 import hydra
 from hydra.core.config_store import ConfigStore
-from omegaconf import MISSING, DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf
 
-from justrl.config import ConfigError
+from justrl.config import (ENGINE_KEYS, ConfigError, Key, at_least, in_unit_interval, key_errors, nonempty,
+                           positive, schema_dataclass, typed)
 
 log = logging.getLogger("justrl.evaluate")
 
 RESULTS_JSON, RESULTS_MD = "results.json", "results.md"
 
 
-@dataclass
-class EngineSection:
-    count: int = MISSING
-    gpus: int = MISSING
-    tensor_parallel_size: int = MISSING
-    dtype: str = MISSING
-    gpu_memory_utilization: float = MISSING
-    cpu_kv_cache_gb: int = MISSING
-    engine_args: list[str] = MISSING
-    startup_timeout_s: float = MISSING
-    request_timeout_s: float = MISSING
-
-
-@dataclass
-class GraderSection:
-    num_workers: int = MISSING
-    timeout_s: float = MISSING
-
-
-@dataclass
-class JudgeSection:
-    enable: bool = MISSING
-    model: str = MISSING
-    max_response_chars: int = MISSING
-    max_new_tokens: int = MISSING
-    dtype: str = MISSING
-
-
-@dataclass
-class EvalConfig:
-    model_path: str = MISSING
-    name: Optional[str] = MISSING
-    benchmarks: list[str] = MISSING
-    benchmark_dir: str = MISSING
-    samples: Optional[int] = MISSING
-    limit: Optional[int] = MISSING
-    temperature: float = MISSING
-    top_p: float = MISSING
-    max_new_tokens: int = MISSING
-    max_prompt_length: int = MISSING
-    prompt_suffix: str = MISSING
-    seed: int = MISSING
-    output_dir: Optional[str] = MISSING
-    chunk_problems: int = MISSING
-    engine: EngineSection = field(default_factory=EngineSection)
-    grader: GraderSection = field(default_factory=GraderSection)
-    judge: JudgeSection = field(default_factory=JudgeSection)
-
-
-ConfigStore.instance().store(name="justrl_eval_schema", node=EvalConfig)
+# Each key's type and rule (justrl.config.Key); the values and what they mean: hydra_conf/evaluate.yaml.
+# The engine section shares its keys with training's rollout.* (justrl.config.ENGINE_KEYS).
+EVAL_SCHEMA = {
+    "model_path": nonempty(),
+    "name": typed(Optional[str]),
+    "benchmarks": typed(list[str]),  # known, with readable files (check)
+    "benchmark_dir": typed(str),
+    "samples": Key(Optional[int], lambda v: v is None or v >= 1, "must be null (the paper's) or >= 1"),
+    "limit": Key(Optional[int], lambda v: v is None or v >= 1, "must be null (all) or >= 1"),
+    "temperature": at_least(float, 0),
+    "top_p": in_unit_interval(),
+    "max_new_tokens": at_least(int, 1),
+    "max_prompt_length": at_least(int, 1),
+    "prompt_suffix": typed(str),
+    "seed": typed(int),
+    "output_dir": typed(Optional[str]),
+    "chunk_problems": at_least(int, 1),
+    "engine": {"count": at_least(int, 1), "gpus": at_least(int, 0), **ENGINE_KEYS},
+    "grader": {"num_workers": at_least(int, 1), "timeout_s": positive(float)},
+    "judge": {
+        "enable": typed(bool),
+        "model": typed(str),
+        "max_response_chars": at_least(int, 1),
+        "max_new_tokens": at_least(int, 1),
+        "dtype": ENGINE_KEYS["dtype"],
+    },
+}
+ConfigStore.instance().store(name="justrl_eval_schema", node=schema_dataclass("EvalConfig", EVAL_SCHEMA))
 
 
 def check(cfg: DictConfig) -> None:
     from justrl.data import BENCHMARKS
 
-    errors = []
+    errors = key_errors(cfg, EVAL_SCHEMA)
     unknown = [b for b in cfg.benchmarks if b not in BENCHMARKS]
     if unknown:
         errors.append(f"benchmarks: unknown {unknown}; choose from {list(BENCHMARKS)}")
@@ -95,13 +73,6 @@ def check(cfg: DictConfig) -> None:
 
         errors += [f"benchmarks: {msg}" for msg in benchmark_file_errors(cfg.benchmarks, cfg.benchmark_dir,
                                                                           "benchmark_dir")]
-    for key, ok in (("samples", cfg.samples is None or cfg.samples >= 1), ("limit", cfg.limit is None or cfg.limit >= 1),
-                    ("temperature", cfg.temperature >= 0), ("top_p", 0 < cfg.top_p <= 1),
-                    ("max_new_tokens", cfg.max_new_tokens >= 1), ("chunk_problems", cfg.chunk_problems >= 1),
-                    ("engine.count", cfg.engine.count >= 1), ("engine.gpus", cfg.engine.gpus >= 0),
-                    ("grader.timeout_s", cfg.grader.timeout_s > 0)):
-        if not ok:
-            errors.append(f"{key}: invalid value {OmegaConf.select(cfg, key)!r}")
     if errors:
         raise ConfigError("invalid evaluation configuration:\n  " + "\n  ".join(errors))
 
