@@ -160,3 +160,25 @@ def test_megatron_tensor_parallel_size_must_divide_the_learner_ranks():
     assert result.returncode == 1
     assert "learner.tensor_parallel_size: must divide the learner ranks (cluster.learner_gpus=0, so 1), got 2" \
         in result.stderr
+
+
+def test_evaluation_checks_the_engine_keys_it_shares_with_training():
+    """The engine keys are declared once (justrl.config.ENGINE_KEYS): training's rollout.* and
+    evaluation's engine.* reject the same bad value with the same rule."""
+    from hydra import compose as hydra_compose, initialize_config_module
+    from hydra.core.global_hydra import GlobalHydra
+
+    import justrl.evaluate as evaluate
+
+    GlobalHydra.instance().clear()
+    with initialize_config_module(config_module="justrl.hydra_conf", version_base=None):
+        cfg = hydra_compose(config_name="evaluate", overrides=["model_path=x", "benchmarks=[AIME24]", "samples=0",
+                                                               "engine.gpu_memory_utilization=1.5", "engine.dtype=int8"])
+    with pytest.raises(ConfigError) as err:
+        evaluate.check(cfg)
+    message = str(err.value)
+    assert "samples: must be null (the paper's) or >= 1, got 0" in message
+    assert "engine.gpu_memory_utilization: must be in (0, 1], got 1.5" in message
+    assert "engine.dtype: must be float32, bfloat16 or float16, got 'int8'" in message
+    with pytest.raises(ConfigError, match=r"rollout.gpu_memory_utilization: must be in \(0, 1\], got 1.5"):
+        compose(["rollout.gpu_memory_utilization=1.5"])
