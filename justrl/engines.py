@@ -33,6 +33,7 @@ from pathlib import Path
 
 import requests
 
+from justrl.engine_guard import group_members, wait_for_group_exit
 from justrl.placement import ENGINE_PORT_BASE, EnginePlacement, engine_step_cpus, free_port
 
 log = logging.getLogger(__name__)
@@ -44,6 +45,8 @@ WORKER_EXTENSION = "justrl.vllm_worker.ReloadExtension"
 MAX_IN_FLIGHT_PER_ENGINE = 256
 # Lines of an engine's log quoted in an error message.
 LOG_TAIL_LINES = 30
+# How long a stopped engine may take to exit (server, then the rest of its group) before SIGKILL.
+STOP_TIMEOUT_S = 20.0
 
 
 class EngineError(RuntimeError):
@@ -195,20 +198,6 @@ def engine_thread_env(spec: "EngineSpec") -> dict[str, str]:
     return env
 
 
-def _group_members(pgid: int) -> list[int]:
-    """Pids of the live processes in process group `pgid` (Linux /proc)."""
-    members = []
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                fields = Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()
-            except OSError:
-                continue
-            if int(fields[2]) == pgid and fields[0] != "Z":  # fields[2]: pgrp, fields[0]: state
-                members.append(int(entry))
-    return members
-
-
 def _cpu_seconds(pid: int) -> float:
     """utime + stime of one process, in seconds (0 when it is gone)."""
     try:
@@ -216,6 +205,13 @@ def _cpu_seconds(pid: int) -> float:
     except OSError:
         return 0.0
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _kill_group(pgid: int) -> None:
+    try:
+        os.killpg(pgid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
 
 
 def _signal(pid: int, sig: int) -> None:
@@ -332,7 +328,7 @@ class EngineProcess:
         leader, see justrl.engine_guard) is left running, so that it still takes the engine down if
         this process dies; SIGKILL ends stopped processes too."""
         if self.can_freeze() and self.alive():
-            for pid in _group_members(self.process.pid):
+            for pid in group_members(self.process.pid):
                 if pid != self.process.pid:
                     _signal(pid, signal.SIGSTOP)
 
@@ -346,20 +342,27 @@ class EngineProcess:
 
     def process_tree_cpu_seconds(self) -> float:
         """User + system CPU seconds of the engine's processes (read from /proc/<pid>/stat)."""
-        return sum(_cpu_seconds(pid) for pid in _group_members(self.process.pid)) if self.process else 0.0
+        return sum(_cpu_seconds(pid) for pid in group_members(self.process.pid)) if self.process else 0.0
 
     def stop(self) -> None:
+        """Take the engine down and return once every process of it has exited (on this machine:
+        a Slurm engine's processes on another node are its srun step's to end)."""
         if self.process is None:
             return
+        group = self.process.pid
         try:
-            os.killpg(self.process.pid, signal.SIGTERM)
-            os.killpg(self.process.pid, signal.SIGCONT)  # a frozen engine (see `freeze`) acts on it
-            self.process.wait(timeout=20)
+            os.killpg(group, signal.SIGTERM)
+            os.killpg(group, signal.SIGCONT)  # a frozen engine (see `freeze`) acts on it
+            self.process.wait(timeout=STOP_TIMEOUT_S)
         except ProcessLookupError:
             pass
         except subprocess.TimeoutExpired:
-            os.killpg(self.process.pid, signal.SIGKILL)
+            _kill_group(group)
             self.process.wait()
+        # The guard waits for the group; if it was killed instead, what it left is ended here.
+        if wait_for_group_exit(group, STOP_TIMEOUT_S):
+            _kill_group(group)
+            wait_for_group_exit(group, STOP_TIMEOUT_S)
         self.process = None
 
     def log_tail(self) -> str:

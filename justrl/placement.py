@@ -44,8 +44,11 @@ def free_port() -> int:
 
 
 def port_free(port: int) -> bool:
-    """Whether this machine can listen on `port` on every interface now."""
+    """Whether a server can listen on `port` on every interface now. Bound as vLLM's server binds
+    (SO_REUSEADDR), so that the connections a stopped engine left in TIME_WAIT (up to 60 s after
+    a requeue) do not count as busy; a socket listening there does."""
     with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             s.bind(("", port))
             return True

@@ -40,3 +40,25 @@ def test_sigterm_to_the_group_stops_server_and_guard(tmp_path):
     time.sleep(2)
     os.killpg(guard.pid, signal.SIGTERM)
     assert guard.wait(timeout=30) != 0
+
+
+def test_the_guard_exits_only_when_the_whole_group_has(tmp_path):
+    """vLLM's server exits on SIGTERM before its engine core and workers do; "stopped" must mean
+    all of them (their memory, port and CPU free), not only the server."""
+    pid_file = tmp_path / "worker.pid"
+    worker_code = ("import signal, sys, time\n"
+                   "signal.signal(signal.SIGTERM, lambda *_: (time.sleep(1.5), sys.exit(0)))\n"
+                   "time.sleep(600)\n")
+    server_code = (f"import os, subprocess, sys, time\n"
+                   f"w = subprocess.Popen([sys.executable, '-c', {worker_code!r}])\n"
+                   f"time.sleep(0.5); open({str(pid_file)!r}, 'w').write(str(w.pid)); time.sleep(600)\n")
+    guard = subprocess.Popen([sys.executable, "-m", "justrl.engine_guard", str(os.getpid()), "--",
+                              sys.executable, "-c", server_code], start_new_session=True)
+    deadline = time.monotonic() + 30
+    while not pid_file.exists() or not pid_file.read_text():
+        assert time.monotonic() < deadline
+        time.sleep(0.1)
+    worker = int(pid_file.read_text())
+    os.killpg(guard.pid, signal.SIGTERM)  # the server dies at once; the worker takes 1.5 s
+    guard.wait(timeout=30)
+    assert not _alive(worker)

@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from justrl.engines import (EngineSpec, EngineProcess, SamplingSettings, _group_members, engine_cpu_shares,
+from justrl.engine_guard import group_members
+from justrl.engines import (EngineSpec, EngineProcess, SamplingSettings, engine_cpu_shares,
                             engine_thread_env)
 from justrl.rollout import RolloutFleet
 
@@ -46,7 +47,7 @@ def test_frozen_engine_uses_no_cpu_while_the_learner_trains(random_tiny_model_di
     prompts = [[1, 5, 6, 7], [1, 8, 9]]
     fleet.start()
     try:
-        members = [pid for pid in _group_members(engine.process.pid) if pid != engine.process.pid]
+        members = [pid for pid in group_members(engine.process.pid) if pid != engine.process.pid]
         assert len(members) >= 3  # API server, engine core, worker
         # justrl's thread settings reach every engine process, whatever the user exported
         expected_bind = ",".join(map(str, cpus[:-1] if len(cpus) > 1 else cpus))

@@ -272,28 +272,33 @@ def _merge(*args):
 
 
 def test_merge_tool_refuses_what_is_not_a_complete_checkpoint(tiny_model_dir, tmp_path):
+    from justrl.learner.megatron.checkpoint import NotAMegatronCheckpoint, merge_checkpoint
+
+    # the tool: exit status 2 and the reason, nothing written
     missing = _merge(tmp_path / "nope", tmp_path / "out")
-    assert missing.returncode == 2 and "nope: no such file or directory" in missing.stderr
+    assert missing.returncode == 2 and "merge_checkpoint: " in missing.stderr
+    assert "nope: no such file or directory" in missing.stderr and not (tmp_path / "out").exists()
+
+    def refused(path) -> str:  # what the tool prints, from the function it calls (no process per case)
+        with pytest.raises(NotAMegatronCheckpoint) as e:
+            merge_checkpoint(path, tmp_path / "out")
+        assert not (tmp_path / "out").exists()
+        return str(e.value)
+
     (tmp_path / "hfrun" / "hf").mkdir(parents=True)
-    hf = _merge(tmp_path / "hfrun", tmp_path / "out")
-    assert hf.returncode == 2 and "a learner=hf checkpoint; its weights are already an HF directory" in hf.stderr
-    plain = _merge(tiny_model_dir, tmp_path / "out")
-    assert plain.returncode == 2 and "not a Megatron checkpoint (no megatron/metadata.json)" in plain.stderr
+    assert "a learner=hf checkpoint; its weights are already an HF directory" in refused(tmp_path / "hfrun")
+    assert "not a Megatron checkpoint (no megatron/metadata.json)" in refused(tiny_model_dir)
 
     # an interrupted save: the files of a real checkpoint, without the COMPLETE marker
     _spawn(_checkpoint_worker, 1, 1, str(tiny_model_dir), str(tmp_path / "run"), "save")
     step = tmp_path / "run" / "checkpoints" / "step_000001"
     (step / "COMPLETE").unlink()
-    partial = _merge(step, tmp_path / "out")
-    assert partial.returncode == 2 and "incomplete checkpoint (no COMPLETE marker" in partial.stderr
-    assert not (tmp_path / "out").exists()
+    assert "incomplete checkpoint (no COMPLETE marker" in refused(step)
     # a shard file lost
     (step / "COMPLETE").write_text('{"step": 1}\n')
     for shard in (step / "megatron").glob("*.distcp"):
         shard.unlink()
-    lost = _merge(step, tmp_path / "out")
-    assert lost.returncode == 2 and "cannot read the model tensors" in lost.stderr
-    assert not (tmp_path / "out").exists()
+    assert "cannot read the model tensors" in refused(step)
 
 
 # -- end to end ---------------------------------------------------------------------------------------

@@ -1,9 +1,12 @@
 """Where the learner tasks and the vLLM engines go in an allocation (pure functions; the GPU layouts
 cannot run here, their arithmetic can be checked)."""
+import socket
+
 import pytest
 
 from justrl.config import ConfigError, compose
-from justrl.placement import EnginePlacement, gpu_groups, learner_tasks, local_placements, plan_engines
+from justrl.placement import (EnginePlacement, free_port, gpu_groups, learner_tasks, local_placements, plan_engines,
+                              port_free)
 from justrl.slurm import executor_parameters
 
 NODES = ["n1", "n2", "n3", "n4"]
@@ -218,3 +221,20 @@ def test_control_plane_waits_longer_than_the_data_plane_timeout(tmp_path):
     outcome = json.loads(result.read_text())
     assert outcome["control"] == "from rank 0"
     assert outcome["data"].startswith("error:") and "imed out" in outcome["data"], outcome
+
+
+def test_a_port_is_busy_while_listened_on_not_while_its_old_connections_close():
+    """A requeued job's preflight must not wait out the TIME_WAIT of the previous attempt's
+    engine connections (vLLM's server binds with SO_REUSEADDR and would start at once)."""
+    port = free_port()
+    server = socket.socket()
+    server.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    server.bind(("", port))
+    server.listen()
+    client = socket.create_connection(("127.0.0.1", port))
+    conn, _ = server.accept()
+    assert not port_free(port)  # listened on
+    conn.close()  # the server closes first: its side of the connection stays in TIME_WAIT
+    client.close()
+    server.close()
+    assert port_free(port)
