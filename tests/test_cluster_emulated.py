@@ -150,7 +150,8 @@ def test_sbatch_two_nodes_preempted_requeued_resumed(emu, random_tiny_model_dir,
         _sbatch_out(tmp_path)[-4000:]
     assert "Restarts=1" in _scontrol(emu, job_id)
     out = _sbatch_out(tmp_path)
-    assert f"requeueing job {job_id}" in out and f"justrl: job {job_id} (restart 1)" in out
+    assert "SIGUSR1 (pre-emption or time limit)" in out and f"requeueing job {job_id}" in out
+    assert f"justrl: job {job_id} (restart 1)" in out and out.rstrip().endswith("learner exit status 0")
     assert "2 node(s) x 4 GPU(s); learner 1 node(s) x 4 task(s) x 2 CPU(s)" in out
     _check_engines(run, job_id, _check_learner(out, job_id, emu, starts=2))
     train_log = (run / "train.log").read_text()
@@ -158,7 +159,9 @@ def test_sbatch_two_nodes_preempted_requeued_resumed(emu, random_tiny_model_dir,
     assert "restarting it" not in train_log, train_log[-3000:]
     stopped = int(train_log.split("stopped at step ", 1)[1].split()[0])
     assert 1 <= stopped < 3 and f"(step {stopped})" in train_log.split("resuming from", 1)[1].split("\n")[0]
-    assert [s for s, _ in read_scalars(run)["reward/mean"]] == list(range(1, 4))
+    scalars = read_scalars(run)
+    assert [s for s, _ in scalars["reward/mean"]] == list(range(1, 4))  # every step once
+    assert [v for _, v in scalars["reward/errors"]] == [0, 0, 0]  # no reward worker died of USR1
     assert latest.read_text().strip() == "step_000003"
 
 

@@ -1,8 +1,8 @@
 """justrl on a real Slurm (the single-node one slurm/setup_local_slurm.sh starts): the project's
-environment in a job, `sbatch slurm/train.sbatch` with the tiny CPU configuration pre-empted,
-requeued and resumed, and the two-ablation Hydra multirun through hydra-submitit-launcher with
-each knob acting. `python -m justrl.launch cluster=slurm` (one job through submitit) runs on the
-emulated two-node cluster (tests/test_cluster_emulated.py).
+environment in a job, `sbatch slurm/train.sbatch` with the tiny CPU configuration, and the
+two-ablation Hydra multirun through hydra-submitit-launcher with each knob acting. Pre-emption
+(USR1, requeue, resume) and `python -m justrl.launch cluster=slurm` (one job through submitit)
+run on the emulated two-node cluster (tests/test_cluster_emulated.py).
 
 Skipped where no Slurm is running, except in CI, where .ci/run starts one and a missing Slurm is a
 failure.
@@ -82,38 +82,22 @@ def _job_log(tmp_path: Path) -> str:
     return log.read_text(errors="replace")[-5000:] if log.exists() else "(no job output)"
 
 
-def test_sbatch_train_is_preempted_requeues_and_resumes(slurm, tiny_model_dir, tmp_path):
-    """`sbatch slurm/train.sbatch experiment=tiny` as the README shows it, with the warning Slurm
-    sends before a pre-emption: the job checkpoints, requeues itself and resumes; every step is
-    logged once and the last checkpoint loads in transformers. (The multi-node placement of the
-    same script, and submitit's `cluster=slurm` path, run on the emulated cluster:
-    tests/test_cluster_emulated.py.)"""
-    steps = 12
+def test_sbatch_train_on_a_cpu_node(slurm, tiny_model_dir, tmp_path):
+    """`sbatch --nodes=1 --gpus-per-node=0 --cpus-per-task=2 slurm/train.sbatch experiment=tiny`, as
+    the script's header shows it: the CPU branch (no learner GPUs) trains to the end and its last
+    checkpoint loads in transformers. (Pre-emption, requeue and resume of the same script, and the
+    multi-node placement, run on the emulated cluster: tests/test_cluster_emulated.py.)"""
+    steps = 2
     job_id = _sbatch_train(tmp_path, f"model.path={tiny_model_dir}", f"trainer.total_steps={steps}",
-                           "trainer.save_every=3", "trainer.val_every=0")
-    latest = tmp_path / "run" / "checkpoints" / "latest"
-    deadline = time.monotonic() + 300
-    while not latest.exists():
-        assert time.monotonic() < deadline, _job_log(tmp_path)
-        time.sleep(0.5)
-    # the warning Slurm sends before a pre-emption or the time limit (sbatch --signal=B:USR1@...)
-    subprocess.run(["scancel", "--signal=USR1", "--batch", job_id], check=True)
+                           "trainer.val_every=0")
     assert _wait_for(job_id, timeout_s=500) == "COMPLETED", _job_log(tmp_path)
-    assert "Restarts=1" in _job_info(job_id)
-    log = (tmp_path / "slurm.out").read_text(errors="replace")  # the whole output: both attempts
-    assert "SIGUSR1 (pre-emption or time limit)" in log and f"requeueing job {job_id}" in log
-    assert f"justrl: job {job_id} (restart 0)" in log and f"justrl: job {job_id} (restart 1)" in log
+    log = (tmp_path / "slurm.out").read_text(errors="replace")
+    assert f"justrl: job {job_id} (restart 0) on " in log and "1 node(s) x 0 GPU(s); learner 1 node(s) x 1 task(s)" in log
     assert log.rstrip().endswith("learner exit status 0")
 
     run = tmp_path / "run"
-    train_log = (run / "train.log").read_text()
-    stopped = int(train_log.split("stopped at step ", 1)[1].split()[0])
-    assert 3 <= stopped < steps, "the job ended before the signal: test is void"
-    assert f"resuming from {run / 'checkpoints' / f'step_{stopped:06d}'} (step {stopped})" in train_log
-    scalars = read_scalars(run)
-    assert [s for s, _ in scalars["reward/mean"]] == list(range(1, steps + 1))  # every step once
+    assert [s for s, _ in read_scalars(run)["reward/mean"]] == list(range(1, steps + 1))
     assert (run / "checkpoints" / "latest").read_text().strip() == f"step_{steps:06d}"
-    assert scalars["reward/errors"] and all(v == 0 for _, v in scalars["reward/errors"])  # no worker died of USR1
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     hf = run / "checkpoints" / f"step_{steps:06d}" / "hf"
@@ -121,7 +105,7 @@ def test_sbatch_train_is_preempted_requeues_and_resumes(slurm, tiny_model_dir, t
     AutoTokenizer.from_pretrained(hf)
     # the job composed cluster=slurm with the allocation's shape
     config = (run / "config.yaml").read_text()
-    assert "name: slurm" in config and "gpus_per_node: 0" in config
+    assert "name: slurm" in config and "gpus_per_node: 0" in config and "learner_gpus: 0" in config
 
 
 SWEEP_STEPS = 10
