@@ -306,26 +306,33 @@ def train(cfg: DictConfig, engine_placements: list[EnginePlacement] | None = Non
 
             t0 = time.perf_counter()
             # On-policy (nothing generating meanwhile): this machine's CPU engines are frozen while
-            # the learner trains, so that they take none of its cores (RolloutFleet.freeze).
+            # the learner trains and writes the new version, so that they take none of its cores
+            # (RolloutFleet.freeze); they are thawed just before the weights go into them. A
+            # thawed engine's worker spins on its queue for up to a second: beside it, the
+            # learner's probe forward took 0.22 s instead of 3 ms on a 2-core machine.
             frozen = rank == 0 and pending is None
             if frozen:
                 controller.fleet.freeze()
-            try:
-                train_metrics = learner.train_step(sequences)
-            finally:
+
+            def before_push() -> None:
+                """Rank 0, after the export and before the engines are touched: lag 1 waits for the
+                next step's batch (generated with the old weights); on-policy thaws the engines."""
+                nonlocal ahead, pending, learner_wait
+                if pending is not None:
+                    t = time.perf_counter()
+                    ahead = pending.result()
+                    pending = None
+                    learner_wait += time.perf_counter() - t
                 if frozen:
                     controller.fleet.thaw()
-            t1 = time.perf_counter()
 
-            def wait_for_ahead() -> None:
-                """The engines finish the next step's batch with the old weights before they reload."""
-                nonlocal ahead, pending, learner_wait
-                t = time.perf_counter()
-                ahead = pending.result()
-                pending = None
-                learner_wait += time.perf_counter() - t
-
-            sync_metrics = weight_sync.sync(step, before_push=wait_for_ahead if pending is not None else None)
+            try:
+                train_metrics = learner.train_step(sequences)
+                t1 = time.perf_counter()
+                sync_metrics = weight_sync.sync(step, before_push=before_push)
+            finally:
+                if frozen:
+                    controller.fleet.thaw()  # harmless on thawed engines
             t2 = time.perf_counter()
 
             if rank == 0:
