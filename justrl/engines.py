@@ -47,6 +47,11 @@ MAX_IN_FLIGHT_PER_ENGINE = 256
 LOG_TAIL_LINES = 30
 # How long a stopped engine may take to exit (server, then the rest of its group) before SIGKILL.
 STOP_TIMEOUT_S = 20.0
+# How long the engine's HTTP server keeps an idle connection open (vLLM's default is 5 s). The
+# client pools its connections and reuses them a step later; with 5 s, a connection the server was
+# closing just as the next step's request went out failed as "Remote end closed connection without
+# response" (seen on a 256-token benchmark run, 2026-12-02), and the engine was restarted for it.
+HTTP_KEEP_ALIVE_S = 24 * 3600
 
 
 class EngineError(RuntimeError):
@@ -100,10 +105,22 @@ class EngineClient:
             return False
 
     def _post(self, path: str, payload: dict | None = None) -> dict:
+        """POST `payload`; a connection that fails while the server is healthy (a pooled connection
+        it had closed) is retried once on a new one. Every justrl request may run twice: seeded
+        sampling gives the same samples, and a reload or a cache reset is idempotent."""
+        url = f"{self.url}{path}"
         try:
-            response = self.session.post(f"{self.url}{path}", json=payload, timeout=self.request_timeout_s)
+            response = self.session.post(url, json=payload, timeout=self.request_timeout_s)
+        except requests.ConnectionError as exc:
+            if not self.healthy():
+                raise EngineError(f"{url}: {type(exc).__name__}: {exc}") from exc
+            log.warning("%s: %s on a healthy server; retrying once", url, exc)
+            try:
+                response = self.session.post(url, json=payload, timeout=self.request_timeout_s)
+            except requests.RequestException as again:
+                raise EngineError(f"{url}: {type(again).__name__}: {again}") from again
         except requests.RequestException as exc:
-            raise EngineError(f"{self.url}{path}: {type(exc).__name__}: {exc}") from exc
+            raise EngineError(f"{url}: {type(exc).__name__}: {exc}") from exc
         if response.status_code != 200:
             kind = EngineRequestError if 400 <= response.status_code < 500 else EngineError
             raise kind(f"{self.url}{path}: HTTP {response.status_code}: {response.text[:500]}")
@@ -285,7 +302,8 @@ class EngineProcess:
                "--gpu-memory-utilization", str(spec.gpu_memory_utilization),
                "--worker-extension-cls", WORKER_EXTENSION, *spec.extra_args]
         env = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}  # see engine_thread_env
-        env.update(VLLM_SERVER_DEV_MODE="1", **engine_thread_env(spec))
+        env.update(VLLM_SERVER_DEV_MODE="1", VLLM_HTTP_TIMEOUT_KEEP_ALIVE=str(HTTP_KEEP_ALIVE_S),
+                   **engine_thread_env(spec))
         if spec.node:
             cmd = [*engine_srun_command(spec), *cmd]
         # The guard takes the server down if this process dies without cleaning up (kill -9).
