@@ -102,3 +102,17 @@ def test_overlong_penalty_factor_and_bad_buffer():
     assert overlong_penalty(15360, 15360, 4096, 0.5) == -0.5
     with pytest.raises(ValueError, match="buffer"):
         overlong_penalty(10, 100, 0, 1.0)
+
+
+def test_the_pool_scores_dapo_in_this_process_like_the_function():
+    """`dapo` is bounded string work: the pool starts no worker for it and gives dapo_score's
+    verdicts (a worker round trip per response cost more than the scoring)."""
+    from justrl.reward import ScorerPool
+    from justrl.reward.dapo import dapo_score
+
+    responses = ["so \\boxed{7}", "x" * 400 + "\\boxed{7}", "\\boxed{7}" + "y" * 120, "\\boxed{ 7}", "no box"]
+    with ScorerPool("dapo", num_workers=2, timeout_s=1.0) as pool:
+        assert pool._workers == []
+        scores, stats = pool.score(responses, ["7"] * len(responses))
+    assert scores == [dapo_score(r, "7") for r in responses] == [1.0, 1.0, -1.0, -1.0, -1.0]
+    assert stats.errors == stats.timeouts == 0

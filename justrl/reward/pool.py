@@ -8,6 +8,11 @@ scores -1 and is counted in `ScoreStats.timeouts`; the step goes on.
 What travels to a worker is what its verifier reads: for `dapo` the last `FIRST_CUT_CHARS` (300)
 characters of each response (it looks at no more, as in the reference), for `lenient` the whole
 response (veRL's math-verify reward parses all of it), for `grader` the answer the parent extracted.
+`dapo` needs no workers and is scored in the calling process: it is string work on at most 300
+characters (no regex that can backtrack, no sympy), so it cannot hang, and sending each response
+to a worker cost more than scoring it (about 0.2 ms a round trip, 128 of them a step on the
+embedded default).
+
 Workers run the verifier in their main thread, so math-verify's own time limits are on there as in
 veRL; the pool's kill is the limit for everything else (sympy in the grader, C code a signal cannot
 interrupt).
@@ -24,6 +29,8 @@ from justrl.reward.dapo import FIRST_CUT_CHARS
 FAILED_SCORE = -1.0
 # How much of each response a verifier reads (None: all of it).
 TAIL_CHARS = {"dapo": FIRST_CUT_CHARS, "lenient": None, "grader": None}
+# Verifiers scored in the calling process (bounded string work; see the module docstring).
+IN_PROCESS = ("dapo",)
 # How long a new worker may take to import its verifier (sympy is slow to import) and warm up.
 WORKER_START_TIMEOUT_S = 120.0
 
@@ -116,7 +123,12 @@ class ScorerPool:
         self.timeout_s = timeout_s
         self._tail = TAIL_CHARS[verifier]
         self._ctx = mp.get_context("spawn")  # fork would copy the learner's threads and memory
-        self._workers = [self._start_worker() for _ in range(num_workers)]
+        self._in_process = None
+        if verifier in IN_PROCESS:
+            from justrl.reward.verifiers import scorer
+
+            self._in_process = scorer(verifier)
+        self._workers = [] if self._in_process else [self._start_worker() for _ in range(num_workers)]
 
     def _start_worker(self) -> _Worker:
         worker = _Worker(self._ctx, self.verifier)
@@ -129,6 +141,14 @@ class ScorerPool:
             raise ValueError(f"{len(responses)} responses but {len(ground_truths)} ground truths")
         scores = [FAILED_SCORE] * len(responses)
         stats = ScoreStats()
+        if self._in_process is not None:
+            for i, (response, truth) in enumerate(zip(responses, ground_truths)):
+                try:
+                    scores[i] = float(self._in_process(response[-self._tail:], truth))
+                except Exception as exc:  # as in a worker: a verifier bug must not take the step down
+                    stats.errors += 1
+                    stats.first_error = stats.first_error or f"{type(exc).__name__}: {exc}"
+            return scores, stats
         pending = list(range(len(responses) - 1, -1, -1))  # popped from the end: in order
         busy: dict[Connection, _Worker] = {}
 
