@@ -71,6 +71,36 @@ def test_first_step_with_warmup_moves_nothing_then_updates(tiny_model_dir):
     assert m2["actor/skipped_updates"] == 0.0 and m2["perf/padding_fraction"] == 0.0
 
 
+def test_first_mini_batch_old_logprobs_equal_a_full_recompute(tiny_model_dir, monkeypatch):
+    """The step's first mini-batch takes its old log-probs from its own training forward (no
+    optimizer step has happened yet) instead of a separate no-grad pass: the same values, so the
+    same update. Checked against the full recompute, bit for bit: the weights and every metric."""
+    import justrl.learner.step as step
+
+    batch = make_batch(n_prompts=4)
+    fast = learner_for(tiny_model_dir, "optim.lr=1e-3")
+    m_fast = fast.train_step(batch)
+
+    full = learner_for(tiny_model_dir, "optim.lr=1e-3")
+    plain_update = step._mini_batch_update
+
+    def recompute_first(backend, plan, num_tokens, settings):
+        for micro in plan:  # what the update did before: old log-probs from a no-grad pass
+            if micro.old_logprobs is None:
+                backend.model.eval()
+                with torch.no_grad():
+                    micro.old_logprobs = backend.forward(micro, need_entropy=False, response_only=True)[0]
+                backend.model.train()
+        return plain_update(backend, plan, num_tokens, settings)
+
+    monkeypatch.setattr(step, "_mini_batch_update", recompute_first)
+    m_full = full.train_step(batch)
+    assert m_fast == m_full
+    assert m_fast["actor/ppo_kl"] != 0.0  # the second mini-batch ran after an update
+    a, b = weights(fast), weights(full)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
 def _dp_worker(rank: int, world: int, port: int, model_dir: str, out: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)
