@@ -32,6 +32,7 @@ LOG_PREFIX = "justrl-engine: "
 # vLLM's CPU build (0.32) crashes ("CPU Generator does not use offset") when a seeded request's
 # prefill is split by chunked prefill; CPU engines therefore run without chunked prefill.
 CPU_ENGINE_ARGS = ("--enforce-eager", "--no-enable-chunked-prefill")
+SERVER_MODULE = "vllm.entrypoints.openai.api_server"
 
 
 class PlacementError(RuntimeError):
@@ -98,7 +99,16 @@ def plan_command(planned: list[int], vllm_args: list[str], env: dict, cuda: bool
             args = _replace_arg(args, "--tensor-parallel-size", "1")
         args += [a for a in CPU_ENGINE_ARGS if a not in args]
         env.setdefault("VLLM_CPU_KVCACHE_SPACE", str(cpu_kv_cache_gb))
+    report["server"] = server_module(report["compute"], env)
     return args, env, report
+
+
+def server_module(compute: str, env: dict) -> str:
+    """The module that runs the server: justrl.vllm_cpu_server (the worker inside the engine-core
+    process) for a CPU engine whose worker justrl bound to one core, vLLM's own server otherwise."""
+    bind = env.get("VLLM_CPU_OMP_THREADS_BIND", "")
+    one_core = bind.strip().isdigit()
+    return "justrl.vllm_cpu_server" if compute == "cpu" and one_core else SERVER_MODULE
 
 
 def _cuda_available() -> bool:
@@ -132,7 +142,7 @@ def main(argv: list[str]) -> int:
     # training loop acts on them and stops the engines itself. Ignored dispositions survive exec.
     for sig in (signal.SIGUSR1, signal.SIGUSR2):
         signal.signal(sig, signal.SIG_IGN)
-    cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", *args]
+    cmd = [sys.executable, "-m", report["server"], *args]
     os.execve(sys.executable, cmd, env)
     return 0  # not reached
 

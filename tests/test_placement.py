@@ -141,6 +141,20 @@ def test_engine_launcher_narrows_the_step_gpus_to_the_planned_ones():
         plan_command([3], base, {"CUDA_VISIBLE_DEVICES": "0"}, cuda=True)
 
 
+def test_one_core_cpu_engines_run_the_worker_in_the_engine_core_process():
+    """A CPU engine whose worker justrl bound to one core runs justrl.vllm_cpu_server (vLLM's
+    uniprocess executor); several worker cores, GPU engines and unbound (remote) CPU engines run
+    vLLM's own server, whose multiprocess executor sets the worker's OpenMP environment."""
+    from justrl.engine_launch import SERVER_MODULE, plan_command
+
+    base = ["--model", "m"]
+    assert plan_command([], base, {"VLLM_CPU_OMP_THREADS_BIND": "0"}, cuda=False)[2]["server"] == \
+        "justrl.vllm_cpu_server"
+    assert plan_command([], base, {"VLLM_CPU_OMP_THREADS_BIND": "0,1,2"}, cuda=False)[2]["server"] == SERVER_MODULE
+    assert plan_command([], base, {}, cuda=False)[2]["server"] == SERVER_MODULE
+    assert plan_command([0], base, {"VLLM_CPU_OMP_THREADS_BIND": "3"}, cuda=True)[2]["server"] == SERVER_MODULE
+
+
 def test_engine_client_ignores_the_environment_proxies(monkeypatch):
     """A cluster's http_proxy must not carry engine traffic: a server on this machine answers
     /health although the proxy the environment names does not exist."""
