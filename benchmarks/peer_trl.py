@@ -28,7 +28,12 @@ Differences that remain (they are the systems' designs, not settings):
   longest prompt and completion of its batch;
 - justrl verifies after each sync that the engine serves the new weights (rollout.weight_check,
   its default), TRL has nothing to check;
-- scoring: justrl scores in worker processes with a timeout; TRL calls the function in-process.
+- scoring: both call `dapo` in-process; justrl also scores every response with its other training
+  verifier (`lenient`, in worker processes with a timeout) for `reward/verifier_disagreement`;
+- TRL's GRPOConfig turns gradient checkpointing on by default (its update recomputes activations);
+  justrl's experiment=tiny trains without it. TRL runs both ways, alternating with justrl:
+  "TRL" is TRL as configured above with its default, "TRL no-GC" with gradient_checkpointing=False
+  (the same work as justrl's learner); a ratio is printed for each.
 With --force-length both systems serve a copy of the model whose end-of-sequence token is
 `<|endoftext|>` (never generated), so that every response runs to --response-length tokens.
 """
@@ -99,7 +104,8 @@ def trl_worker(spec_path: str) -> None:
         weight_decay=0.1, max_grad_norm=1.0, max_steps=spec["steps"] * PROMPTS_PER_STEP // MINI_BATCH_PROMPTS,
         shuffle_dataset=False, logging_steps=1, report_to="none", save_strategy="no", use_cpu=True, bf16=False,
         seed=SEED, disable_dropout=True, log_completions=False,
-        mask_truncated_completions=False, dataloader_num_workers=0)
+        mask_truncated_completions=False, dataloader_num_workers=0,
+        **({} if spec["gradient_checkpointing"] else {"gradient_checkpointing": False}))
     marks = []
 
     class Clock(TrainerCallback):
@@ -196,12 +202,15 @@ def run_justrl(model: Path, steps: int, length: int, out: Path) -> dict:
             "mean_length": [r["response_length/mean"] for r in rows]}
 
 
-def run_trl(python: Path, model: Path, prompts: list[dict], steps: int, length: int, out: Path) -> dict:
+def run_trl(python: Path, model: Path, prompts: list[dict], steps: int, length: int, out: Path,
+            gradient_checkpointing: bool) -> dict:
+    """One TRL run; `gradient_checkpointing`: TRL's default (True) or off."""
     shutil.rmtree(out, ignore_errors=True)
     out.mkdir(parents=True)
     spec = out / "spec.json"
     spec.write_text(json.dumps({"model": str(model), "prompts": prompts, "steps": steps, "length": length,
-                                "out": str(out / "trainer"), "t0": time.time()}))
+                                "out": str(out / "trainer"), "t0": time.time(),
+                                "gradient_checkpointing": gradient_checkpointing}))
     env = dict(os.environ, PYTHONPATH="", TOKENIZERS_PARALLELISM="false")
     proc = subprocess.run([str(python), __file__, "--trl-worker", str(spec)], cwd="/tmp", env=env,
                           capture_output=True, text=True)
@@ -240,14 +249,15 @@ def main() -> None:
     prompts = prompts_in_order(cfg, model, opts.steps)
     python = ensure_trl_venv()
 
-    results = {"justrl": [], "trl": []}
+    results = {"justrl": [], "trl": [], "trl_nogc": []}
     for r in range(opts.rounds):
-        for name in ("justrl", "trl"):
+        for name in ("justrl", "trl", "trl_nogc"):
             t = time.time()
             if name == "justrl":
                 res = run_justrl(model, opts.steps, length, work / f"justrl_{r}")
             else:
-                res = run_trl(python, model, prompts, opts.steps, length, work / f"trl_{r}")
+                res = run_trl(python, model, prompts, opts.steps, length, work / f"{name}_{r}",
+                              gradient_checkpointing=name == "trl")
             results[name].append(res)
             print(f"round {r} {name}: {time.time() - t:.0f} s, steps {[round(s, 2) for s in res['steps']]}, "
                   f"start-up {res['startup']:.1f} s", flush=True)
@@ -255,7 +265,7 @@ def main() -> None:
     def med(name, key="steps"):
         return statistics.median(v for res in results[name] for v in res[key][1:])
 
-    j, t = med("justrl"), med("trl")
+    j, t, t_nogc = med("justrl"), med("trl"), med("trl_nogc")
     load = os.getloadavg()
     print(f"\n{datetime.now():%Y-%m-%d %H:%M} {os.cpu_count()} CPUs, load average {load[0]:.1f} "
           f"{load[1]:.1f} {load[2]:.1f}; {opts.rounds} alternating rounds x {opts.steps} GRPO steps "
@@ -263,10 +273,11 @@ def main() -> None:
           f"{length}-token responses{' (forced)' if opts.force_length else ''}")
     print(f"response length (mean)  justrl {med('justrl', 'mean_length'):.0f}  TRL {med('trl', 'mean_length'):.0f}")
     print(f"median s / GRPO step    justrl {j:.2f} (rollout+reward {med('justrl', 'rollout'):.2f}, "
-          f"train {med('justrl', 'train'):.2f}, sync {med('justrl', 'sync'):.2f})  TRL {t:.2f}")
+          f"train {med('justrl', 'train'):.2f}, sync {med('justrl', 'sync'):.2f})  TRL {t:.2f}  "
+          f"TRL no-GC {t_nogc:.2f}")
     print(f"start-up (s)            justrl {statistics.median(r['startup'] for r in results['justrl']):.1f}  "
           f"TRL {statistics.median(r['startup'] for r in results['trl']):.1f}")
-    print(f"ratio TRL / justrl      {t / j:.2f}")
+    print(f"ratio TRL / justrl      {t / j:.2f}  (TRL no-GC / justrl {t_nogc / j:.2f})")
 
 
 if __name__ == "__main__":
