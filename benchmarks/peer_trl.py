@@ -57,11 +57,11 @@ TRL_REQUIREMENTS = ("torch==2.13.0", "trl==1.16.*")
 PROMPTS_PER_STEP, SAMPLES, MINI_BATCH_PROMPTS, LR, SEED = 16, 8, 8, 1e-4, 1
 
 
-def justrl_overrides(model: Path, steps: int, length: int, out: Path) -> list[str]:
+def justrl_overrides(model: Path, steps: int, length: int, out: Path, engines: int = 1) -> list[str]:
     """Every setting the comparison depends on, pinned (experiment=tiny's defaults may change)."""
     return ["experiment=tiny", f"model.path={model}", "data.train_path=toy", "data.max_prompt_length=128",
             f"data.seed={SEED}", f"rollout.n={SAMPLES}", f"rollout.max_response_length={length}",
-            "rollout.temperature=1.0", "rollout.top_p=1.0", "rollout.top_k=-1", "rollout.engines=1",
+            "rollout.temperature=1.0", "rollout.top_p=1.0", "rollout.top_k=-1", f"rollout.engines={engines}",
             "rollout.max_policy_lag=0", "rollout.dtype=float32",
             f"algorithm.prompts_per_step={PROMPTS_PER_STEP}", f"algorithm.mini_batch_prompts={MINI_BATCH_PROMPTS}",
             "algorithm.ppo_epochs=1", "algorithm.entropy_coef=0.0", f"optim.lr={LR}", "optim.warmup_steps=0",
@@ -181,11 +181,11 @@ def prompts_in_order(cfg, model: Path, steps: int) -> list[dict]:
 STEP_LINE = re.compile(r"^(\S+ \S+) INFO justrl\.steps: step (\d+)/\d+ (.*)$")
 
 
-def run_justrl(model: Path, steps: int, length: int, out: Path) -> dict:
+def run_justrl(model: Path, steps: int, length: int, out: Path, engines: int = 1) -> dict:
     shutil.rmtree(out, ignore_errors=True)
     t0 = time.time()
     env = {k: v for k, v in os.environ.items() if not k.startswith("JUSTRL_")}
-    subprocess.run([sys.executable, "-m", "justrl.launch", *justrl_overrides(model, steps, length, out)],
+    subprocess.run([sys.executable, "-m", "justrl.launch", *justrl_overrides(model, steps, length, out, engines)],
                    cwd=REPO, env=env, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     rows = []
     for line in (out / "train.log").read_text().splitlines():
@@ -226,6 +226,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=6, help="GRPO steps per run (the first is left out)")
     parser.add_argument("--response-length", type=int, default=64)
     parser.add_argument("--force-length", action="store_true", help="every response runs to the limit")
+    parser.add_argument("--engines", type=int, default=1,
+                        help="justrl's rollout.engines (2 on a 2-core machine: one one-core engine per core)")
     parser.add_argument("--workdir", default="/tmp/justrl_peer_trl")
     parser.add_argument("--model", default=str(REPO / "models" / "tiny"),
                         help="the tiny model's directory (built there if missing, as experiment=tiny does)")
@@ -254,7 +256,7 @@ def main() -> None:
         for name in ("justrl", "trl", "trl_nogc"):
             t = time.time()
             if name == "justrl":
-                res = run_justrl(model, opts.steps, length, work / f"justrl_{r}")
+                res = run_justrl(model, opts.steps, length, work / f"justrl_{r}", opts.engines)
             else:
                 res = run_trl(python, model, prompts, opts.steps, length, work / f"{name}_{r}",
                               gradient_checkpointing=name == "trl")
@@ -270,7 +272,7 @@ def main() -> None:
     print(f"\n{datetime.now():%Y-%m-%d %H:%M} {os.cpu_count()} CPUs, load average {load[0]:.1f} "
           f"{load[1]:.1f} {load[2]:.1f}; {opts.rounds} alternating rounds x {opts.steps} GRPO steps "
           f"(first of each run left out); {PROMPTS_PER_STEP} prompts x {SAMPLES} samples, "
-          f"{length}-token responses{' (forced)' if opts.force_length else ''}")
+          f"{length}-token responses{' (forced)' if opts.force_length else ''}; justrl rollout.engines={opts.engines}")
     print(f"response length (mean)  justrl {med('justrl', 'mean_length'):.0f}  TRL {med('trl', 'mean_length'):.0f}")
     print(f"median s / GRPO step    justrl {j:.2f} (rollout+reward {med('justrl', 'rollout'):.2f}, "
           f"train {med('justrl', 'train'):.2f}, sync {med('justrl', 'sync'):.2f})  TRL {t:.2f}  "
