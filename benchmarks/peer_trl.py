@@ -105,7 +105,7 @@ def trl_worker(spec_path: str) -> None:
         shuffle_dataset=False, logging_steps=1, report_to="none", save_strategy="no", use_cpu=True, bf16=False,
         seed=SEED, disable_dropout=True, log_completions=False,
         mask_truncated_completions=False, dataloader_num_workers=0,
-        **({} if spec["gradient_checkpointing"] else {"gradient_checkpointing": False}))
+        gradient_checkpointing=spec["gradient_checkpointing"])
     marks = []
 
     class Clock(TrainerCallback):
@@ -204,7 +204,7 @@ def run_justrl(model: Path, steps: int, length: int, out: Path, engines: int = 1
 
 def run_trl(python: Path, model: Path, prompts: list[dict], steps: int, length: int, out: Path,
             gradient_checkpointing: bool) -> dict:
-    """One TRL run; `gradient_checkpointing`: TRL's default (True) or off."""
+    """One TRL run; `gradient_checkpointing`: True is GRPOConfig's default."""
     shutil.rmtree(out, ignore_errors=True)
     out.mkdir(parents=True)
     spec = out / "spec.json"
@@ -222,7 +222,7 @@ def run_trl(python: Path, model: Path, prompts: list[dict], steps: int, length: 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--rounds", type=int, default=2, help="alternating (justrl, TRL) runs")
+    parser.add_argument("--rounds", type=int, default=2, help="alternating (justrl, TRL, TRL no-GC) runs")
     parser.add_argument("--steps", type=int, default=6, help="GRPO steps per run (the first is left out)")
     parser.add_argument("--response-length", type=int, default=64)
     parser.add_argument("--force-length", action="store_true", help="every response runs to the limit")

@@ -109,21 +109,18 @@ class EngineClient:
         it had closed) is retried once on a new one. Every justrl request may run twice: seeded
         sampling gives the same samples, and a reload or a cache reset is idempotent."""
         url = f"{self.url}{path}"
-        try:
-            response = self.session.post(url, json=payload, timeout=self.request_timeout_s)
-        except requests.ConnectionError as exc:
-            if not self.healthy():
-                raise EngineError(f"{url}: {type(exc).__name__}: {exc}") from exc
-            log.warning("%s: %s on a healthy server; retrying once", url, exc)
+        for attempt in range(2):
             try:
                 response = self.session.post(url, json=payload, timeout=self.request_timeout_s)
-            except requests.RequestException as again:
-                raise EngineError(f"{url}: {type(again).__name__}: {again}") from again
-        except requests.RequestException as exc:
-            raise EngineError(f"{url}: {type(exc).__name__}: {exc}") from exc
+                break
+            except requests.RequestException as exc:
+                dropped = isinstance(exc, requests.ConnectionError) and attempt == 0
+                if not (dropped and self.healthy()):
+                    raise EngineError(f"{url}: {type(exc).__name__}: {exc}") from exc
+                log.warning("%s: %s on a healthy server; retrying once", url, exc)
         if response.status_code != 200:
             kind = EngineRequestError if 400 <= response.status_code < 500 else EngineError
-            raise kind(f"{self.url}{path}: HTTP {response.status_code}: {response.text[:500]}")
+            raise kind(f"{url}: HTTP {response.status_code}: {response.text[:500]}")
         return response.json() if response.content else {}
 
     def complete(self, prompt_ids: list[int], settings: SamplingSettings, seed: int) -> list[Completion]:

@@ -15,6 +15,12 @@ through shared memory, the two spinning against each other. Measured on the 2-co
 0.16-0.23 s in one process where the worker process took 0.18-0.53 s (one run in three about
 0.2 s slower), 256-token responses 2.8-2.9 s vs 2.8-3.5 s; and one process fewer starts (about 7 s
 of start-up). Everything else is vLLM's server as it is.
+
+What is lost: vLLM's multiprocess executor pins its worker to `VLLM_CPU_OMP_THREADS_BIND`; the
+uniprocess one pins nothing, so the engine core (which now computes) floats over the machine's
+cores. The engines are frozen while the learner trains, so this only matters with several engines
+on one machine, which then share all cores instead of one each. (This module cannot pin it: the
+engine core is spawned from vLLM's server module, not from this one.)
 """
 from __future__ import annotations
 
@@ -32,8 +38,8 @@ def _uniprocess_executor(cls, vllm_config) -> None:
         vllm_config.parallel_config.distributed_executor_backend = "uni"
 
 
-# At import, not under __main__: vLLM spawns its engine core, which imports this module again (as
-# __mp_main__) and must see the same platform.
+# The server process builds the engine's config (the executor choice with it) and hands it to the
+# engine core it spawns, so patching here is enough.
 CpuPlatform.check_and_update_config = classmethod(_uniprocess_executor)
 
 if __name__ == "__main__":

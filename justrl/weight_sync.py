@@ -282,9 +282,8 @@ class WeightSync:
         t0 = time.perf_counter()
         path = self.export(step)
         state = _learner_hf_state(self.learner, self.dtype) if self.transport.uses_learner_state else None
-        # The learner's side of the check, before the engines are touched: after a reload, a CPU
-        # engine's worker spins on its queue for a second (vLLM's busy loop), and a learner
-        # forward beside it took 0.22 s instead of 3 ms on a 2-core machine.
+        # The learner's side of the check, before the engines are touched (the trainer keeps this
+        # machine's CPU engines frozen until `before_push`; see justrl.trainer).
         reference = learner_probe_logprobs(self.learner, self.probe_ids) if self.check else None
         t1 = time.perf_counter()
         if self.rank == 0 and before_push is not None:

@@ -1,6 +1,7 @@
 """Engines that leave the learner's CPU alone: a frozen CPU engine uses no CPU while the learner
 trains, and thaws to serve the same samples; its thread settings come from justrl, not from the
 user's OMP_NUM_THREADS. One real vLLM engine (CPU build), about 40 s."""
+import json
 import os
 import time
 from pathlib import Path
@@ -8,7 +9,8 @@ from pathlib import Path
 import pytest
 
 from justrl.engine_guard import group_members
-from justrl.engines import (EngineSpec, EngineProcess, SamplingSettings, engine_cpu_shares,
+from justrl.engine_launch import LOG_PREFIX, SERVER_MODULE
+from justrl.engines import (HTTP_KEEP_ALIVE_S, EngineSpec, EngineProcess, SamplingSettings, engine_cpu_shares,
                             engine_thread_env)
 from justrl.rollout import RolloutFleet
 
@@ -56,8 +58,14 @@ def test_frozen_engine_uses_no_cpu_while_the_learner_trains(random_tiny_model_di
         for pid in members:
             env = _environ(pid)
             assert env.get("VLLM_CPU_OMP_THREADS_BIND") == expected_bind, pid
+            assert env.get("VLLM_HTTP_TIMEOUT_KEEP_ALIVE") == str(HTTP_KEEP_ALIVE_S), pid
             assert env.get("OMP_NUM_THREADS") in ("1", str(len(expected_bind.split(",")))), (pid, env.get(
                 "OMP_NUM_THREADS"))
+        # a one-core worker share runs inside the engine core (justrl.vllm_cpu_server)
+        report = json.loads(next(line for line in engine.log_path.read_text().splitlines()
+                                 if line.startswith(LOG_PREFIX))[len(LOG_PREFIX):])
+        one_core = len(expected_bind.split(",")) == 1
+        assert report["server"] == ("justrl.vllm_cpu_server" if one_core else SERVER_MODULE)
         first = fleet.generate(prompts, settings, seeds=[1, 2])
 
         # the training phase: right after a request, when vLLM's worker would spin on its queue

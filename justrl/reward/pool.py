@@ -48,6 +48,10 @@ class ScoreStats:
     first_error: str | None = None
     """The first error message, for the log."""
 
+    def record_error(self, message: str) -> None:
+        self.errors += 1
+        self.first_error = self.first_error or message
+
 
 def _worker_main(conn: Connection, verifier: str) -> None:
     import signal
@@ -113,7 +117,7 @@ class ScorerPool:
     """
 
     def __init__(self, verifier: str = "dapo", num_workers: int = 2, timeout_s: float = 10.0):
-        from justrl.reward.verifiers import SCORER_NAMES
+        from justrl.reward.verifiers import SCORER_NAMES, scorer
 
         if verifier not in SCORER_NAMES:
             raise ValueError(f"unknown verifier {verifier!r}; choose one of {sorted(SCORER_NAMES)}")
@@ -123,11 +127,7 @@ class ScorerPool:
         self.timeout_s = timeout_s
         self._tail = TAIL_CHARS[verifier]
         self._ctx = mp.get_context("spawn")  # fork would copy the learner's threads and memory
-        self._in_process = None
-        if verifier in IN_PROCESS:
-            from justrl.reward.verifiers import scorer
-
-            self._in_process = scorer(verifier)
+        self._in_process = scorer(verifier) if verifier in IN_PROCESS else None
         self._workers = [] if self._in_process else [self._start_worker() for _ in range(num_workers)]
 
     def _start_worker(self) -> _Worker:
@@ -146,8 +146,7 @@ class ScorerPool:
                 try:
                     scores[i] = float(self._in_process(response[-self._tail:], truth))
                 except Exception as exc:  # as in a worker: a verifier bug must not take the step down
-                    stats.errors += 1
-                    stats.first_error = stats.first_error or f"{type(exc).__name__}: {exc}"
+                    stats.record_error(f"{type(exc).__name__}: {exc}")
             return scores, stats
         pending = list(range(len(responses) - 1, -1, -1))  # popped from the end: in order
         busy: dict[Connection, _Worker] = {}
@@ -158,8 +157,7 @@ class ScorerPool:
                 stats.timeouts += 1
                 stats.timed_out.append(index)
             else:
-                stats.errors += 1
-                stats.first_error = stats.first_error or message
+                stats.record_error(message)
             worker.kill()
             self._workers[self._workers.index(worker)] = self._start_worker()
 
@@ -181,8 +179,7 @@ class ScorerPool:
                     continue
                 scores[index] = value
                 if error is not None:
-                    stats.errors += 1
-                    stats.first_error = stats.first_error or error
+                    stats.record_error(error)
                 worker.task = None
             now = time.monotonic()
             for conn, worker in list(busy.items()):
