@@ -99,6 +99,11 @@ def plan_command(planned: list[int], vllm_args: list[str], env: dict, cuda: bool
             args = _replace_arg(args, "--tensor-parallel-size", "1")
         args += [a for a in CPU_ENGINE_ARGS if a not in args]
         env.setdefault("VLLM_CPU_KVCACHE_SPACE", str(cpu_kv_cache_gb))
+        # No torch.compile in a CPU engine: the model already runs eagerly (--enforce-eager), and
+        # the one compiled function left, vLLM's rank count for prompt log-probs (the weight
+        # check's probe), was compiled by inductor on the first sync: 20-23 s of a fresh
+        # machine's first step (C++ compiled with gcc), 2.5 s with its cache (2026-12-02).
+        env.setdefault("TORCHDYNAMO_DISABLE", "1")
     report["server"] = server_module(report["compute"], env)
     return args, env, report
 

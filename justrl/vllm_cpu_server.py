@@ -16,14 +16,23 @@ through shared memory, the two spinning against each other. Measured on the 2-co
 0.2 s slower), 256-token responses 2.8-2.9 s vs 2.8-3.5 s; and one process fewer starts (about 7 s
 of start-up). Everything else is vLLM's server as it is.
 
+The engine core is forked from this server process instead of spawned. vLLM's CPU platform also
+sets `VLLM_WORKER_MULTIPROC_METHOD=spawn`, for the same reason (a fresh OpenMP runtime per
+worker); the uniprocess engine core needs no fresh one, and a spawned one imports vLLM again:
+about 9 s of an engine's start on the 2-core VM (2026-12-02: engine core up 9 s after the server's
+first log line when spawned, the same second when forked). Forking the engine core from the
+server is what vLLM does by default on GPU machines.
+
 What is lost: vLLM's multiprocess executor pins its worker to `VLLM_CPU_OMP_THREADS_BIND`; the
 uniprocess one pins nothing, so the engine core (which now computes) floats over the machine's
 cores. The engines are frozen while the learner trains, so this only matters with several engines
-on one machine, which then share all cores instead of one each. (This module cannot pin it: the
-engine core is spawned from vLLM's server module, not from this one.)
+on one machine, which then share all cores instead of one each. Pinning the forked engine core to
+its core from an at-fork hook was tried (2026-12-02) and made the embedded default's step no
+faster (0.61-0.65 s pinned against 0.56-0.60 s floating, alternating runs), so it floats.
 """
 from __future__ import annotations
 
+import os
 import runpy
 import sys
 
@@ -36,10 +45,11 @@ def _uniprocess_executor(cls, vllm_config) -> None:
     _check_and_update_config(cls, vllm_config)
     if vllm_config.parallel_config.world_size == 1:
         vllm_config.parallel_config.distributed_executor_backend = "uni"
+        os.environ["VLLM_WORKER_MULTIPROC_METHOD"] = "fork"
 
 
-# The server process builds the engine's config (the executor choice with it) and hands it to the
-# engine core it spawns, so patching here is enough.
+# The server process builds the engine's config (the executor choice and the start method with it)
+# and hands it to the engine core it forks, so patching here is enough.
 CpuPlatform.check_and_update_config = classmethod(_uniprocess_executor)
 
 if __name__ == "__main__":

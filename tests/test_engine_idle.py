@@ -51,14 +51,17 @@ def test_frozen_engine_uses_no_cpu_while_the_learner_trains(random_tiny_model_di
     try:
         members = [pid for pid in group_members(engine.process.pid) if pid != engine.process.pid]
         # API server and engine core (its worker inside it: justrl.vllm_cpu_server for a one-core
-        # share; a process of its own for more cores), multiprocessing's resource tracker
-        assert len(members) >= 3
+        # share; a process of its own and multiprocessing's resource tracker for more cores)
+        assert len(members) >= 2
         # justrl's thread settings reach every engine process, whatever the user exported
         expected_bind = ",".join(map(str, cpus[:-1] if len(cpus) > 1 else cpus))
         for pid in members:
             env = _environ(pid)
             assert env.get("VLLM_CPU_OMP_THREADS_BIND") == expected_bind, pid
             assert env.get("VLLM_HTTP_TIMEOUT_KEEP_ALIVE") == str(HTTP_KEEP_ALIVE_S), pid
+            # no torch.compile in a CPU engine (the weight check's prompt log-probs compiled a
+            # kernel with inductor: 20 s of a fresh machine's first step)
+            assert env.get("TORCHDYNAMO_DISABLE") == "1", pid
             assert env.get("OMP_NUM_THREADS") in ("1", str(len(expected_bind.split(",")))), (pid, env.get(
                 "OMP_NUM_THREADS"))
         # a one-core worker share runs inside the engine core (justrl.vllm_cpu_server)

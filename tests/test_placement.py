@@ -155,6 +155,41 @@ def test_one_core_cpu_engines_run_the_worker_in_the_engine_core_process():
     assert plan_command([0], base, {"VLLM_CPU_OMP_THREADS_BIND": "3"}, cuda=True)[2]["server"] == SERVER_MODULE
 
 
+def test_cpu_engines_run_without_torch_compile():
+    """A CPU engine (local, or standing in for GPUs) gets TORCHDYNAMO_DISABLE=1 unless the user set
+    it; a GPU engine keeps vLLM's compilation."""
+    from justrl.engine_launch import plan_command
+
+    base = ["--model", "m"]
+    assert plan_command([], base, {}, cuda=False)[1]["TORCHDYNAMO_DISABLE"] == "1"
+    assert plan_command([0], base, {"CUDA_VISIBLE_DEVICES": "0"}, cuda=False)[1]["TORCHDYNAMO_DISABLE"] == "1"
+    assert plan_command([], base, {"TORCHDYNAMO_DISABLE": "0"}, cuda=False)[1]["TORCHDYNAMO_DISABLE"] == "0"
+    assert "TORCHDYNAMO_DISABLE" not in plan_command([0], base, {"CUDA_VISIBLE_DEVICES": "0"}, cuda=True)[1]
+
+
+@pytest.mark.slow
+def test_one_core_cpu_server_uses_the_uniprocess_executor_and_forks_its_engine_core(random_tiny_model_dir):
+    """justrl.vllm_cpu_server's patch, on vLLM's own config code: the uniprocess executor (vLLM's
+    CPU platform would switch it to "mp") and a forked engine core (it would set "spawn", which
+    re-imports vLLM in the engine core: about 9 s of start-up)."""
+    import os
+    import subprocess
+    import sys
+
+    script = ("import os\n"
+              "from vllm.engine.arg_utils import EngineArgs\n"
+              "import justrl.vllm_cpu_server\n"
+              f"c = EngineArgs(model={str(random_tiny_model_dir)!r}, enforce_eager=True, max_model_len=128,"
+              " enable_chunked_prefill=False).create_engine_config()\n"
+              "print('RESULT', c.parallel_config.distributed_executor_backend,"
+              " os.environ.get('VLLM_WORKER_MULTIPROC_METHOD'))\n")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("VLLM_")}
+    env["VLLM_CPU_KVCACHE_SPACE"] = "1"
+    out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert [line for line in out.stdout.splitlines() if line.startswith("RESULT")] == ["RESULT uni fork"]
+
+
 def test_engine_client_ignores_the_environment_proxies(monkeypatch):
     """A cluster's http_proxy must not carry engine traffic: a server on this machine answers
     /health although the proxy the environment names does not exist."""
