@@ -36,8 +36,8 @@ from omegaconf import DictConfig, OmegaConf
 
 from justrl.config import ConfigError, allocation_parameters
 from justrl.placement import (EnginePlacement, allocation_nodes, cuda_facts, emulated_gpus, learner_device_index,
-                              learner_rank, learner_tasks, learner_world_size, no_cuda_message, pin_socket_interfaces,
-                              plan_engines, rendezvous_host, rendezvous_port)
+                              learner_rank, learner_tasks, learner_world_size, no_cuda_message, plan_engines,
+                              rendezvous_host, rendezvous_port)
 
 log = logging.getLogger(__name__)
 
@@ -89,7 +89,6 @@ def init_distributed_from_slurm(cluster) -> int | None:
     report_learner_rank(rank, world_size, local_rank, compute)
     if world_size == 1:
         return rank
-    pin_socket_interfaces()
     os.environ.update(MASTER_ADDR=rendezvous_host(allocation_nodes()),
                       MASTER_PORT=str(rendezvous_port(os.environ["SLURM_JOB_ID"])),
                       RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(local_rank))
