@@ -27,6 +27,8 @@ import signal
 import socket
 import sys
 
+from justrl.placement import cuda_facts, emulated_gpus, no_cuda_message
+
 # The line tests and people grep for in an engine's log.
 LOG_PREFIX = "justrl-engine: "
 # vLLM's CPU build (0.32) crashes ("CPU Generator does not use offset") when a seeded request's
@@ -91,6 +93,9 @@ def plan_command(planned: list[int], vllm_args: list[str], env: dict, cuda: bool
     report["cuda_visible_devices"] = env.get("CUDA_VISIBLE_DEVICES")
     if planned and cuda:
         report["compute"] = "cuda"
+    elif planned and not emulated_gpus(env):
+        raise PlacementError(no_cuda_message(env.get("SLURMD_NODENAME") or report["hostname"], cuda_facts(),
+                                             len(planned)))
     else:
         report["compute"] = "cpu"
         if planned:

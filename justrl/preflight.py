@@ -14,8 +14,17 @@ Each node checks, and the first node prints one table (a row per node):
   exists, their free memory; there must be cluster.gpus_per_node of them;
 - versions: torch, vLLM, megatron-core, transformers, equal on every node (installed
   distributions, read without importing them);
+- gpus: also that torch computes on them: where torch.cuda is unavailable (a driver too old for
+  torch's CUDA, a CPU torch) the check fails naming the node, the driver, torch's CUDA version and
+  torch.cuda.device_count(), unless the allocation says its GPUs are emulated
+  (JUSTRL_EMULATED_GPUS=1, exported only by the emulated cluster's TaskProlog);
 - rendezvous_port: the learner's torch.distributed port (justrl.placement.rendezvous_port) on the first
-  node is free there and reachable from every node (when the learner has more than one rank);
+  node is free there and reachable from every node at the learner's MASTER_ADDR
+  (placement.rendezvous_host: the user's MASTER_ADDR or the first node's Slurm NodeAddr), when the
+  learner has more than one rank;
+- address: the address this node announces for rendezvous (placement.announced_address: the
+  GLOO_SOCKET_IFNAME / NCCL_SOCKET_IFNAME interface, else its Slurm NodeAddr) is one it can listen
+  on, and every other node reaches it there;
 - engine_ports: each GPU engine's port (justrl.placement.ENGINE_PORT_BASE + i) is free on its node;
 - output_dir: trainer.output_dir is writable from every node, and shared_dir: a file written on
   one node is seen on all the others (the node results are exchanged through it);
@@ -78,10 +87,10 @@ def _wait_for(paths: dict[str, Path], timeout_s: float) -> dict[str, dict]:
 class _Listener:
     """The rendezvous port, bound and accepting on the first node while the others connect."""
 
-    def __init__(self, port: int):
+    def __init__(self, port: int, host: str = ""):
         self.sock = socket.socket()
         self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self.sock.bind(("", port))
+        self.sock.bind((host, port))
         self.sock.listen(64)
         self.sock.settimeout(0.5)
         self.stop = threading.Event()
@@ -110,12 +119,50 @@ def _reachable(host: str, port: int) -> dict:
         return failed(f"{host}:{port} not reachable: {exc}")
 
 
+def _announce(address: str) -> tuple[dict, "_Listener | None"]:
+    """This node's announced address, listened on (a free port) so that the others can try it."""
+    try:
+        listener = _Listener(0, address)
+    except OSError as exc:
+        return {"address": address, "port": None, "error": f"announces {address} but cannot listen there: {exc} "
+                f"(not an address of this node: set GLOO_SOCKET_IFNAME/NCCL_SOCKET_IFNAME)"}, None
+    return {"address": address, "port": listener.sock.getsockname()[1]}, listener
+
+
+def _check_address(here: str, seen: dict[str, dict]) -> dict:
+    """This node's announced address usable, and every other node's reachable from here."""
+    own = seen[here]["announce"]
+    if own.get("error"):
+        return failed(own["error"])
+    problems = []
+    for node, report in seen.items():
+        other = report.get("announce", {})
+        if node == here:
+            continue
+        if other.get("port") is None:
+            problems.append(f"{node} announces {other.get('address')}, where it cannot listen")
+            continue
+        result = _reachable(other["address"], other["port"])
+        if not result["ok"]:
+            problems.append(f"{node}'s {result['text']}")
+    if problems:
+        return failed(f"announces {own['address']}; " + "; ".join(problems))
+    return passed(f"{own['address']}" + (f", reaches {len(seen) - 1} other node(s)" if len(seen) > 1 else ""))
+
+
 def run_node(cfg: DictConfig, nodes: list[str], here: str, exchange: Path, rendezvous: tuple[str, int] | None,
-             wait_s: float) -> int:
+             wait_s: float, address: str | None = None) -> int:
     """One node's part; the first node (nodes[0]) also gathers, prints the table and decides.
+    `address`: what this node announces (placement.announced_address() when None).
     Returns the exit status: non-zero when a check failed (on the first node: on any node)."""
+    from justrl.placement import announced_address
+
     first = here == nodes[0]
     report = {"hostname": socket.gethostname(), "versions": package_versions(), **local_checks(cfg, nodes, here)}
+    try:
+        report["announce"], announcer = _announce(address or announced_address())
+    except ConfigError as exc:
+        report["announce"], announcer = {"address": None, "port": None, "error": str(exc)}, None
     listener = None
     if rendezvous and first:
         try:
@@ -136,6 +183,8 @@ def run_node(cfg: DictConfig, nodes: list[str], here: str, exchange: Path, rende
         unseen = [n for n in nodes if n not in seen]
         report["shared_dir"] = (failed(f"does not see the files of {unseen} after {wait_s:.0f} s") if unseen
                                 else passed(f"sees all {len(nodes)} nodes' files"))
+        if not unseen:
+            report["address"] = _check_address(here, seen)
         if rendezvous and "rendezvous_port" not in report:
             report["rendezvous_port"] = _reachable(*rendezvous)
         elif not rendezvous:
@@ -146,8 +195,9 @@ def run_node(cfg: DictConfig, nodes: list[str], here: str, exchange: Path, rende
         reports = _wait_for({n: exchange / f"{n}.b.json" for n in nodes}, wait_s)
         return _finish(cfg, nodes, reports, exchange, wait_s)
     finally:
-        if listener:
-            listener.close()
+        for open_listener in (listener, announcer):
+            if open_listener:
+                open_listener.close()
 
 
 def _own_failures(here: str, report: dict) -> int:
@@ -197,7 +247,7 @@ def _result(report: dict, check: str) -> dict:
 
 
 def _table(cfg: DictConfig, nodes: list[str], reports: dict[str, dict]) -> str:
-    head = ["node", "hostname", "GPUs", *PACKAGES, "rendezvous port", "engine ports", "output dir", "shared",
+    head = ["node", "hostname", "GPUs", *PACKAGES, "rendezvous port", "address", "engine ports", "output dir", "shared",
             "disk", "model", "tokenizer"]
     rows = []
     for node in nodes:
@@ -208,7 +258,7 @@ def _table(cfg: DictConfig, nodes: list[str], reports: dict[str, dict]) -> str:
         versions_ok = _result(r, "versions")["ok"]
         cells = [node, r["hostname"], _cell(r, "gpus")]
         cells += [(v or "none") + ("" if versions_ok else " (FAIL)") for p, v in r["versions"].items() if p in PACKAGES]
-        cells += [_cell(r, c) for c in ("rendezvous_port", "engine_ports", "output_dir", "shared_dir", "disk", "model",
+        cells += [_cell(r, c) for c in ("rendezvous_port", "address", "engine_ports", "output_dir", "shared_dir", "disk", "model",
                                          "tokenizer")]
         rows.append(cells)
     out = [f"justrl preflight: {len(nodes)} node(s), output {cfg.trainer.output_dir}",
@@ -229,7 +279,7 @@ def _wait_s() -> float:
 
 def run_in_step(cfg: DictConfig) -> int:
     """This task's part in the preflight step (one task per node)."""
-    from justrl.placement import allocation_nodes, learner_world_size, rendezvous_port
+    from justrl.placement import allocation_nodes, learner_world_size, rendezvous_host, rendezvous_port
 
     if os.environ.get("SLURM_LOCALID", "0") != "0":
         return 0  # one task per node does the checks (srun asked for one; be safe if given more)
@@ -240,7 +290,7 @@ def run_in_step(cfg: DictConfig) -> int:
     # attempts apart (a stale file of the previous attempt would pass for a node's answer).
     restart = os.environ.get("SLURM_RESTART_COUNT", "0")
     exchange = Path(cfg.trainer.output_dir).absolute() / "preflight" / f"job{job}-r{restart}-step{step}"
-    rendezvous = (nodes[0], rendezvous_port(job)) if learner_world_size(cfg.cluster) > 1 else None
+    rendezvous = (rendezvous_host(nodes), rendezvous_port(job)) if learner_world_size(cfg.cluster) > 1 else None
     return run_node(cfg, nodes, here, exchange, rendezvous, _wait_s())
 
 

@@ -9,12 +9,15 @@ Each learner task sees its node's GPUs and takes the one of its local rank
 (`learner_device_index`). The remaining GPUs serve vLLM engines of `rollout.tensor_parallel_size`
 GPUs each; rank 0 starts each engine on its node as an `srun --overlap` step of the same job
 holding all of the node's GPUs, and justrl.engine_launch, inside the step, narrows them to the
-planned ones. The rendezvous needs no hostname: the learner's comes from SLURM_JOB_NODELIST, the
-engines' from the placement. On a CPU allocation (gpus_per_node = 0) there is one learner rank and
-`rollout.engines` CPU engines beside it on the first node. Where Slurm hands out GPUs but torch
-sees no CUDA (the emulated cluster of slurm/setup_emulated_cluster.sh), learner ranks compute on
-the CPU over gloo and engines run vLLM's CPU build, on exactly the same placement; both say so in
-their logs.
+planned ones. The rendezvous address is the first node's Slurm NodeAddr (or the user's MASTER_ADDR),
+and gloo/NCCL are pinned to the interface of the node's announced address (placement.
+pin_socket_interfaces), never what `socket.gethostname()` resolves to. On a CPU allocation
+(gpus_per_node = 0) there is one learner rank and `rollout.engines` CPU engines beside it on the
+first node. Where Slurm hands out GPUs but torch sees no CUDA, the task stops naming the node, the
+driver and torch's CUDA, unless the allocation says its GPUs are emulated (JUSTRL_EMULATED_GPUS=1,
+exported only by the emulated cluster of slurm/setup_emulated_cluster.sh): there learner ranks
+compute on the CPU over gloo and engines run vLLM's CPU build, on exactly the same placement; both
+say so in their logs.
 
 Pre-emption: the job's signal (SIGUSR1 from `sbatch --signal=B:USR1@...` forwarded by the batch
 script, submitit's SIGUSR2, or SIGTERM) makes the loop finish its step and checkpoint; then the
@@ -32,8 +35,9 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 
 from justrl.config import ConfigError, allocation_parameters
-from justrl.placement import (EnginePlacement, allocation_nodes, learner_device_index, learner_rank, learner_tasks,
-                              learner_world_size, plan_engines, rendezvous_port)
+from justrl.placement import (EnginePlacement, allocation_nodes, cuda_facts, emulated_gpus, learner_device_index,
+                              learner_rank, learner_tasks, learner_world_size, no_cuda_message, plan_engines,
+                              rendezvous_host, rendezvous_port)
 
 log = logging.getLogger(__name__)
 
@@ -75,14 +79,17 @@ def init_distributed_from_slurm(cluster) -> int | None:
         index = learner_device_index(visible_devices(os.environ), local_rank)
         torch.cuda.set_device(index)
         compute = f"cuda:{index}"
-    elif visible is not None:
-        compute = "the CPU over gloo (Slurm gave this task GPUs but torch.cuda is unavailable)"
+    elif visible is not None and cluster.gpus_per_node:
+        if not emulated_gpus():  # the preflight says so first; this guards cluster.preflight=false
+            raise ConfigError(no_cuda_message(os.environ.get("SLURMD_NODENAME", socket.gethostname()), cuda_facts(),
+                                              len([d for d in visible.split(",") if d.strip()])))
+        compute = "the CPU over gloo (emulated GPUs: JUSTRL_EMULATED_GPUS=1, torch.cuda is unavailable)"
     else:
         compute = "the CPU over gloo"
     report_learner_rank(rank, world_size, local_rank, compute)
     if world_size == 1:
         return rank
-    os.environ.update(MASTER_ADDR=allocation_nodes()[0],
+    os.environ.update(MASTER_ADDR=rendezvous_host(allocation_nodes()),
                       MASTER_PORT=str(rendezvous_port(os.environ["SLURM_JOB_ID"])),
                       RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(local_rank))
     init_process_groups("nccl" if cuda else "gloo", cluster.dist_timeout_s)

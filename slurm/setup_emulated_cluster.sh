@@ -16,7 +16,8 @@
 # (/dev/emu-gpu/<node>/nvidia<i>, `mknod c 1 3`, i.e. /dev/null), so Slurm allocates GPUs and sets
 # per-job and per-step CUDA_VISIBLE_DEVICES exactly as with real ones (no cgroups: nothing stops a
 # process from reading the variable it was given and using another device, and there is no GPU to
-# compute on; justrl falls back to CPU compute, see README "Running on Slurm").
+# compute on). Its TaskProlog exports JUSTRL_EMULATED_GPUS=1 to every task: the one flag under
+# which justrl computes on the CPU for GPUs Slurm hands out (elsewhere its preflight fails).
 # CPUs and memory are declared, not real (`SlurmdParameters=config_overrides`): EMU_CPUS_PER_NODE
 # (8) and EMU_MEM_PER_NODE_MB (16000) per node, tracked per job (CR_CPU_Memory) as on a real
 # cluster, while all nodes share this machine's real cores and memory.
@@ -124,6 +125,12 @@ NODELIST="emu[1-$NODES]"
 # ------------------------------------------------------------------------------------ config
 install -d -m 0755 "$EMU_DIR" "$LOG_DIR" "$RUN_DIR"
 install -d -m 0700 "$SPOOL" "$SPOOL/ctld"
+# Every task of the emulated cluster is told its GPUs are emulated (JUSTRL_EMULATED_GPUS=1): the
+# only place justrl allows CPU compute on GPUs Slurm hands out (justrl.placement.emulated_gpus).
+# A TaskProlog's "export NAME=value" lines enter the task's environment (slurm.conf(5), TaskProlog).
+TASK_PROLOG=$EMU_DIR/task_prolog.sh
+printf '#!/bin/sh\n# Written by slurm/setup_emulated_cluster.sh: these GPUs are device files, not GPUs.\necho export JUSTRL_EMULATED_GPUS=1\n' \
+    >"$TASK_PROLOG.new" && chmod 0755 "$TASK_PROLOG.new" && mv "$TASK_PROLOG.new" "$TASK_PROLOG"
 new_conf=$(mktemp)
 new_gres=$(mktemp)
 trap 'rm -f "$new_conf" "$new_gres"' EXIT
@@ -141,6 +148,7 @@ AuthType=auth/munge
 CredType=cred/munge
 AuthInfo=cred_expire=${CRED_EXPIRE}
 MpiDefault=none
+TaskProlog=${TASK_PROLOG}
 MailProg=/bin/true
 ProctrackType=proctrack/linuxproc
 TaskPlugin=task/none

@@ -1,12 +1,14 @@
 """Where the learner tasks and the vLLM engines go in an allocation (pure functions; the GPU layouts
 cannot run here, their arithmetic can be checked)."""
+import os
 import socket
 
 import pytest
 
 from justrl.config import ConfigError, compose
-from justrl.placement import (EnginePlacement, free_port, gpu_groups, learner_tasks, local_placements, plan_engines,
-                              port_free)
+from justrl.placement import (EMULATED_ENV, EnginePlacement, announced_address, free_port, gpu_groups,
+                              ifname_address, interface_of, learner_tasks, local_placements, pin_socket_interfaces,
+                              plan_engines, port_free, rendezvous_host)
 from justrl.slurm import executor_parameters
 
 NODES = ["n1", "n2", "n3", "n4"]
@@ -131,8 +133,14 @@ def test_engine_launcher_narrows_the_step_gpus_to_the_planned_ones():
     assert env["CUDA_VISIBLE_DEVICES"] == "5"
     _, env, _ = plan_command([1], base, {}, cuda=True)  # nothing set: the machine's numbering
     assert env["CUDA_VISIBLE_DEVICES"] == "1"
-    # no CUDA here: vLLM's CPU build stands in, on the same placement, and says so
-    args, env, report = plan_command([2, 3], base, {"CUDA_VISIBLE_DEVICES": "0,1,2,3"}, cuda=False)
+    # no CUDA on a real GPU allocation: the engine does not start, naming the node and torch's CUDA
+    with pytest.raises(PlacementError, match=r"node gpu-node-7: Slurm gives this task 2 GPU\(s\) but torch.cuda is "
+                                             r"unavailable \(NVIDIA driver .*torch.cuda.device_count\(\)=0\)"):
+        plan_command([2, 3], base, {"CUDA_VISIBLE_DEVICES": "0,1,2,3", "SLURMD_NODENAME": "gpu-node-7"}, cuda=False)
+    # emulated GPUs (the emulated cluster's JUSTRL_EMULATED_GPUS=1): vLLM's CPU build stands in, on
+    # the same placement, and says so
+    args, env, report = plan_command([2, 3], base, {"CUDA_VISIBLE_DEVICES": "0,1,2,3", EMULATED_ENV: "1"},
+                                     cuda=False)
     assert env["CUDA_VISIBLE_DEVICES"] == "2,3" and report["compute"] == "cpu" and "CPU build" in report["note"]
     assert args[:4] == ["--model", "m", "--tensor-parallel-size", "1"] and all(a in args for a in CPU_ENGINE_ARGS)
     assert env["VLLM_CPU_KVCACHE_SPACE"] == "1"
@@ -162,7 +170,8 @@ def test_cpu_engines_run_without_torch_compile():
 
     base = ["--model", "m"]
     assert plan_command([], base, {}, cuda=False)[1]["TORCHDYNAMO_DISABLE"] == "1"
-    assert plan_command([0], base, {"CUDA_VISIBLE_DEVICES": "0"}, cuda=False)[1]["TORCHDYNAMO_DISABLE"] == "1"
+    emulated = {"CUDA_VISIBLE_DEVICES": "0", EMULATED_ENV: "1"}
+    assert plan_command([0], base, emulated, cuda=False)[1]["TORCHDYNAMO_DISABLE"] == "1"
     assert plan_command([], base, {"TORCHDYNAMO_DISABLE": "0"}, cuda=False)[1]["TORCHDYNAMO_DISABLE"] == "0"
     assert "TORCHDYNAMO_DISABLE" not in plan_command([0], base, {"CUDA_VISIBLE_DEVICES": "0"}, cuda=True)[1]
 
@@ -287,3 +296,61 @@ def test_a_port_is_busy_while_listened_on_not_while_its_old_connections_close():
     client.close()
     server.close()
     assert port_free(port)
+
+
+# -- rendezvous addresses: never what socket.gethostname() resolves to --------------------------------
+
+def test_announced_address_honours_the_socket_interface_variables():
+    """GLOO_SOCKET_IFNAME / NCCL_SOCKET_IFNAME name the interface (NCCL's prefix and "=exact"
+    forms; "^" exclusions are no choice); outside Slurm one machine: 127.0.0.1."""
+    assert announced_address({}) == "127.0.0.1"
+    assert announced_address({"GLOO_SOCKET_IFNAME": "lo"}) == "127.0.0.1"
+    assert announced_address({"NCCL_SOCKET_IFNAME": "^docker,=lo"}) == "127.0.0.1"
+    assert ifname_address("l") == ("lo", "127.0.0.1")  # a prefix, as NCCL reads it
+    assert ifname_address("=l") is None  # exact: there is no interface "l"
+    assert interface_of("127.0.0.1") == "lo" and interface_of("192.0.2.254") is None
+    with pytest.raises(ConfigError, match=r"GLOO_SOCKET_IFNAME='nosuchif0': no interface here matches it"):
+        announced_address({"GLOO_SOCKET_IFNAME": "nosuchif0"})
+    # the set variable wins over the Slurm node's address (scontrol is never asked)
+    assert announced_address({"GLOO_SOCKET_IFNAME": "lo", "SLURMD_NODENAME": "no-such-node"}) == "127.0.0.1"
+
+
+def _slurm_node(conf: str | None = None) -> tuple[str, str]:
+    """(a node, its NodeAddr) of the real Slurm here (`conf`: its SLURM_CONF), read independently."""
+    import shutil
+    import subprocess
+
+    env = dict(os.environ, **({"SLURM_CONF": conf} if conf else {}))
+    if shutil.which("scontrol") is None or (conf and not os.path.exists(conf)):
+        pytest.skip(f"no Slurm here ({conf or 'default SLURM_CONF'})")
+    out = subprocess.run(["scontrol", "show", "node", "-o"], env=env, capture_output=True, text=True)
+    if out.returncode or "NodeAddr=" not in out.stdout:
+        pytest.skip(f"slurmctld does not answer: {out.stderr.strip()}")
+    fields = dict(f.split("=", 1) for f in out.stdout.splitlines()[0].split() if "=" in f)
+    return fields["NodeName"], fields["NodeAddr"]
+
+
+def test_rendezvous_host_is_the_users_master_addr_or_the_first_nodes_slurm_address(monkeypatch):
+    """MASTER_ADDR, when set, is kept; otherwise the first node's NodeAddr as the real Slurm
+    has it (the emulated cluster: emu1 -> 10.77.0.11, a name no hostname lookup gives)."""
+    assert rendezvous_host(["n1", "n2"], {"MASTER_ADDR": "10.1.2.3"}) == "10.1.2.3"
+    monkeypatch.setenv("SLURM_CONF", "/etc/slurm-emu/slurm.conf")
+    node, addr = _slurm_node("/etc/slurm-emu/slurm.conf")
+    assert rendezvous_host([node, "other"], {}) == addr and addr.startswith("10.77.0.")
+    with pytest.raises(ConfigError, match=r"scontrol show node no-such-node gives no NodeAddr"):
+        rendezvous_host(["no-such-node"], {})
+
+
+def test_sockets_are_pinned_to_the_announced_addresses_interface():
+    """Inside Slurm, gloo and NCCL get the interface of the node's announced address (the local
+    Slurm's node has NodeAddr 127.0.0.1 -> lo); a variable the user set is left alone; outside
+    Slurm nothing is set."""
+    node, addr = _slurm_node()
+    if addr != "127.0.0.1":
+        pytest.skip(f"the local Slurm's node {node} has NodeAddr {addr}, not 127.0.0.1")
+    env = {"SLURMD_NODENAME": node}
+    assert announced_address(env) == "127.0.0.1"
+    assert pin_socket_interfaces(env) == {"GLOO_SOCKET_IFNAME": "lo", "NCCL_SOCKET_IFNAME": "lo"}
+    env = {"SLURMD_NODENAME": node, "NCCL_SOCKET_IFNAME": "=lo"}
+    assert pin_socket_interfaces(env) == {"GLOO_SOCKET_IFNAME": "lo"} and env["NCCL_SOCKET_IFNAME"] == "=lo"
+    assert pin_socket_interfaces({}) == {}

@@ -101,6 +101,7 @@ def test_two_nodes_exchange_through_the_shared_directory(random_tiny_model_dir, 
     rows = [line for line in out.splitlines() if line.startswith(("| node1 |", "| node2 |"))]
     assert [r.split(" | ")[0] for r in rows] == ["| node1", "| node2"]
     assert all(f"127.0.0.1:{port} reachable" in r and "sees all 2 nodes' files" in r for r in rows)
+    assert all("| 127.0.0.1, reaches 1 other node(s) |" in r for r in rows)  # the announced addresses
     assert json.loads((exchange / "node2.b.json").read_text())["rendezvous_port"]["ok"]
     assert (exchange / "table.md").read_text().startswith("justrl preflight: 2 node(s)")
 
@@ -142,11 +143,76 @@ def test_busy_rendezvous_and_engine_ports_fail(random_tiny_model_dir, tmp_path, 
     assert "| node1 | " in out and "0,1,2,3; free memory: none (no nvidia-smi)" in out
 
 
+# What torch.cuda would report on a working GPU node (a stand-in: there is no CUDA here).
+CUDA_NODE = {"driver": "580.65.06", "torch": "2.13.0", "torch_cuda": "13.0", "device_count": 2, "available": True}
+
+
 def test_gpu_count_must_match_the_allocation(monkeypatch):
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1")
-    assert node_checks.check_gpus(2)["ok"]
-    result = node_checks.check_gpus(4)
+    assert node_checks.check_gpus(2, facts=CUDA_NODE)["ok"]
+    assert "torch CUDA 13.0, driver 580.65.06" in node_checks.check_gpus(2, facts=CUDA_NODE)["text"]
+    result = node_checks.check_gpus(4, facts=CUDA_NODE)
     assert not result["ok"] and "sees 2 GPU(s), cluster.gpus_per_node=4" in result["text"]
+    result = node_checks.check_gpus(2, facts={**CUDA_NODE, "device_count": 1})
+    assert not result["ok"] and "torch.cuda.device_count()=1 of 2 GPU(s)" in result["text"]
+
+
+def test_a_gpu_allocation_without_cuda_fails_unless_emulated(random_tiny_model_dir, tmp_path, capsys, monkeypatch):
+    """This machine's torch has no CUDA (the real one, no stand-in): a node that Slurm gives GPUs
+    fails the preflight, named with its driver, torch's CUDA and device count; with the emulated
+    cluster's JUSTRL_EMULATED_GPUS=1 the same node passes, saying it computes on the CPU."""
+    import torch
+
+    from justrl.placement import EMULATED_ENV
+
+    assert not torch.cuda.is_available()
+    here = socket.gethostname()
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1,2,3")
+    monkeypatch.delenv(EMULATED_ENV, raising=False)
+    base = _free_port()  # the two engines' ports: free ones (other runs on this machine hold 8100...)
+    while not node_checks.port_free(base + 1):
+        base = _free_port()
+    monkeypatch.setattr("justrl.placement.ENGINE_PORT_BASE", base)
+    cfg = _cfg(tmp_path, random_tiny_model_dir, "cluster.gpus_per_node=4", "cluster.learner_gpus=2")
+    assert preflight.run_here(cfg) == 1
+    out = capsys.readouterr().out
+    assert (f"preflight FAILED on node {here}: check gpus: 0,1,2,3; free memory: none (no nvidia-smi): node {here}: "
+            f"Slurm gives this task 4 GPU(s) but torch.cuda is unavailable (NVIDIA driver none loaded, torch "
+            f"{torch.__version__} built for CUDA none (a CPU build), torch.cuda.device_count()=0)") in out
+    assert f"{EMULATED_ENV}=1 (the emulated cluster does)" in out
+    monkeypatch.setenv(EMULATED_ENV, "1")
+    assert preflight.run_here(cfg) == 0
+    out = capsys.readouterr().out
+    assert f"0,1,2,3; free memory: none (no nvidia-smi); emulated ({EMULATED_ENV}=1): CPU compute" in out
+    assert "preflight: all checks passed on 1 node(s)" in out
+    # anything but "1" is no emulation flag
+    monkeypatch.setenv(EMULATED_ENV, "yes")
+    assert not node_checks.check_gpus(4)["ok"]
+
+
+def test_each_nodes_announced_address_must_be_reachable(random_tiny_model_dir, tmp_path, capsys):
+    """Each node listens on the address it announces and every other node connects to it: a node
+    announcing an address that is not its own (192.0.2.254: TEST-NET, on no interface here)
+    fails, and the other node says it cannot reach it."""
+    cfg = _cfg(tmp_path, random_tiny_model_dir)
+    exchange = tmp_path / "run" / "preflight" / "addr"
+    results, nodes = {}, ["node1", "node2"]
+    addresses = {"node1": "127.0.0.1", "node2": "192.0.2.254"}
+
+    def node(name):
+        results[name] = preflight.run_node(cfg, nodes, name, exchange, None, 30.0, address=addresses[name])
+
+    threads = [threading.Thread(target=node, args=(n,)) for n in nodes]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert results == {"node1": 1, "node2": 1}
+    captured = capsys.readouterr()
+    assert ("preflight FAILED on node node2: check address: announces 192.0.2.254 but cannot listen there: "
+            in captured.out)
+    assert ("preflight FAILED on node node1: check address: announces 127.0.0.1; node2 announces 192.0.2.254, where "
+            "it cannot listen") in captured.out
 
 
 # -- on the single-node Slurm --------------------------------------------------------------------

@@ -156,3 +156,164 @@ def test_config_keys_are_checked_at_start_up():
     assert "rollout.max_requests_per_engine: must be >= 1, got 0" in message
     cfg = compose([])  # the recipe: strictly on-policy, files, checked
     assert (cfg.rollout.max_policy_lag, cfg.rollout.weight_sync, cfg.rollout.weight_check) == (0, "files", True)
+
+
+# -- the NCCL transport's control flow, on the CPU ----------------------------------------------------
+# Stand-ins, for the parts that need CUDA: vLLM's RL routes are served by a loopback HTTP server
+# (vLLM's CPU build cannot open an NCCL group), the group is an object whose destroy() records the
+# abort, and the broadcast (`_send`) blocks as an NCCL broadcast to a dead peer would, until the
+# abort. What runs for real: NcclTransport's HTTP calls (through EngineClient's session), its
+# watching of the engines, the abort, the error naming the engine, and the order of the calls.
+
+import http.server  # noqa: E402
+import threading  # noqa: E402
+import time  # noqa: E402
+
+from justrl.engines import EngineClient  # noqa: E402
+from justrl.weight_sync import EnginePushError, NcclTransport  # noqa: E402
+
+
+class _Routes(http.server.BaseHTTPRequestHandler):
+    def do_POST(self):
+        self.server.calls.append(self.path)
+        self.rfile.read(int(self.headers.get("Content-Length") or 0))
+        status = 500 if self.path in self.server.refuse else 200
+        self.send_response(status)
+        self.send_header("Content-Length", "2")
+        self.end_headers()
+        self.wfile.write(b"{}")
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture
+def routes():
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Routes)
+    server.calls, server.refuse = [], set()
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield server
+    server.shutdown()
+
+
+class _Engine:
+    """An engine as the transport sees it (name, client, alive, log); `dies_at`: the time it exits."""
+
+    def __init__(self, name, url, dies_at=None):
+        self.name, self.client, self.dies_at, self.log_path = name, EngineClient(url), dies_at, f"{name}.log"
+        self.process, self.stopped = None, False
+
+    def alive(self):
+        return not self.stopped and (self.dies_at is None or time.monotonic() < self.dies_at)
+
+    def stop(self):
+        self.stopped = True
+
+
+class _Fleet:
+    def __init__(self, engines):
+        self.engines, self.restarts, self.weights_dir = engines, 0, None
+
+
+class _Group:
+    def __init__(self):
+        self.aborted = threading.Event()
+
+    def destroy(self):
+        self.aborted.set()
+
+
+class _StandInTransport(NcclTransport):
+    """The CUDA parts replaced (see above); records the order of the calls."""
+
+    def __init__(self, events, **kwargs):
+        super().__init__(master_address="127.0.0.1", **kwargs)
+        self.events = events
+
+    def _init_group(self, fleet):
+        self.group, self._restarts_at_init = _Group(), fleet.restarts
+        self.events.append("init_group")
+
+    def _synchronize_stream(self):
+        self.events.append("synchronize_stream")
+
+    def _send(self, state, names):
+        self.events.append(f"send {names}")
+        group = self.group
+        if not self.send_blocks:
+            return
+        if not group.aborted.wait(60):  # an NCCL broadcast waits for its dead peer until aborted
+            raise AssertionError("never aborted")
+        raise RuntimeError("NCCL communicator aborted")
+
+
+def test_nccl_push_calls_go_through_the_engines_session_not_the_proxy(routes, monkeypatch):
+    """With the cluster's proxy variables pointing at a dead address, every RL route still reaches
+    the engine (module-level requests.post would send them to the proxy and fail); the current
+    stream is synchronized before the broadcast reads the weights."""
+    for var in ("http_proxy", "HTTP_PROXY", "all_proxy", "ALL_PROXY"):
+        monkeypatch.setenv(var, "http://127.0.0.1:9")  # the discard port: nothing listens
+    for var in ("no_proxy", "NO_PROXY"):
+        monkeypatch.delenv(var, raising=False)
+    url = f"http://127.0.0.1:{routes.server_address[1]}"
+    events = []
+    transport = _StandInTransport(events)
+    transport.send_blocks = False
+    fleet = _Fleet([_Engine("engine0", url)])
+    transport.push(fleet, "/weights/step_000003", 3, {"w": torch.zeros(2)})
+    assert routes.calls == ["/start_weight_update", "/update_weights", "/finish_weight_update", "/reset_prefix_cache"]
+    assert events == ["init_group", "synchronize_stream", "send ['w']"]  # the sync before the send
+    assert str(fleet.weights_dir) == "/weights/step_000003"
+
+
+def test_an_engine_that_dies_mid_push_aborts_the_group_and_is_named(routes):
+    """engine1 exits 0.5 s into the push while the broadcast waits for it: the transport sees it
+    within its poll, aborts the group (the stand-in's destroy = ncclCommAbort), and raises naming
+    engine1, long before the push bound (60 s); a refusing engine is named the same way."""
+    url = f"http://127.0.0.1:{routes.server_address[1]}"
+    events = []
+    transport = _StandInTransport(events, push_timeout_s=60.0, poll_s=0.05)
+    transport.send_blocks = True
+    fleet = _Fleet([_Engine("engine0", url), _Engine("engine1", url, dies_at=time.monotonic() + 0.5)])
+    t0 = time.monotonic()
+    with pytest.raises(EnginePushError, match=r"push of step 4 aborted \(ncclCommAbort\): engine1 exited during the "
+                                              r"push") as caught:
+        transport.push(fleet, "/w/step_000004", 4, {"w": torch.zeros(2)})
+    assert time.monotonic() - t0 < 10 and transport.group is None  # aborted and dropped: rebuilt next push
+    assert "engine1" in caught.value.engines and "/finish_weight_update" not in routes.calls
+    # an engine already dead before the push: no group, no broadcast, named
+    with pytest.raises(EnginePushError, match=r"not started: engine1 not running") as caught:
+        transport.push(fleet, "/w/step_000005", 5, {"w": torch.zeros(2)})
+    assert caught.value.engines == ["engine1"]
+    # an engine that refuses the update (HTTP 500) while the broadcast waits: named, aborted
+    routes.refuse.add("/update_weights")
+    fleet = _Fleet([_Engine("engine0", url)])
+    with pytest.raises(EnginePushError, match=r"engine0 refused the update: engine0 /update_weights: HTTP 500"):
+        transport.push(fleet, "/w/step_000006", 6, {"w": torch.zeros(2)})
+    # a stalled push (no error, nothing exits) is aborted at the bound
+    routes.refuse.clear()
+    transport.push_timeout_s = 0.5
+    with pytest.raises(EnginePushError, match=r"the broadcast not done after 0 s"):
+        transport.push(fleet, "/w/step_000007", 7, {"w": torch.zeros(2)})
+
+
+def test_an_aborted_push_restarts_the_engine_and_loads_the_files(tmp_path):
+    """WeightSync after EnginePushError: the named engine is stopped and every engine loads the
+    export through the files transport (the fleet restarts the stopped one from it)."""
+    loaded = []
+
+    class Fleet(_Fleet):
+        def load_weights(self, path):
+            loaded.append((str(path), [e.name for e in self.engines if e.stopped]))
+
+    class Failing:
+        name, uses_learner_state = "nccl", False
+
+        def push(self, fleet, path, step, state=None):
+            raise EnginePushError("engine1 exited during the push", ["engine1"])
+
+    sync = WeightSync.__new__(WeightSync)
+    sync.fleet = Fleet([_Engine("engine0", "http://127.0.0.1:1"), _Engine("engine1", "http://127.0.0.1:1")])
+    sync.transport = Failing()
+    sync._recover(EnginePushError("engine1 exited during the push", ["engine1"]), tmp_path / "step_000008", 8)
+    assert loaded == [(str(tmp_path / "step_000008"), ["engine1"])]
