@@ -49,7 +49,7 @@ class Controller:
     """Rank 0's side of the loop: engines, reward workers, metrics."""
 
     def __init__(self, cfg: DictConfig, tokenizer, serve_dir: Path, placements: list[EnginePlacement],
-                 engine_logs: Path, weights_root: Path):
+                 engine_logs: Path, weights_root: Path, secret: str | None = None):
         self.cfg, self.tokenizer, self.weights_root = cfg, tokenizer, weights_root
         r = cfg.rollout
         spec = EngineSpec(max_model_len=cfg.data.max_prompt_length + max(r.max_response_length, r.val_max_new_tokens),
@@ -58,7 +58,7 @@ class Controller:
                           extra_args=tuple(r.engine_args) + engine_args_for(r.weight_sync),
                           startup_timeout_s=r.startup_timeout_s, request_timeout_s=r.request_timeout_s,
                           srun_args=tuple(cfg.cluster.engine_srun_args))
-        engines = build_engines(placements, spec, engine_logs, node_gpus=cfg.cluster.gpus_per_node)
+        engines = build_engines(placements, spec, engine_logs, node_gpus=cfg.cluster.gpus_per_node, secret=secret)
         self.fleet = RolloutFleet(engines, serve_dir, max_restarts=r.max_restarts,
                                   max_requests_per_engine=r.max_requests_per_engine)
         self.scorer = ScorerPool(cfg.reward.verifier, cfg.reward.num_workers, cfg.reward.timeout_s)

@@ -14,6 +14,11 @@ development endpoints on (`VLLM_SERVER_DEV_MODE=1`). `EngineClient` talks to it 
   vLLM's NCCL weight transfer (justrl.weight_sync) is the fast path on GPUs.
 - `GET /health`.
 
+Every route of every engine asks for the run's secret (justrl.engine_auth): the server gets it in
+its environment and checks it in its `--middleware`; `EngineClient`'s session sends it with every
+request. A remote engine listens on its node's cluster address (the one its client connects to),
+a local one on 127.0.0.1.
+
 `EngineProcess` is one server: a subprocess here, or an srun step on another node of the job;
 only how it is started differs. `build_engines` turns a run's placements (justrl.placement) into
 engines, for training, evaluation and the judge alike. Dispatch over several engines is
@@ -33,8 +38,9 @@ from pathlib import Path
 
 import requests
 
+from justrl.engine_auth import MIDDLEWARE, SECRET_ENV, auth_headers, new_secret
 from justrl.engine_guard import group_members, wait_for_group_exit
-from justrl.placement import ENGINE_PORT_BASE, EnginePlacement, engine_step_cpus, free_port
+from justrl.placement import ENGINE_PORT_BASE, EnginePlacement, engine_bind_address, engine_step_cpus, free_port
 
 log = logging.getLogger(__name__)
 
@@ -85,9 +91,10 @@ class Completion:
 
 
 class EngineClient:
-    """HTTP client of one running vLLM server."""
+    """HTTP client of one running vLLM server. `secret`: the engine's (justrl.engine_auth), sent
+    on every request of `session`; anything else that talks to the engine uses this session."""
 
-    def __init__(self, url: str, request_timeout_s: float = 3600.0):
+    def __init__(self, url: str, request_timeout_s: float = 3600.0, secret: str | None = None):
         self.url = url.rstrip("/")
         self.request_timeout_s = request_timeout_s
         # Engine traffic stays inside the cluster: clusters often export http_proxy, and requests
@@ -97,12 +104,18 @@ class EngineClient:
         self.session.trust_env = False
         adapter = requests.adapters.HTTPAdapter(pool_connections=1, pool_maxsize=MAX_IN_FLIGHT_PER_ENGINE)
         self.session.mount("http://", adapter)
+        if secret:
+            self.session.headers.update(auth_headers(secret))
+
+    def health_status(self) -> int | None:
+        """The HTTP status of `/health`; None when nothing answers."""
+        try:
+            return self.session.get(f"{self.url}/health", timeout=5).status_code
+        except requests.RequestException:
+            return None
 
     def healthy(self) -> bool:
-        try:
-            return self.session.get(f"{self.url}/health", timeout=5).status_code == 200
-        except requests.RequestException:
-            return False
+        return self.health_status() == 200
 
     def _post(self, path: str, payload: dict | None = None) -> dict:
         """POST `payload`; a connection that fails while the server is healthy (a pooled connection
@@ -274,10 +287,13 @@ class EngineProcess:
     Its stdout and stderr go to `log_path`, appended across restarts.
     """
 
-    def __init__(self, name: str, spec: EngineSpec, log_path: str | Path):
+    def __init__(self, name: str, spec: EngineSpec, log_path: str | Path, secret: str | None = None):
         self.name = name
         self.spec = spec
         self.log_path = Path(log_path)
+        # The run's engine secret (justrl.engine_auth.job_secret); None: one of this engine's own.
+        # A restart keeps it.
+        self.secret = secret or new_secret()
         self.process: subprocess.Popen | None = None
         self.client: EngineClient | None = None
 
@@ -285,7 +301,7 @@ class EngineProcess:
         """Start serving `model_dir` and wait until the server answers /health."""
         spec = self.spec
         port = spec.port or free_port()
-        host = spec.node or "127.0.0.1"
+        host = engine_bind_address(spec.node)
         # justrl.engine_launch runs where the server runs (inside the srun step for a remote
         # engine): it sets CUDA_VISIBLE_DEVICES to the planned GPUs there, because slurmstepd
         # overwrites what we export with the step's GRES; it picks CPU or GPU vLLM arguments,
@@ -293,14 +309,14 @@ class EngineProcess:
         cmd = [sys.executable, "-m", "justrl.engine_launch", "--gpus", ",".join(map(str, spec.gpu_ids)),
                "--cpu-kv-cache-gb", str(spec.cpu_kv_cache_gb), "--",
                "--model", str(model_dir), "--served-model-name", SERVED_MODEL_NAME,
-               "--host", "0.0.0.0" if spec.node else "127.0.0.1", "--port", str(port), "--dtype", spec.dtype,
+               "--host", host, "--port", str(port), "--dtype", spec.dtype,
                "--max-model-len", str(spec.max_model_len), "--seed", str(spec.seed),
                "--tensor-parallel-size", str(spec.tensor_parallel_size),
                "--gpu-memory-utilization", str(spec.gpu_memory_utilization),
-               "--worker-extension-cls", WORKER_EXTENSION, *spec.extra_args]
+               "--worker-extension-cls", WORKER_EXTENSION, "--middleware", MIDDLEWARE, *spec.extra_args]
         env = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}  # see engine_thread_env
         env.update(VLLM_SERVER_DEV_MODE="1", VLLM_HTTP_TIMEOUT_KEEP_ALIVE=str(HTTP_KEEP_ALIVE_S),
-                   **engine_thread_env(spec))
+                   **engine_thread_env(spec), **{SECRET_ENV: self.secret})
         if spec.node:
             cmd = [*engine_srun_command(spec), *cmd]
         # The guard takes the server down if this process dies without cleaning up (kill -9).
@@ -312,9 +328,13 @@ class EngineProcess:
             # A session of its own, so that stop() takes vLLM's engine-core children down with it.
             self.process = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env,
                                             start_new_session=True, preexec_fn=_ignore_preemption_signals)
-        self.client = EngineClient(f"http://{host}:{port}", spec.request_timeout_s)
+        self.client = EngineClient(f"http://{host}:{port}", spec.request_timeout_s, secret=self.secret)
         deadline = time.monotonic() + spec.startup_timeout_s
-        while not self.client.healthy():
+        while (status := self.client.health_status()) != 200:
+            if status in (401, 403):  # a server that is not this one (another job's engine on the port)
+                self.stop()
+                raise EngineError(f"{self.name}: {self.client.url} refuses this run's secret (HTTP {status}): another "
+                                  f"job's engine holds the port? (log: {self.log_path}):\n{self.log_tail()}")
             if self.process.poll() is not None:
                 raise EngineError(f"{self.name} exited with code {self.process.returncode} while starting "
                                   f"(log: {self.log_path}):\n{self.log_tail()}")
@@ -389,18 +409,20 @@ class EngineProcess:
 
 
 def build_engines(placements: list[EnginePlacement], spec: EngineSpec, log_dir: str | Path, *,
-                  node_gpus: int = 0, names: list[str] | None = None) -> list[EngineProcess]:
+                  node_gpus: int = 0, names: list[str] | None = None, secret: str | None = None) -> list[EngineProcess]:
     """The engines of `placements`, all started with `spec` (its placement fields are filled in
     here): engine i is named `names[i]` (default `engine<i>`) and logs to `<log_dir>/<name>.log`.
+    All of them check `secret` (default: a fresh one of this process, justrl.engine_auth).
     An engine on a node (an srun step of the job) listens on ENGINE_PORT_BASE + i, holds the
     node's `node_gpus` GPUs and all the job's CPUs there; CPU engines on this machine get disjoint
     shares of its cores (`engine_cpu_shares`)."""
     names = names or [f"engine{i}" for i in range(len(placements))]
+    secret = secret or new_secret()
     local_cpu = [i for i, p in enumerate(placements) if p.node is None and not p.gpu_ids]
     cpu_ids = dict(zip(local_cpu, engine_cpu_shares(len(local_cpu))))
     return [EngineProcess(names[i], replace(spec, gpu_ids=tuple(p.gpu_ids), node=p.node,
                                             port=ENGINE_PORT_BASE + i if p.node else None,
                                             node_gpus=node_gpus if p.node else 0,
                                             node_cpus=engine_step_cpus(p.node), cpu_ids=cpu_ids.get(i, ())),
-                          Path(log_dir) / f"{names[i]}.log")
+                          Path(log_dir) / f"{names[i]}.log", secret)
             for i, p in enumerate(placements)]

@@ -6,7 +6,8 @@
 - The learner in an allocation: its tasks, ranks, world size and device of each task.
 - What the running job is: its nodes (`allocation_nodes`), its CPUs per node, whether this
   process is an srun task.
-- Ports: the learner's rendezvous (fixed per job), engine i's port on its node, a free one here.
+- Ports: the learner's rendezvous (fixed per job), engine i's port on its node and the address it
+  listens on, a free one here.
 
 Reads Slurm's environment and the config; imports nothing of justrl's but the config's errors.
 """
@@ -41,6 +42,20 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def engine_bind_address(node: str | None) -> str:
+    """The address an engine listens on, and its client connects to: for an engine on `node`, the
+    address `node` resolves to here (where the learner reaches it: the cluster network), not
+    0.0.0.0, which would also answer on every other interface of the node; 127.0.0.1 for an
+    engine of this machine."""
+    if node is None:
+        return "127.0.0.1"
+    try:
+        return socket.gethostbyname(node)
+    except OSError as exc:
+        raise ConfigError(f"engine node {node!r}: its name does not resolve here ({exc}); the learner reaches "
+                          f"engines by their Slurm node names") from exc
 
 
 def port_free(port: int) -> bool:

@@ -30,7 +30,10 @@ Each node checks, and the first node prints one table (a row per node):
   one node is seen on all the others (the node results are exchanged through it);
 - disk: room in the output directory for trainer.keep_checkpoints + 1 checkpoints (the one being
   written before the oldest goes) of CHECKPOINT_BYTES_PER_PARAM bytes per model parameter;
-- model and tokenizer: model.path readable (config, every weight file) and its tokenizer loads.
+- model and tokenizer: model.path readable (config, every weight file) and its tokenizer loads;
+- engine guard: a line per node under the table: the address its engines will listen on (its
+  name as the first node resolves it; 127.0.0.1 for CPU engines beside the learner) and that the
+  engines' guard (justrl.engine_auth, every route asks for the job's secret) loads there.
 A failed check exits non-zero naming the node and the check, before any training starts.
 """
 from __future__ import annotations
@@ -158,7 +161,8 @@ def run_node(cfg: DictConfig, nodes: list[str], here: str, exchange: Path, rende
     from justrl.placement import announced_address
 
     first = here == nodes[0]
-    report = {"hostname": socket.gethostname(), "versions": package_versions(), **local_checks(cfg, nodes, here)}
+    report = {"hostname": socket.gethostname(), "versions": package_versions(), **local_checks(cfg, nodes, here),
+              "engine_guard": _guard_loads()}
     try:
         report["announce"], announcer = _announce(address or announced_address())
     except ConfigError as exc:
@@ -225,8 +229,10 @@ def _finish(cfg: DictConfig, nodes: list[str], reports: dict[str, dict], exchang
     failures += [(node, "shared_dir", f"no result from this node in {exchange} within {wait_s:.0f} s (not "
                                       f"writable or not shared there, or the task did not start: see its output)")
                  for node in nodes if node not in reports]
+    failures += [(node, "engine_guard", reports[node]["engine_guard"]["text"]) for node in nodes
+                 if node in reports and not reports[node].get("engine_guard", passed(""))["ok"]]
     table = _table(cfg, nodes, reports)
-    lines = [table]
+    lines = [table, *_engine_lines(cfg, nodes, reports)]
     if failures:
         lines += [f"preflight FAILED on node {node}: check {check}: {text}" for node, check, text in failures]
     else:
@@ -264,6 +270,47 @@ def _table(cfg: DictConfig, nodes: list[str], reports: dict[str, dict]) -> str:
     out = [f"justrl preflight: {len(nodes)} node(s), output {cfg.trainer.output_dir}",
            "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     return "\n".join(out + ["| " + " | ".join(c.replace("|", "/") for c in row) + " |" for row in rows])
+
+
+def _guard_loads() -> dict:
+    """Whether the engines' `--middleware` imports on this node (as vLLM will import it)."""
+    import importlib
+
+    from justrl.engine_auth import MIDDLEWARE
+
+    module, _, name = MIDDLEWARE.rpartition(".")
+    try:
+        getattr(importlib.import_module(module), name)
+        return passed("on")
+    except Exception as exc:  # noqa: BLE001 - whatever stops the import stops the engine
+        return failed(f"{MIDDLEWARE} does not load: {type(exc).__name__}: {exc}")
+
+
+def _engine_lines(cfg: DictConfig, nodes: list[str], reports: dict[str, dict]) -> list[str]:
+    """One line per node: where its engines listen and whether their guard is on."""
+    from justrl.placement import engine_bind_address, plan_engines
+
+    try:
+        placements = plan_engines(cfg.cluster, cfg.rollout, nodes)
+    except ConfigError as exc:
+        return [f"engines: not planned ({exc})"]
+    lines = []
+    for node in nodes:
+        here = [p for p in placements if p.node == node]
+        if not here:
+            lines.append(f"engines on {node}: none")
+            continue
+        # outside Slurm every engine is local; in a job, CPU engines run beside the learner
+        local = "SLURM_JOB_ID" not in os.environ or (node == nodes[0] and not here[0].gpu_ids)
+        try:
+            address = "127.0.0.1" if local else engine_bind_address(node)
+        except ConfigError as exc:
+            address = f"FAIL: {exc}"
+        guard = reports.get(node, {}).get("engine_guard", failed("no result"))
+        lines.append(f"engines on {node}: {len(here)}, listening on {address}, guard "
+                     f"{guard['text'] if guard['ok'] else 'FAIL: ' + guard['text']} (every route asks for the "
+                     f"job's secret)")
+    return lines
 
 
 def _cell(report: dict, check: str) -> str:

@@ -42,6 +42,7 @@ from justrl import checkpoint as ckpt
 from justrl.controller import Controller, validation_sets
 from justrl.data import PromptSampler, build_prompts, load_problems
 from justrl.dist_groups import control_group
+from justrl.engine_auth import job_secret
 from justrl.learner import build_learner
 from justrl.models import resolve_model_path
 from justrl.placement import EnginePlacement
@@ -196,8 +197,10 @@ def train(cfg: DictConfig, engine_placements: list[EnginePlacement] | None = Non
     # resumed run's engines wait for the learner's export of the checkpoint.
     controller = engines_starting = None
     placements = engine_placements or [EnginePlacement(None) for _ in range(cfg.rollout.engines)]
+    # The engines' secret: created here, at the run's start, read back by a requeued job (justrl.engine_auth).
+    secret = job_secret(run.root) if rank == 0 else None
     if rank == 0 and not resume:
-        controller = Controller(cfg, tokenizer, Path(model_path), placements, run.engine_logs, run.weights)
+        controller = Controller(cfg, tokenizer, Path(model_path), placements, run.engine_logs, run.weights, secret)
         engines_starting = ThreadPoolExecutor(max_workers=1, thread_name_prefix="justrl-start")
         engines_started = engines_starting.submit(controller.start)
     try:
@@ -242,7 +245,7 @@ def train(cfg: DictConfig, engine_placements: list[EnginePlacement] | None = Non
             os.replace(legacy, run.tensorboard / EVENT_FILE_NAME)
         tb = ScalarLog(run.tensorboard, resume_step=start_step if resume else None)
         if controller is None:
-            controller = Controller(cfg, tokenizer, serve_dir, placements, run.engine_logs, run.weights)
+            controller = Controller(cfg, tokenizer, serve_dir, placements, run.engine_logs, run.weights, secret)
             controller.start()
         else:
             try:

@@ -185,7 +185,8 @@ class NcclTransport:
         self._restarts_at_init = None
 
     def _rpc(self, engine, path: str, payload: dict | None = None) -> None:
-        # The engine's own session: trust_env=False, so a cluster's http_proxy never sees node:port.
+        # The engine's own session: trust_env=False, so a cluster's http_proxy never sees node:port,
+        # and it carries the engine's secret (justrl.engine_auth).
         response = engine.client.session.post(f"{engine.client.url}{path}", json=payload, timeout=self.timeout_s)
         if response.status_code != 200:
             raise WeightSyncError(f"{engine.name} {path}: HTTP {response.status_code}: {response.text[:500]}")

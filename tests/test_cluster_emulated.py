@@ -9,14 +9,20 @@ node with exactly its planned GPUs, distinct from the others'.
 
 The model is the tiny one with random weights (what is checked is where things ran, not learning).
 
+The sbatch test also probes the job's engines from outside the job (this process, in the root
+network namespace: any other host or user of the cluster network) while it trains: every route
+tried without the job's secret or with a wrong one is refused (justrl.engine_auth).
+
 Skipped where the emulated cluster is not running, except in CI (.ci/run starts it), where that
 is a failure. Start it with `bash slurm/setup_emulated_cluster.sh 2 4` (root).
 """
 import json
 import os
 import re
+import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -122,6 +128,82 @@ def _check_engines(run: Path, job_id: str, allocations: list[list[str]]) -> None
     assert not (run / "engines" / "engine2.log").exists()  # no engine beside the learner
 
 
+# What someone outside the job tries on each engine: generation, any worker method, the sleep
+# state, the NCCL weight-transfer routes, the health probe.
+PROBES = [("POST", "/v1/completions", {"model": "policy", "prompt": [[1, 2, 3]], "max_tokens": 2}),
+          ("POST", "/collective_rpc", {"method": "check_health"}), ("GET", "/is_sleeping", None),
+          ("POST", "/init_weight_transfer_engine", {"init_info": {}}), ("POST", "/start_weight_update", None),
+          ("POST", "/update_weights", {"update_info": {}}), ("POST", "/finish_weight_update", None),
+          ("GET", "/health", None), ("GET", "/v1/models", None)]
+
+
+class OutsideProber(threading.Thread):
+    """Probes every engine port of the emulated nodes while the job runs: each round, every
+    route of PROBES without a secret and with a wrong one, and /health with the job's own
+    secret (from <run>/engine_secret, readable by us: we are the job's user) so that a refused
+    probe is known to have reached a live engine. Only while the job runs (its nodes are its own,
+    --exclusive: no other job's engine answers there). Also reads every process's command line."""
+
+    def __init__(self, run: Path, env: dict):
+        super().__init__(daemon=True)
+        import requests
+
+        self.session = requests.Session()
+        self.session.trust_env = False
+        self.run_dir, self.env, self.stop, self.job_id = run, env, threading.Event(), None
+        nodes = subprocess.run(["sinfo", "-h", "-N", "-o", "%N"], env=env, capture_output=True, text=True).stdout.split()
+        self.targets = [(socket.gethostbyname(n), 8100 + i) for n in sorted(set(nodes)) for i in range(2)]
+        self.codes: dict[tuple, set] = {}  # (address, port, method, path, "none"/"wrong") -> status codes
+        self.served: set[tuple] = set()  # (address, port) that answered /health 200 with the job's secret
+        self.cmdlines: set[bytes] = set()
+
+    def run(self) -> None:
+        import requests
+
+        while not self.stop.is_set():
+            state = subprocess.run(["squeue", "-h", "-j", str(self.job_id), "-o", "%T"], env=self.env,
+                                   capture_output=True, text=True).stdout.strip() if self.job_id else ""
+            for address, port in self.targets if state == "RUNNING" else []:
+                url = f"http://{address}:{port}"
+                try:
+                    for method, path, body in PROBES:
+                        for kind, headers in (("none", {}), ("wrong", {"Authorization": "Bearer " + "0" * 64})):
+                            code = self.session.request(method, url + path, json=body, headers=headers,
+                                                        timeout=10).status_code
+                            self.codes.setdefault((address, port, method, path, kind), set()).add(code)
+                    secret = (self.run_dir / "engine_secret").read_text().split()[1]
+                    if self.session.get(url + "/health", headers={"Authorization": f"Bearer {secret}"},
+                                        timeout=10).status_code == 200:
+                        self.served.add((address, port))
+                except (requests.RequestException, OSError, IndexError):
+                    continue  # no engine there (yet), or the secret file not written yet
+            for pid in filter(str.isdigit, os.listdir("/proc")):
+                try:
+                    self.cmdlines.add(Path(f"/proc/{pid}/cmdline").read_bytes())
+                except OSError:
+                    pass
+            self.stop.wait(2.0)
+
+
+def _check_outside_probes(prober: OutsideProber, run: Path, tmp_path: Path) -> None:
+    """Every probe from outside refused (401 without a secret, 403 with a wrong one) on every
+    engine that served the job; the secret in no log, config, event file or command line."""
+    assert len({port for _, port in prober.served}) == 2, (prober.served, prober.targets)  # both engines, live
+    for address, port in prober.served:
+        for method, path, _ in PROBES:
+            assert prober.codes[(address, port, method, path, "none")] == {401}, (address, port, path)
+            assert prober.codes[(address, port, method, path, "wrong")] == {403}, (address, port, path)
+    path = run / "engine_secret"
+    assert path.stat().st_mode & 0o777 == 0o600
+    secret = path.read_text().split()[1]
+    assert len(secret) == 64
+    assert not [c for c in prober.cmdlines if secret.encode() in c]
+    assert any(b"justrl.engine_auth.EngineAuthMiddleware" in c for c in prober.cmdlines)  # the engines were seen
+    files = [f for f in [*run.rglob("*"), tmp_path / "slurm.out"] if f.is_file() and f != path]
+    assert any(f.name == "config.yaml" for f in files) and any("tfevents" in f.name for f in files)
+    assert [f for f in files if secret.encode() in f.read_bytes()] == []
+
+
 def _sbatch_out(tmp_path: Path) -> str:
     out = tmp_path / "slurm.out"
     return out.read_text(errors="replace") if out.exists() else "(no job output)"
@@ -129,8 +211,10 @@ def _sbatch_out(tmp_path: Path) -> str:
 
 @pytest.mark.timeout(3600)  # 2-node jobs with vLLM start-ups; slow on a shared 2-core machine
 def test_sbatch_two_nodes_preempted_requeued_resumed(emu, random_tiny_model_dir, tmp_path):
-    """`sbatch slurm/train.sbatch` on 2 x 4 GPUs: trains to the end through a USR1 pre-emption."""
+    """`sbatch slurm/train.sbatch` on 2 x 4 GPUs: trains to the end through a USR1 pre-emption,
+    while its engines refuse every request from outside the job."""
     run = tmp_path / "run"
+    prober = OutsideProber(run, emu)
     job_id = subprocess.run(
         ["sbatch", "--parsable", "--nodes=2", f"--gpus-per-node={GPUS}", "-J", "justrl-emu",
          f"--output={tmp_path / 'slurm.out'}", str(REPO / "slurm" / "train.sbatch"),
@@ -138,6 +222,8 @@ def test_sbatch_two_nodes_preempted_requeued_resumed(emu, random_tiny_model_dir,
          f"model.path={random_tiny_model_dir}", "trainer.total_steps=3", "trainer.save_every=1",
          f"trainer.output_dir={run}"],
         cwd=REPO, env=emu, check=True, capture_output=True, text=True).stdout.strip().split(";")[0]
+    prober.job_id = job_id
+    prober.start()
     latest = run / "checkpoints" / "latest"
     deadline = time.monotonic() + 1200  # generous: the 2-core machine may be shared
     while not latest.exists():
@@ -146,10 +232,21 @@ def test_sbatch_two_nodes_preempted_requeued_resumed(emu, random_tiny_model_dir,
             pytest.fail(f"no checkpoint after 1200 s\n{_sbatch_out(tmp_path)[-4000:]}")
         time.sleep(0.5)
     subprocess.run(["scancel", "--signal=USR1", "--batch", job_id], env=emu, check=True)
-    assert _wait_done(emu, job_id, 1500, lambda: _sbatch_out(tmp_path)[-4000:]) == "COMPLETED", \
-        _sbatch_out(tmp_path)[-4000:]
+    try:
+        state = _wait_done(emu, job_id, 1500, lambda: _sbatch_out(tmp_path)[-4000:])
+    finally:
+        prober.stop.set()
+        prober.join()
+    assert state == "COMPLETED", _sbatch_out(tmp_path)[-4000:]
     assert "Restarts=1" in _scontrol(emu, job_id)
     out = _sbatch_out(tmp_path)
+    _check_outside_probes(prober, run, tmp_path)
+    # the preflight's line per node: the engines' node listens on its cluster address, guarded
+    guarded = re.findall(r"^engines on (\S+): 2, listening on ([\d.]+), guard on ", out, flags=re.M)
+    assert guarded and all(socket.gethostbyname(node) == address for node, address in guarded), out[-3000:]
+    starts = [line for line in (run / "engines" / "engine0.log").read_text().splitlines()
+              if line.startswith("=== justrl: starting engine0")]
+    assert starts and all(f"--host {guarded[0][1]} " in line and "0.0.0.0" not in line for line in starts)
     assert "SIGUSR1 (pre-emption or time limit)" in out and f"requeueing job {job_id}" in out
     assert f"justrl: job {job_id} (restart 1)" in out and out.rstrip().endswith("learner exit status 0")
     assert "2 node(s) x 4 GPU(s); learner 1 node(s) x 4 task(s) x 2 CPU(s)" in out

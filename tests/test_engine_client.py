@@ -1,11 +1,13 @@
 """EngineClient over real HTTP (a stand-in server on loopback, no vLLM): a pooled connection the
-server closed is retried once when the server is healthy; a dead server is an EngineError."""
+server closed is retried once when the server is healthy; a dead server is an EngineError; every
+request carries the engine's secret."""
 import json
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
+from justrl.engine_auth import new_secret
 from justrl.engines import EngineClient, EngineError
 
 
@@ -15,6 +17,7 @@ class _Server(ThreadingHTTPServer):
     def __init__(self, drop_first_posts: int, healthy: bool = True):
         super().__init__(("127.0.0.1", 0), _Handler)
         self.drop, self.healthy, self.posts = drop_first_posts, healthy, 0
+        self.seen = []  # (method, path, Authorization header) of every request
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -24,13 +27,15 @@ class _Handler(BaseHTTPRequestHandler):
         pass
 
     def do_GET(self):
+        self.server.seen.append(("GET", self.path, self.headers.get("Authorization")))
         code = 200 if self.server.healthy else 503
         self.send_response(code)
         self.send_header("Content-Length", "0")
         self.end_headers()
 
     def do_POST(self):
-        self.rfile.read(int(self.headers["Content-Length"]))
+        self.rfile.read(int(self.headers.get("Content-Length") or 0))
+        self.server.seen.append(("POST", self.path, self.headers.get("Authorization")))
         self.server.posts += 1
         if self.server.posts <= self.server.drop:
             self.close_connection = True  # closes without a response, as a server timing out a keep-alive
@@ -47,11 +52,12 @@ class _Handler(BaseHTTPRequestHandler):
 def server_factory():
     servers = []
 
-    def start(drop_first_posts: int, healthy: bool = True):
+    def start(drop_first_posts: int, healthy: bool = True, secret: str | None = None):
         server = _Server(drop_first_posts, healthy)
         threading.Thread(target=server.serve_forever, daemon=True).start()
         servers.append(server)
-        return server, EngineClient(f"http://127.0.0.1:{server.server_address[1]}", request_timeout_s=10)
+        return server, EngineClient(f"http://127.0.0.1:{server.server_address[1]}", request_timeout_s=10,
+                                    secret=secret)
 
     yield start
     for server in servers:
@@ -77,3 +83,32 @@ def test_a_drop_on_an_unhealthy_server_is_not_retried(server_factory):
     with pytest.raises(EngineError, match="RemoteDisconnected|Connection aborted"):
         client._post("/v1/completions", {"x": 1})
     assert server.posts == 1
+
+
+def test_every_call_carries_the_secret(server_factory, tmp_path):
+    """Health, a retried post, a reload (two posts) and the NCCL weight transfer's routes
+    (justrl.weight_sync, through the client's session): all with `Authorization: Bearer <secret>`."""
+    from types import SimpleNamespace
+
+    from justrl.weight_sync import NcclTransport
+
+    secret = new_secret()
+    server, client = server_factory(drop_first_posts=1, secret=secret)
+    assert client.healthy()
+    client._post("/v1/completions", {"x": 1})  # dropped once, retried
+    client.load_weights(tmp_path)
+    transport = NcclTransport(master_address="127.0.0.1", timeout_s=10)
+    engine = SimpleNamespace(name="engine0", client=client)
+    for path in ("/init_weight_transfer_engine", "/start_weight_update", "/update_weights",
+                 "/finish_weight_update", "/shutdown_weight_transfer_engine"):
+        transport._rpc(engine, path, {})
+    paths = [p for _, p, _ in server.seen]
+    assert paths.count("/v1/completions") == 2 and "/collective_rpc" in paths and "/update_weights" in paths
+    assert len(server.seen) == 11  # health; post, health (the retry's check), post; 2 for the reload; 5 NCCL routes
+    assert {auth for _, _, auth in server.seen} == {f"Bearer {secret}"}
+
+
+def test_without_a_secret_no_authorization_is_sent(server_factory):
+    server, client = server_factory(drop_first_posts=0)
+    client._post("/v1/completions", {})
+    assert server.seen == [("POST", "/v1/completions", None)]

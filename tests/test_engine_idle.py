@@ -69,6 +69,15 @@ def test_frozen_engine_uses_no_cpu_while_the_learner_trains(random_tiny_model_di
                                  if line.startswith(LOG_PREFIX))[len(LOG_PREFIX):])
         one_core = len(expected_bind.split(",")) == 1
         assert report["server"] == ("justrl.vllm_cpu_server" if one_core else SERVER_MODULE)
+        # the guard (justrl.engine_auth) holds on this server module too: the secret reaches every
+        # engine process through its environment, and a request without it is refused
+        import requests
+
+        assert all(_environ(pid).get("JUSTRL_ENGINE_SECRET") == engine.secret for pid in members)
+        bare = requests.Session()
+        bare.trust_env = False
+        assert bare.get(f"{engine.client.url}/health", timeout=30).status_code == 401
+        assert engine.client.healthy()
         first = fleet.generate(prompts, settings, seeds=[1, 2])
 
         # the training phase: right after a request, when vLLM's worker would spin on its queue

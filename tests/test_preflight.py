@@ -50,6 +50,20 @@ def test_one_node_passes_and_prints_the_table(random_tiny_model_dir, tmp_path, c
     assert "for 3 checkpoints" in row[0] and node_checks._size(need) in row[0]
     assert out.strip().endswith("preflight: all checks passed on 1 node(s)")
     assert (tmp_path / "run" / "preflight").is_dir()
+    # the engines' line: outside Slurm they listen on loopback, with their guard
+    assert f"engines on {socket.gethostname()}: {cfg.rollout.engines}, listening on 127.0.0.1, guard on " \
+           "(every route asks for the job's secret)" in out.splitlines()
+
+
+def test_an_engine_guard_that_does_not_load_fails(random_tiny_model_dir, tmp_path, capsys, monkeypatch):
+    from justrl import engine_auth
+
+    monkeypatch.setattr(engine_auth, "MIDDLEWARE", "justrl.engine_auth.NoSuchMiddleware")
+    assert preflight.run_here(_cfg(tmp_path, random_tiny_model_dir)) == 1
+    out = capsys.readouterr().out
+    assert f"preflight FAILED on node {socket.gethostname()}: check engine_guard: " \
+           "justrl.engine_auth.NoSuchMiddleware does not load: AttributeError" in out
+    assert "guard FAIL: justrl.engine_auth.NoSuchMiddleware does not load" in out
 
 
 def _numel(shape) -> int:

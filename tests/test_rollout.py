@@ -1,5 +1,6 @@
 """Real vLLM (CPU build) rollout engines: token-in/token-out, seeded sampling, in-place weight sync,
-and a dead engine restarted mid-step. One engine is started for the module (about 30 s)."""
+a dead engine restarted mid-step, and the guard on every route (justrl.engine_auth). One engine is
+started for the module (about 30 s)."""
 import math
 import os
 import signal
@@ -30,7 +31,7 @@ def fleet(random_tiny_model_dir, tmp_path_factory):
 
 def sampled_logprobs(engine: EngineProcess, prompt: list[int], max_tokens: int = 8) -> list[float]:
     """Log-probs of sampled tokens, asked of the server directly (the controller does not need them)."""
-    body = requests.post(f"{engine.client.url}/v1/completions", json={
+    body = engine.client.session.post(f"{engine.client.url}/v1/completions", json={
         "model": SERVED_MODEL_NAME, "prompt": [prompt], "max_tokens": max_tokens, "temperature": 1.0, "seed": 1,
         "logprobs": 0, "ignore_eos": True}, timeout=60).json()
     return body["choices"][0]["logprobs"]["token_logprobs"]
@@ -48,6 +49,51 @@ def test_token_in_token_out_is_seeded(fleet, random_tiny_model_dir):
     assert fleet.generate(PROMPTS, settings, seeds=[10, 20, 30]) == first  # same seeds, same samples
     assert fleet.generate(PROMPTS, settings, seeds=[11, 20, 30])[0] != first[0]
     assert len({c.token_ids for c in first[0]}) == 3  # the n samples of a prompt differ (seed + i)
+
+
+def _engine_processes(engine: EngineProcess) -> list[int]:
+    from justrl.engine_guard import group_members
+
+    return group_members(engine.process.pid)
+
+
+def test_every_route_of_the_engine_asks_for_its_secret(fleet):
+    """vLLM's real server with justrl's --middleware: every route it has (read from its own
+    /openapi.json, with the secret) refuses a request without the secret (401) and with a wrong
+    or another engine's (403); with it, the engine serves; the secret is on no command line of
+    the engine's processes and not in its log."""
+    from justrl.engine_auth import auth_headers, new_secret
+
+    engine = fleet.engines[0]
+    url, secret = engine.client.url, engine.secret
+    assert url.startswith("http://127.0.0.1:")  # a local engine listens on loopback only
+    bare = requests.Session()
+    bare.trust_env = False
+    spec = engine.client.session.get(f"{url}/openapi.json", timeout=30)
+    assert spec.status_code == 200
+    routes = [(method.upper(), path.replace("{response_id}", "x")) for path, methods in spec.json()["paths"].items()
+              for method in methods]
+    assert len(routes) > 40 and ("POST", "/collective_rpc") in routes and ("POST", "/update_weights") in routes
+    routes += [("GET", "/openapi.json"), ("GET", "/docs"), ("GET", "/metrics")]
+    for method, path in routes:
+        assert bare.request(method, f"{url}{path}", timeout=30).status_code == 401, (method, path)
+        for wrong in ("wrong", new_secret()):
+            code = bare.request(method, f"{url}{path}", headers=auth_headers(wrong), timeout=30).status_code
+            assert code == 403, (method, path)
+    # a wrong secret does not stop or change anything: the engine still serves with the right one
+    assert bare.post(f"{url}/collective_rpc", json={"method": "check_health"}, headers=auth_headers(secret),
+                     timeout=30).json() == {"results": [None]}
+    assert bare.get(f"{url}/is_sleeping", headers=auth_headers(secret), timeout=30).json() == {"is_sleeping": False}
+    assert engine.client.healthy()
+    settings = SamplingSettings(n=1, temperature=1.0, top_p=1.0, top_k=-1, max_tokens=4)
+    assert len(engine.client.complete(PROMPTS[0], settings, seed=3)[0].token_ids) == 4
+    pids = _engine_processes(engine)
+    assert len(pids) >= 2  # the guard and the server (and its engine core)
+    for pid in pids:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            assert secret.encode() not in f.read()
+    assert secret not in engine.log_path.read_text()
+    assert "--middleware justrl.engine_auth.EngineAuthMiddleware" in engine.log_path.read_text()
 
 
 def test_weight_sync_reloads_in_place(fleet, random_tiny_model_dir, tmp_path):
