@@ -99,6 +99,7 @@ SCHEMA = {
         "engines": at_least(int, 1),
         **ENGINE_KEYS,
         "max_restarts": at_least(int, 0),
+        "stall_timeout_s": Key(Optional[float], lambda v: v is None or v > 0, "must be null (off) or > 0"),
         "max_requests_per_engine": at_least(int, 1),
         "weight_sync": one_of(WEIGHT_SYNC_TRANSPORTS),
         "weight_check": typed(bool),

@@ -60,7 +60,8 @@ class Controller:
                           srun_args=tuple(cfg.cluster.engine_srun_args))
         engines = build_engines(placements, spec, engine_logs, node_gpus=cfg.cluster.gpus_per_node, secret=secret)
         self.fleet = RolloutFleet(engines, serve_dir, max_restarts=r.max_restarts,
-                                  max_requests_per_engine=r.max_requests_per_engine)
+                                  max_requests_per_engine=r.max_requests_per_engine,
+                                  stall_timeout_s=r.stall_timeout_s)
         self.scorer = ScorerPool(cfg.reward.verifier, cfg.reward.num_workers, cfg.reward.timeout_s)
         # The other training verifier scores every response too, for the log only: how often the
         # strict and the lenient verdicts differ (what the lenient ablation changes).
@@ -102,6 +103,9 @@ class Controller:
                      for (p, c), a in zip(flat, advantages.tolist())]
         metrics = self.metrics(prompts, flat, lengths, scores, shadow, rewards, penalties, stats)
         metrics.update({"rollout/engine_restarts": float(self.fleet.restarts - restarts_before),
+                        # faults/*: the run's totals so far (this process's life), for TensorBoard
+                        "faults/engine_restarts": float(self.fleet.restarts),
+                        "faults/hung_engines": float(self.fleet.hung),
                         "rollout/weights_step": float(weights_step),
                         "perf/time_rollout": t1 - t0, "perf/time_reward": t2 - t1})
         if stats.first_error:
@@ -158,6 +162,15 @@ class Controller:
     def validate(self, val_sets: dict[str, list]) -> dict[str, float]:
         """avg@N with the evaluation grader (the same code and seeds as `justrl.evaluate`)."""
         metrics = {}
+        r, train_stall = self.cfg.rollout, self.fleet.stall_timeout_s
+        if train_stall is not None:  # longer responses: the first completion may take longer too
+            self.fleet.stall_timeout_s = train_stall * max(1.0, r.val_max_new_tokens / r.max_response_length)
+        try:
+            return self._validate(val_sets, metrics)
+        finally:
+            self.fleet.stall_timeout_s = train_stall
+
+    def _validate(self, val_sets: dict[str, list], metrics: dict[str, float]) -> dict[str, float]:
         for name, prompts in val_sets.items():
             items = [EvalItem(getattr(p.problem, "id", None) or p.problem.origin, p.token_ids, p.problem.answer)
                      for p in prompts]

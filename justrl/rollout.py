@@ -10,7 +10,7 @@ import threading
 import time
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from justrl.engines import (MAX_IN_FLIGHT_PER_ENGINE, Completion, EngineError, EngineProcess, EngineRequestError,
@@ -35,10 +35,19 @@ class RolloutFleet:
     When an engine fails, its outstanding requests, and only those, go back to the front of the
     queue and run on another engine or on it once restarted; each prompt keeps its seed, so the
     results do not depend on where or how often a request ran.
+
+    Hung engines: vLLM's `/health` is answered by its API server process, which keeps answering
+    200 while the engine core (the process that computes) is stopped or stuck, so liveness is
+    judged by progress instead. An engine that holds requests and completes none of them for
+    `stall_timeout_s` (counted from its last completed request, or from when it took its first
+    request) is declared hung: its outstanding requests go back to the front of the queue at once
+    (the other engines take them), and it is killed (its whole process group; for a remote engine
+    its srun step) and restarted like an engine that died. The log names the engine, its node and
+    what the other engines completed meanwhile. None: no stall check.
     """
 
     def __init__(self, engines: list[EngineProcess], weights_dir: str | Path, max_restarts: int = 2,
-                 max_requests_per_engine: int = MAX_IN_FLIGHT_PER_ENGINE):
+                 max_requests_per_engine: int = MAX_IN_FLIGHT_PER_ENGINE, stall_timeout_s: float | None = None):
         if not engines:
             raise ValueError("a rollout fleet needs at least one engine")
         if max_requests_per_engine < 1:
@@ -47,7 +56,12 @@ class RolloutFleet:
         self.weights_dir = Path(weights_dir)
         self.max_restarts = max_restarts
         self.max_requests_per_engine = max_requests_per_engine
+        if stall_timeout_s is not None and stall_timeout_s <= 0:
+            raise ValueError(f"stall_timeout_s must be > 0 or None, got {stall_timeout_s}")
+        self.stall_timeout_s = stall_timeout_s
         self.restarts = 0
+        self.hung = 0
+        """Engines declared hung (no completed request for `stall_timeout_s`), over the fleet's life."""
         self.last_dispatch: DispatchRecord | None = None
         # Busy time per engine (seconds with at least one outstanding request), for
         # perf/engine_idle_fraction; read by another thread while a generate call runs.
@@ -144,12 +158,16 @@ class RolloutFleet:
         generation = [0] * len(engines)
         done: queue.Queue = queue.Queue()  # (kind, engine index, request index, payload)
         remaining = len(prompts)
+        # Per engine: when it last completed a request or took one while holding none (stall clock).
+        progress_at = [time.monotonic()] * len(engines)
+        completed = [0] * len(engines)
+        poll_s = None if self.stall_timeout_s is None else min(1.0, self.stall_timeout_s / 4)
         pool = ThreadPoolExecutor(max_workers=cap * len(engines) + len(engines),
                                   thread_name_prefix="justrl-rollout")
 
         def request(e: int, i: int, gen: int) -> None:
             try:
-                done.put(("done", e, i, engines[e].client.complete(prompts[i], per_prompt[i], seeds[i])))
+                done.put(("done", e, i, (gen, engines[e].client.complete(prompts[i], per_prompt[i], seeds[i]))))
             except BaseException as exc:  # noqa: BLE001 - handed to the dispatcher thread
                 done.put(("error", e, i, (gen, exc)))
 
@@ -161,12 +179,17 @@ class RolloutFleet:
                 done.put(("restart_failed", e, None, exc))
 
         def engine_failed(e: int, error: Exception) -> None:
-            """Mark engine e down (once per failure) and restart it, or give up."""
+            """Mark engine e down (once per failure), send its outstanding requests back to the
+            front of the queue, and restart it, or give up."""
             if restarting[e]:
                 return
             failures[e] += 1
             generation[e] += 1
             record.failures.append(engines[e].name)
+            for i in sorted(outstanding[e], reverse=True):
+                record.retried.append(i)
+                queue_.appendleft(i)
+            outstanding[e].clear()
             if failures[e] > self.max_restarts:
                 raise self._give_up(engines[e], failures[e], error) from error
             restarting[e] = True
@@ -186,41 +209,81 @@ class RolloutFleet:
                         break
                     e = min(live, key=lambda e: (len(outstanding[e]), e))
                     i = queue_.popleft()
+                    if not outstanding[e]:
+                        progress_at[e] = time.monotonic()
                     outstanding[e].add(i)
                     record.attempts[i].append(engines[e].name)
                     self._set_busy(e, True)
                     pool.submit(request, e, i, generation[e])
-                kind, e, i, payload = done.get()
-                if kind == "done":
-                    outstanding[e].discard(i)
-                    results[i] = payload
-                    record.engine_of[i] = engines[e].name
-                    failures[e] = 0
-                    remaining -= 1
-                elif kind == "error":
-                    gen, error = payload
-                    outstanding[e].discard(i)
-                    if isinstance(error, EngineRequestError) or not isinstance(error, EngineError):
-                        raise error
-                    record.retried.append(i)
-                    queue_.appendleft(i)
-                    if gen == generation[e]:
-                        engine_failed(e, error)
-                elif kind == "restarted":
-                    restarting[e] = False
-                else:  # restart_failed: the start itself failed; count it and try again
-                    if isinstance(payload, EngineRequestError) or not isinstance(payload, EngineError):
-                        raise payload
-                    restarting[e] = False
-                    engine_failed(e, payload)
-                if not outstanding[e]:
-                    self._set_busy(e, False)
+                try:
+                    kind, e, i, payload = done.get(timeout=poll_s)
+                except queue.Empty:
+                    kind = None
+                if kind in ("done", "error") and payload[0] != generation[e]:
+                    # From before the engine was marked failed: the request went back to the queue then.
+                    kind = None
+                if kind is not None:
+                    remaining -= self._handle(kind, e, i, payload, outstanding, results, record, failures,
+                                              completed, progress_at, restarting, engine_failed)
+                for h in self._stalled(outstanding, restarting, progress_at):
+                    error = self._hung_error(h, len(outstanding[h]), time.monotonic() - progress_at[h],
+                                             [(engines[o].name, completed[o]) for o in range(len(engines)) if o != h])
+                    log.warning("%s", error)
+                    self.hung += 1
+                    record.hung.append(engines[h].name)
+                    engine_failed(h, error)
+                    self._set_busy(h, False)
         finally:
             for e in range(len(engines)):
                 self._set_busy(e, False)
             # On an error, do not wait for requests still running on other engines.
             pool.shutdown(wait=not remaining, cancel_futures=True)
         return results
+
+    def _handle(self, kind, e, i, payload, outstanding, results, record, failures, completed, progress_at,
+                restarting, engine_failed) -> int:
+        """Apply one message of a `generate` call's workers; returns the requests it completed (0 or 1)."""
+        finished = 0
+        if kind == "done":
+            outstanding[e].discard(i)
+            results[i] = payload[1]
+            record.engine_of[i] = self.engines[e].name
+            failures[e] = 0
+            completed[e] += 1
+            progress_at[e] = time.monotonic()
+            finished = 1
+        elif kind == "error":
+            error = payload[1]
+            if isinstance(error, EngineRequestError) or not isinstance(error, EngineError):
+                raise error
+            engine_failed(e, error)
+        elif kind == "restarted":
+            restarting[e] = False
+        else:  # restart_failed: the start itself failed; count it and try again
+            if isinstance(payload, EngineRequestError) or not isinstance(payload, EngineError):
+                raise payload
+            restarting[e] = False
+            engine_failed(e, payload)
+        if not outstanding[e]:
+            self._set_busy(e, False)
+        return finished
+
+    def _stalled(self, outstanding: list[set[int]], restarting: list[bool], progress_at: list[float]) -> list[int]:
+        """Engines that hold requests and have completed none for `stall_timeout_s`."""
+        if self.stall_timeout_s is None:
+            return []
+        now = time.monotonic()
+        return [e for e in range(len(self.engines)) if outstanding[e] and not restarting[e]
+                and now - progress_at[e] > self.stall_timeout_s]
+
+    def _hung_error(self, e: int, held: int, idle_s: float, others: list[tuple[str, int]]) -> EngineError:
+        engine = self.engines[e]
+        node = engine.spec.node or "this machine"
+        meanwhile = (", ".join(f"{name} completed {n} this step" for name, n in others) if others
+                     else "it is the only engine")
+        return EngineError(f"{engine.name} on {node} is hung: it holds {held} request(s) and completed none "
+                           f"for {idle_s:.0f} s (rollout.stall_timeout_s={self.stall_timeout_s:g}; {meanwhile}); "
+                           f"its requests go to the other engines, and it is killed and restarted")
 
     def load_weights(self, weights_dir: str | Path, engines: list[EngineProcess] | None = None) -> None:
         """Every engine (or those given) reloads its weights from `weights_dir` (in place)."""
@@ -242,3 +305,5 @@ class DispatchRecord:
     """Request indices sent back to the queue because their engine failed (with repeats)."""
     failures: list[str]
     """Engine names, once per failure seen (each one restarted)."""
+    hung: list[str] = field(default_factory=list)
+    """Engine names, once per time one was declared hung (also in `failures`)."""

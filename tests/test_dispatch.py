@@ -1,15 +1,19 @@
 """Least-loaded dispatch over two real vLLM (CPU build) engines: the requests of a step spread by
 load, an engine killed mid-step (SIGKILL to its whole process tree) loses only its outstanding
-requests, and the step's results equal an undisturbed run's. Two engines are started for the
+requests, an engine whose core is stopped (SIGSTOP) is declared hung by its lack of progress and
+restarted, and the step's results equal an undisturbed run's. Two engines are started for the
 module (about a minute on 2 cores)."""
+import logging
 import os
 import signal
 import threading
 import time
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 
+from justrl.engine_guard import group_members
 from justrl.engines import EngineSpec, EngineProcess, SamplingSettings
 from justrl.rollout import RolloutFleet
 
@@ -102,3 +106,66 @@ def test_killed_engine_loses_only_its_outstanding_requests(fleet):
     assert all(len(record.attempts[i]) == 1 for i in range(16) if i not in retried)
     assert all(record.engine_of[i] == "engine1" for i in state["finished"])
     assert len(retried) <= fleet.max_requests_per_engine  # at most what it could hold
+
+
+def _engine_core_pid(engine: EngineProcess) -> int:
+    """The pid of the engine's `VLLM::EngineCore` process (vLLM sets that title; its API server keeps
+    answering /health while the core is stopped)."""
+    for pid in group_members(engine.process.pid):
+        try:
+            title = Path(f"/proc/{pid}/cmdline").read_bytes()
+        except OSError:
+            continue
+        if title.startswith(b"VLLM::EngineCore"):
+            return pid
+    raise AssertionError(f"no VLLM::EngineCore process in {engine.name}'s group {engine.process.pid}")
+
+
+def test_hung_engine_core_is_caught_by_progress_and_restarted(fleet, caplog):
+    """SIGSTOP of engine1's engine core mid-step (the shape of a GPU hang): /health still answers,
+    but engine1 completes nothing; after rollout.stall_timeout_s it is declared hung, its requests
+    go to engine0 at once, and it is killed and restarted. The step's results equal an undisturbed
+    run's. (Called on the fleet directly: no freeze/thaw in between, whose SIGCONT would undo the stop.)"""
+    expected = fleet.generate(PROMPTS, KILL_SETTINGS, SEEDS)
+    victim = fleet.engines[1]
+    core, old_pid = _engine_core_pid(victim), victim.process.pid
+    hung, restarts = fleet.hung, fleet.restarts
+    state = {}
+
+    def stop_core_when_engine1_holds_a_request(stop):
+        while not stop.is_set():
+            record = fleet.last_dispatch
+            if record is not None and any(tried and tried[-1] == "engine1" and record.engine_of[i] is None
+                                          for i, tried in enumerate(record.attempts)):
+                os.kill(core, signal.SIGSTOP)
+                state["stopped_at"] = time.monotonic()
+                state["healthy_while_stopped"] = victim.client.healthy()
+                return
+            time.sleep(0.002)
+
+    fleet.stall_timeout_s = 6.0
+    fleet.last_dispatch = None
+    stop = threading.Event()
+    stopper = threading.Thread(target=stop_core_when_engine1_holds_a_request, args=(stop,))
+    stopper.start()
+    try:
+        with caplog.at_level(logging.WARNING, logger="justrl.rollout"):
+            result = fleet.generate(PROMPTS, KILL_SETTINGS, SEEDS)
+    finally:
+        stop.set()
+        stopper.join()
+        fleet.stall_timeout_s = None
+    record = fleet.last_dispatch
+    assert "stopped_at" in state, "engine1 never held a request"
+    assert state["healthy_while_stopped"]  # what a /health check would have seen
+    assert result == expected
+    assert record.hung == ["engine1"] and record.failures == ["engine1"]
+    assert fleet.hung == hung + 1 and fleet.restarts == restarts + 1
+    assert victim.alive() and victim.process.pid != old_pid and not Path(f"/proc/{core}").exists()
+    retried = set(record.retried)
+    assert retried and all(record.attempts[i][0] == "engine1" for i in retried)
+    assert all(record.engine_of[i] == "engine0" for i in retried if len(record.attempts[i]) == 2
+               and record.attempts[i][1] == "engine0")
+    message = next(r.getMessage() for r in caplog.records if "is hung" in r.getMessage())
+    assert "engine1 on this machine is hung" in message and "rollout.stall_timeout_s=6" in message
+    assert "engine0 completed" in message
