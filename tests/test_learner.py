@@ -194,3 +194,18 @@ def test_gradient_checkpointing_gives_the_same_update(tiny_model_dir):
     assert m_recompute["actor/grad_norm"] == pytest.approx(m_plain["actor/grad_norm"], rel=1e-5)
     for key, value in weights(plain).items():
         torch.testing.assert_close(weights(recompute)[key], value, rtol=1e-5, atol=1e-6, msg=key)
+
+
+def test_varlen_bounds_follow_the_model_device_on_the_flash_path_only():
+    """flash-attn's mha_varlen_fwd rejects CPU cu_seqlens (CHECK_DEVICE): on the flash path the
+    boundaries go to the model's device ('meta' stands in for the GPU here), on the SDPA path
+    they stay on the CPU; the values are the row's sequence starts either way."""
+    from justrl.learner import varlen_attention
+
+    position_ids = torch.tensor([[0, 1, 2, 0, 1, 0, 1, 2, 3]])
+    gpu = torch.device("meta")
+    flash = varlen_attention.varlen_kwargs(position_ids, varlen_attention.bounds_device("flash_attention_2", gpu))
+    sdpa = varlen_attention.varlen_kwargs(position_ids, varlen_attention.bounds_device("justrl_varlen", gpu))
+    assert flash["cu_seq_lens_q"].device.type == "meta" and flash["cu_seq_lens_k"].device.type == "meta"
+    assert sdpa["cu_seq_lens_q"].device.type == "cpu"
+    assert sdpa["cu_seq_lens_q"].tolist() == [0, 3, 5, 9] and sdpa["max_length_q"] == 4 == flash["max_length_k"]

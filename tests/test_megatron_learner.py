@@ -94,8 +94,10 @@ def _step_worker(rank, world, port, tp, model_dir, out):
         logprobs, entropy = learner.forward(build_micro_batch(make_batch()), need_entropy=True)
     metrics = learner.train_step(make_batch())
     state = learner.gather_hf_state()
+    marked = sorted(n for n, p in learner.gpt.named_parameters() if getattr(p, "sequence_parallel", False))
     if rank == 0:
-        torch.save({"logprobs": logprobs, "entropy": entropy, "metrics": metrics, "weights": state}, out)
+        torch.save({"logprobs": logprobs, "entropy": entropy, "metrics": metrics, "weights": state,
+                    "sequence_parallel": learner.sequence_parallel, "sp_marked": marked}, out)
     dist.destroy_process_group()
 
 
@@ -139,14 +141,23 @@ def hf_reference(model_dir):
 
 
 @pytest.mark.parametrize("model,tp,world", [("tiny", 1, 1), ("gqa", 1, 1), ("gqa", 2, 2), ("gqa", 1, 2)],
-                         ids=["tied-tp1", "untied-tp1", "untied-tp2", "untied-tp1-dp2"])
+                         ids=["tied-tp1", "untied-tp1", "untied-tp2-sp", "untied-tp1-dp2"])
 def test_one_grpo_step_equals_the_hf_learner(tiny_model_dir, gqa_model_dir, tmp_path, model, tp, world):
     """Same log-probs and entropies (vocabulary-parallel at TP=2), same loss and gradient norm,
     and the same weights after one update with two PPO mini-batches, whatever the TP x DP split,
-    with a tied and an untied output layer."""
+    with a tied and an untied output layer.
+
+    TP=2 runs with sequence parallelism, as on GPUs (the local spec's norms split along the
+    sequence, the final hidden states gathered before the output layer): the gradient norm
+    would be ~1.85x the hf learner's if the output layer's input gradient were all-reduced
+    before the gather's reduce-scatter (every gradient below the output layer x TP)."""
     model_dir = tiny_model_dir if model == "tiny" else gqa_model_dir
     _spawn(_step_worker, world, tp, str(model_dir), str(tmp_path / "out.pt"))
     got = torch.load(tmp_path / "out.pt")
+    assert got["sequence_parallel"] == (tp > 1)
+    if tp > 1:  # every norm of the 2-layer model: its gradient is summed over the TP group
+        assert got["sp_marked"] == ["decoder.final_layernorm.weight"] + [
+            f"decoder.layers.{i}.{n}.weight" for i in range(2) for n in ("input_layernorm", "pre_mlp_layernorm")]
     ref = hf_reference(model_dir)
     torch.testing.assert_close(got["logprobs"], ref["logprobs"], rtol=0, atol=2e-5)
     torch.testing.assert_close(got["entropy"], ref["entropy"], rtol=0, atol=2e-5)

@@ -113,6 +113,7 @@ class HFLearner:
         attention = varlen_attention.implementation(self.compute_dtype)
         self.model = AutoModelForCausalLM.from_pretrained(str(model_path), dtype=torch.float32,
                                                           attn_implementation=attention).to(self.device)
+        self.bounds_device = varlen_attention.bounds_device(attention, self.device)
         if learner.gradient_checkpointing:
             self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         self.model.config.use_cache = False
@@ -140,7 +141,7 @@ class HFLearner:
         targets = mb.targets.to(self.device)
         with torch.autocast(self.device.type, dtype=self.compute_dtype, enabled=self.autocast_dtype is not None):
             hidden = self.model.model(input_ids=input_ids, position_ids=position_ids, use_cache=False,
-                                      **varlen_attention.varlen_kwargs(mb.position_ids)).last_hidden_state[0]
+                                      **varlen_attention.varlen_kwargs(mb.position_ids, self.bounds_device)).last_hidden_state[0]
         weight = self.model.get_output_embeddings().weight
         targets = targets[0]
         where = None

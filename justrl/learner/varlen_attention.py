@@ -111,14 +111,23 @@ def implementation(compute_dtype: torch.dtype = torch.bfloat16) -> str:
     return NAME
 
 
-def varlen_kwargs(position_ids: torch.Tensor) -> dict:
+def varlen_kwargs(position_ids: torch.Tensor, device: torch.device | str | None = None) -> dict:
     """FlashAttention's varlen kwargs for a packed row `[1, L]` whose positions restart at 0 at
-    every sequence (transformers passes them down to the attention function)."""
+    every sequence (transformers passes them down to the attention function). `device`: where
+    `cu_seq_lens_*` go (default: the position ids'); flash-attn's `mha_varlen_fwd` requires them
+    on the GPU (`CHECK_DEVICE(cu_seqlens_q)` in csrc/flash_attn/flash_api.cpp), the SDPA path
+    reads them back as Python ints and wants them on the CPU (`bounds_device`)."""
     row = position_ids[0].cpu()
     starts = torch.nonzero(row == 0).flatten().tolist()
     if not starts or starts[0] != 0:
         raise ValueError("a packed row's position ids must start at 0")
     bounds = starts + [row.numel()]
     longest = max(b - a for a, b in zip(bounds[:-1], bounds[1:]))
-    cu = torch.tensor(bounds, dtype=torch.int32, device=position_ids.device)
+    cu = torch.tensor(bounds, dtype=torch.int32, device=position_ids.device if device is None else device)
     return {"cu_seq_lens_q": cu, "cu_seq_lens_k": cu, "max_length_q": longest, "max_length_k": longest}
+
+
+def bounds_device(attn_implementation: str, model_device: torch.device) -> torch.device:
+    """Where `varlen_kwargs` puts the boundaries: the model's device for FlashAttention (its
+    kernel checks), the CPU for `justrl_varlen` (no device sync for its `.tolist()`)."""
+    return model_device if attn_implementation == "flash_attention_2" else torch.device("cpu")

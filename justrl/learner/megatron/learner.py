@@ -121,11 +121,11 @@ class MegatronLearner:
         params_dtype = torch.bfloat16 if self.bf16 else torch.float32
         # initialize=True although the weights are overwritten next: Megatron marks a parameter as
         # tensor-parallel (which the gradient norm relies on) only in its initialisation code
-        # Sequence parallelism whenever TP > 1 with Transformer Engine's layers: the norms and
+        # Sequence parallelism whenever TP > 1, with either spec (the local one through
+        # `model.SequenceParallelRMSNorm`, so the CPU runs the GPU's composition): the norms and
         # residuals (replicated under plain TP) are split along the sequence, so a packed row is
-        # padded to a multiple of TP (`forward`). Megatron's local spec (torch norms, the CPU
-        # path) does not support it, so CPU runs keep plain TP.
-        self.sequence_parallel = tp > 1 and self.spec == "te"
+        # padded to a multiple of TP (`forward`).
+        self.sequence_parallel = tp > 1
         recompute = learner.recompute_granularity if learner.gradient_checkpointing else False
         gpt = build_gpt_model(self.shape, tp, spec=self.spec, params_dtype=params_dtype, on_cpu=True,
                               initialize=True, recompute=recompute, bf16=self.bf16, per_token_loss=True,
@@ -133,9 +133,15 @@ class MegatronLearner:
         if self.sequence_parallel:
             # `forward` gathers the final hidden states along the sequence itself (so the output
             # layer can run in chunks of whole positions); the output layer must not gather again.
-            # Its input-gradient all-reduce stays off (it was built for SP): the gather's backward
-            # reduce-scatters the partial gradients of the TP ranks instead.
+            # With `sequence_parallel` off, ColumnParallelLinear.forward would wrap its input in
+            # copy_to_tensor_model_parallel_region, whose backward all-reduces the input gradient
+            # over TP (megatron/core/tensor_parallel/layers.py ~993-1001, mappings.py ~211); the
+            # gather's backward (reduce-scatter, mappings.py ~327-343) would then sum TP copies of
+            # the already summed gradient: every gradient below the output layer TP times too big.
+            # `disable_grad_reduce` skips that copy, so each rank's input gradient stays its partial
+            # sum over its vocabulary shard and the reduce-scatter alone sums them, once.
             gpt.output_layer.sequence_parallel = False
+            gpt.output_layer.disable_grad_reduce = True
         unmarked = [n for n, p in gpt.named_parameters()  # every matrix of a Qwen2 model is TP-split
                     if tp > 1 and p.dim() == 2 and not getattr(p, "tensor_model_parallel", False)]
         if unmarked:

@@ -33,8 +33,8 @@ def transformer_config(shape: Qwen2Shape, tp: int = 1, params_dtype: torch.dtype
     memory saving of full recomputation where attention is not flash/fused, almost none of the
     compute). `fusions`: Transformer Engine's fused RoPE, the fused bias-SwiGLU, the fused masked
     softmax and the fused bias-dropout-add (the "te" spec; the local spec on a CPU has no kernels
-    for them). `sequence_parallel` (tp > 1, "te" spec only: Megatron's torch norms refuse it):
-    norms and residuals split along the sequence instead of replicated; the packed rows must then
+    for them). `sequence_parallel` (tp > 1; the local spec through
+    `SequenceParallelRMSNorm`): norms and residuals split along the sequence instead of replicated; the packed rows must then
     be a multiple of tp tokens, and the caller gathers the final hidden states.
     """
     from megatron.core.transformer.transformer_config import TransformerConfig
@@ -60,18 +60,43 @@ def transformer_config(shape: Qwen2Shape, tp: int = 1, params_dtype: torch.dtype
     )
 
 
+class SequenceParallelRMSNorm:
+    """torch.nn.RMSNorm for Megatron's local spec, usable under sequence parallelism.
+
+    Megatron's `WrappedTorchNorm` (`megatron/core/transformer/torch_norm.py` ~32) refuses
+    `sequence_parallel` only because it does not mark its weight: a norm is per token, so it runs
+    unchanged on a slice of the sequence, and each TP rank's weight gradient is then the sum over
+    its slice only. Marking the weight `sequence_parallel` (as TE's and Apex's norms do) lets
+    `finalize_model_grads._allreduce_non_tensor_model_parallel_grads` sum it over the TP group.
+    This is what lets TP + SP run on a CPU over gloo, against the hf learner.
+    """
+
+    def __new__(cls, config, hidden_size: int, eps: float = 1e-5, **_unused):
+        norm = torch.nn.RMSNorm(hidden_size, eps=eps)
+        norm.weight.sequence_parallel = config.sequence_parallel
+        return norm
+
+
 def build_gpt_model(shape: Qwen2Shape, tp: int = 1, spec: str = "local", **config_kwargs):
     """The GPTModel with the "local" or the "te" (Transformer Engine) layer spec."""
     from megatron.core.models.gpt import GPTModel
     from megatron.core.models.gpt import gpt_layer_specs
+    from megatron.core.transformer.transformer_block import TransformerBlockSubmodules
 
+    config = transformer_config(shape, tp, **config_kwargs)
     if spec == "te":
         layers = gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec()
     elif spec == "local":
-        layers = gpt_layer_specs.get_gpt_layer_local_spec()
+        # Megatron's local spec with its torch norms replaced by `SequenceParallelRMSNorm` (the
+        # same torch.nn.RMSNorm, its weight marked for sequence parallelism), for the layers' two
+        # norms and the final one (a block spec: TransformerBlock would pick its own final norm).
+        layers = gpt_layer_specs.get_gpt_layer_local_spec(normalization="RMSNorm")
+        layers.submodules.input_layernorm = SequenceParallelRMSNorm
+        layers.submodules.pre_mlp_layernorm = SequenceParallelRMSNorm
+        layers = TransformerBlockSubmodules(layer_specs=[layers] * shape.num_layers, layer_norm=SequenceParallelRMSNorm)
     else:
         raise ValueError(f"unknown layer spec {spec!r} (local or te)")
-    return GPTModel(transformer_config(shape, tp, **config_kwargs), layers,
+    return GPTModel(config, layers,
                     vocab_size=padded_vocab_size(shape.vocab_size, tp), max_sequence_length=shape.max_position_embeddings,
                     position_embedding_type="rope", rotary_base=int(shape.rope_theta),
                     share_embeddings_and_output_weights=shape.tie_word_embeddings)
