@@ -5,7 +5,9 @@
 
 Writes a parquet file with the original release's schema and size (each of ~17.9k problems
 repeated ~100 times, wrapped in DAPO's "Answer: $Answer" instruction) to a temporary directory,
-then times `load_problems` on it (read, unwrap, validate, deduplicate) and prints peak memory.
+then times `load_problems` on it as the recipe reads it (every row kept, data.prompt_form=
+as_released: one 32-bit index per row into the distinct problems) and the sampler's first
+permutation over all rows, and prints their size and the peak memory.
 """
 from __future__ import annotations
 
@@ -18,7 +20,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from justrl.data import load_problems
+from justrl.data import PromptSampler, load_problems
 from justrl.data.problems import DAPO_PREFIX, DAPO_SUFFIX
 
 
@@ -47,11 +49,17 @@ def main() -> None:
         path = Path(tmp) / "dapo-math-17k.parquet"
         rows = write_release(path, args.problems, args.repeats)
         start = time.perf_counter()
-        problems, report = load_problems(str(path))
+        table = load_problems(str(path))
         elapsed = time.perf_counter() - start
+    start = time.perf_counter()
+    sampler = PromptSampler(len(table.rows), seed=1)
+    permutation_s = time.perf_counter() - start
+    held_mib = (table.rows.itemsize * len(table.rows) + sampler._order.element_size() * sampler._order.numel()) / 2**20
     peak_gib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
-    print(f"{rows} rows -> {len(problems)} problems in {elapsed:.1f} s ({rows / elapsed:,.0f} rows/s); "
-          f"peak RSS {peak_gib:.2f} GiB; {report.summary()}")
+    load = open("/proc/loadavg").read().split()[0]
+    print(f"{rows} rows -> {len(table.problems)} distinct problems, {len(table.rows)} rows kept: read in "
+          f"{elapsed:.1f} s ({rows / elapsed:,.0f} rows/s); permutation {permutation_s:.2f} s; row indices + "
+          f"permutation {held_mib:.1f} MiB; peak RSS {peak_gib:.2f} GiB; load average {load}; {table.report.summary()}")
 
 
 if __name__ == "__main__":

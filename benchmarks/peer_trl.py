@@ -162,16 +162,15 @@ def prompts_in_order(cfg, model: Path, steps: int) -> list[dict]:
     """The prompts justrl's sampler draws for steps 1..steps, as chat-template text + answer."""
     from transformers import AutoTokenizer
 
-    from justrl.data import PromptSampler, build_prompts, load_problems, render_prompt
+    from justrl.data import PromptSampler, load_training_set, render_prompt
 
     tokenizer = AutoTokenizer.from_pretrained(model)
-    problems, _ = load_problems(cfg.data.train_path, cfg.data.problem_key, cfg.data.answer_key)
-    prompts, _ = build_prompts(problems, tokenizer, cfg.data.max_prompt_length, cfg.data.prompt_suffix)
-    sampler = PromptSampler(len(prompts), cfg.data.seed)
+    train_set = load_training_set(cfg.data, tokenizer)
+    sampler = PromptSampler(len(train_set), cfg.data.seed)
     out = []
     for _ in range(steps):
         for i in sampler.next_batch(PROMPTS_PER_STEP):
-            p = prompts[i]
+            p = train_set.prompt(i)
             text = render_prompt(tokenizer, p.problem.problem, cfg.data.prompt_suffix)
             assert tuple(tokenizer(text, add_special_tokens=False)["input_ids"]) == p.token_ids
             out.append({"text": text, "answer": p.problem.answer})

@@ -23,6 +23,9 @@ VERIFIER_NAMES = ("dapo", "lenient")  # kept in step with justrl.reward.VERIFIER
 LEARNERS = ("hf", "megatron")
 CLUSTERS = ("local", "slurm")
 WEIGHT_SYNC_TRANSPORTS = ("files", "nccl")  # kept in step with justrl.weight_sync.TRANSPORTS by a test
+# Kept in step with justrl.data.PROMPT_FORMS by a test (importing justrl.data would import torch,
+# 3 s on a login node, for every `python -m justrl.launch`).
+PROMPT_FORMS = ("as_released", "stripped")
 
 
 @dataclass(frozen=True)
@@ -75,11 +78,14 @@ SCHEMA = {
         "name": typed(str),
         "path": Key(str, bool, "must name a HF hub id or a local directory"),
         "build_tiny_if_missing": typed(bool),
+        "total_steps": Key(Optional[int], lambda v: v is None or v >= 1, "must be null or >= 1"),
     },
     "data": {
         "train_path": nonempty(),
         "problem_key": typed(Optional[str]),
         "answer_key": typed(Optional[str]),
+        "prompt_form": one_of(PROMPT_FORMS),
+        "deduplicate": typed(bool),
         "prompt_suffix": typed(str),
         "max_prompt_length": at_least(int, 1),
         "seed": typed(int),
@@ -127,6 +133,7 @@ SCHEMA = {
     },
     "reward": {
         "verifier": one_of(VERIFIER_NAMES),
+        "val_verifier": one_of(VERIFIER_NAMES),
         "overlong": {
             "enable": typed(bool),
             "buffer": positive(int),  # and <= rollout.max_response_length (validate)

@@ -12,7 +12,6 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig
 
-from justrl.data import TOY_SETS, build_prompts, load_benchmark, toy_problems
 from justrl.engines import EngineSpec, SamplingSettings, build_engines
 from justrl.evaluation import EvalItem, problem_seed, sample_and_grade, summarize
 from justrl.grpo import Sequence, group_advantages
@@ -29,20 +28,6 @@ def step_seeds(seed: int, step: int, num_prompts: int, n: int) -> list[int]:
     are spaced n apart and no two samples of a step share a seed."""
     base = random.Random(f"justrl:{seed}:{step}").getrandbits(30)
     return [base + i * n for i in range(num_prompts)]
-
-
-def validation_sets(cfg: DictConfig, tokenizer) -> dict[str, list]:
-    """name -> prompts of each validation benchmark ("toy", "toy_scratchpad": the held-out toy split)."""
-    sets = {}
-    for name in cfg.data.val_benchmarks:
-        if name in TOY_SETS:
-            problems = toy_problems("val", task=name)
-        else:
-            problems = load_benchmark(name, cfg.data.benchmark_dir).problems
-        sets[name], dropped = build_prompts(problems, tokenizer, cfg.data.max_prompt_length, cfg.data.prompt_suffix)
-        if dropped:
-            log.warning("validation %s: %d prompts longer than data.max_prompt_length left out", name, dropped)
-    return sets
 
 
 class Controller:
@@ -67,7 +52,14 @@ class Controller:
         # strict and the lenient verdicts differ (what the lenient ablation changes).
         self.shadow_scorer = ScorerPool(OTHER_VERIFIER[cfg.reward.verifier], cfg.reward.num_workers,
                                         cfg.reward.timeout_s)
-        self.grader = ScorerPool("grader", 1, cfg.reward.timeout_s)  # validation: the evaluation grader
+        # Validation: val/<benchmark>/accuracy by reward.val_verifier, on the whole response (the
+        # authors' in-training validation of AIME24/AIME25/AMC23 routes to veRL's math_verify
+        # reward: thunlp/JustRL train/verl/utils/reward_score/__init__.py, `default_compute_score`;
+        # justrl's `lenient` verifier is that reward), and val/<benchmark>/accuracy_grader by the
+        # evaluation grader (the number `python -m justrl.evaluate` reports). Both training
+        # verifiers' pools run anyway; the one named by reward.val_verifier scores validation too.
+        self.grader = ScorerPool("grader", 1, cfg.reward.timeout_s)
+        self.val_scorer = {p.verifier: p for p in (self.scorer, self.shadow_scorer)}[cfg.reward.val_verifier]
         o = cfg.reward.overlong
         log.info("reward: verifier %s; overlong penalty %s", cfg.reward.verifier,
                  f"on (buffer {o.buffer}, factor {o.factor})" if o.enable else "off")
@@ -160,7 +152,8 @@ class Controller:
         return metrics
 
     def validate(self, val_sets: dict[str, list]) -> dict[str, float]:
-        """avg@N with the evaluation grader (the same code and seeds as `justrl.evaluate`)."""
+        """avg@N of each validation set, by reward.val_verifier (`accuracy`) and by the evaluation
+        grader (`accuracy_grader`: the same code and seeds as `justrl.evaluate`)."""
         metrics = {}
         r, train_stall = self.cfg.rollout, self.fleet.stall_timeout_s
         if train_stall is not None:  # longer responses: the first completion may take longer too
@@ -175,9 +168,15 @@ class Controller:
             items = [EvalItem(getattr(p.problem, "id", None) or p.problem.origin, p.token_ids, p.problem.answer)
                      for p in prompts]
             seeds = [problem_seed(self.cfg.trainer.seed, name, item.problem_id) for item in items]
-            summary = summarize(sample_and_grade(self.fleet, self.grader, self.tokenizer, items, self.val_settings,
-                                                 seeds))
-            metrics[f"val/{name}/accuracy"] = summary["avg"] / 100.0
+            graded = sample_and_grade(self.fleet, self.grader, self.tokenizer, items, self.val_settings, seeds)
+            summary = summarize(graded)
+            responses = [r.response for group in graded for r in group]
+            # The ground truth as the file stores it (AIME24's "\\boxed{204}"), as veRL's reward gets it.
+            truths = [getattr(p.problem, "raw_answer", p.problem.answer) for p in prompts]
+            answers = [truth for truth, group in zip(truths, graded) for _ in group]
+            scores, _ = self.val_scorer.score(responses, answers)
+            metrics[f"val/{name}/accuracy"] = sum(s > 0 for s in scores) / len(scores)
+            metrics[f"val/{name}/accuracy_grader"] = summary["avg"] / 100.0
             metrics[f"val/{name}/response_length"] = summary["mean_response_tokens"]
         return metrics
 

@@ -44,16 +44,16 @@ EVAL_SCHEMA = {
     "top_p": in_unit_interval(),
     "max_new_tokens": at_least(int, 1),
     "max_prompt_length": at_least(int, 1),
-    "prompt_suffix": typed(str),
+    "prompt_template": Key(str, lambda v: "{problem}" in v, "must contain {problem}"),
     "seed": typed(int),
     "output_dir": typed(Optional[str]),
     "chunk_problems": at_least(int, 1),
     "engine": {"count": at_least(int, 1), "gpus": at_least(int, 0), **ENGINE_KEYS},
     "grader": {"num_workers": at_least(int, 1), "timeout_s": positive(float)},
     "judge": {
-        "enable": typed(bool),
+        "enable": typed(Optional[bool]),
         "model": typed(str),
-        "max_response_chars": at_least(int, 1),
+        "with_question": typed(bool),
         "max_new_tokens": at_least(int, 1),
         "dtype": ENGINE_KEYS["dtype"],
     },
@@ -75,6 +75,15 @@ def check(cfg: DictConfig) -> None:
                                                                           "benchmark_dir")]
     if errors:
         raise ConfigError("invalid evaluation configuration:\n  " + "\n  ".join(errors))
+
+
+def eval_problem(problem, template: str):
+    """`problem` with its text put into the authors' template: `template.format(problem=...)` of
+    the whitespace-trimmed problem (evals/gen_vllm.py: `PROMPT_TEMPLATE.format(problem=...)` of
+    `content.strip()`)."""
+    from dataclasses import replace
+
+    return replace(problem, problem=template.format(problem=problem.problem.strip()))
 
 
 def default_name(model: str, model_dir: Path) -> str:
@@ -128,7 +137,8 @@ def markdown_table(results: dict) -> str:
                     f"{r['solved_by_none']} | {r['solved_by_all']} | {r['mean_response_tokens']:.0f} | "
                     f"{r['no_boxed_answer']} |")
     avg = results.get("average")
-    lines = [f"# {results['name']}", "", f"model: `{results['model']}`; grader: {results['grader']}", "", *rows]
+    lines = [f"# {results['name']}", "", f"model: `{results['model']}`; grader: {results['grader']}", "",
+             f"judge: {results['judge_status']}", "", f"prompt: `{results['prompt_template']}`", "", *rows]
     if avg is not None:
         lines += ["", f"Average avg@N over {len(results['benchmarks'])} benchmarks: **{avg:.2f}**"
                   + ("" if results.get("all_nine") else " (not the paper's nine-benchmark Avg: some are missing)")]
@@ -141,7 +151,7 @@ def run_evaluation(cfg: DictConfig) -> dict:
     from tqdm import tqdm
     from transformers import AutoTokenizer
 
-    from justrl.data import BENCHMARKS, build_prompts, load_benchmark
+    from justrl.data import BENCHMARKS, build_prompts, load_benchmark, render_prompt
     from justrl.evaluation import EvalItem, problem_seed, sample_and_grade, summarize
     from justrl.reward import ScorerPool
     from justrl.engines import EngineSpec, SamplingSettings, build_engines
@@ -170,12 +180,16 @@ def run_evaluation(cfg: DictConfig) -> dict:
     grader = ScorerPool("grader", cfg.grader.num_workers, cfg.grader.timeout_s)
     all_records: dict[str, list[list]] = {}
     questions: dict[str, dict[str, tuple[str, str]]] = {}
+    example_prompts: dict[str, str] = {}
     try:
         fleet.start()
         for bench_name in cfg.benchmarks:
             bench = load_benchmark(bench_name, cfg.benchmark_dir, cfg.samples)
             problems = bench.problems[:cfg.limit] if cfg.limit else bench.problems
-            prompts, dropped = build_prompts(problems, tokenizer, cfg.max_prompt_length, cfg.prompt_suffix)
+            prompts, dropped = build_prompts([eval_problem(p, cfg.prompt_template) for p in problems], tokenizer,
+                                             cfg.max_prompt_length, suffix="")
+            if prompts:
+                example_prompts[bench_name] = render_prompt(tokenizer, prompts[0].problem.problem, suffix="")
             if dropped:
                 log.warning("%s: %d prompts longer than max_prompt_length=%d left out", bench_name, dropped,
                             cfg.max_prompt_length)
@@ -199,19 +213,25 @@ def run_evaluation(cfg: DictConfig) -> dict:
                     done.update({item.problem_id: group for item, group in zip(items, graded)})
                     bar.update(len(chunk))
             all_records[bench_name] = [done[p.problem.id] for p in prompts]
-            questions[bench_name] = {p.problem.id: (p.problem.problem, p.problem.answer) for p in prompts}
+            # The judge's question and reference: the bare problem, and the answer as the file
+            # stores it (AIME24's "\\boxed{204}"), as grade.py passes it.
+            questions[bench_name] = {p.id: (p.problem.strip(), p.raw_answer.strip()) for p in problems}
     finally:
         fleet.stop()
         grader.close()
 
-    judge_name = None
-    if cfg.judge.enable:
-        from justrl.judge import judge_rejected
+    from justrl.judge import judge_enabled, judge_rejected
 
+    judge_name = None
+    run_judge, judge_status = judge_enabled(cfg.judge.enable, cfg.engine.gpus, cfg.judge.model)
+    if run_judge:
         judge_name = cfg.judge.model
-        judge_rejected(cfg, all_records, questions, out_dir)
+        judged = judge_rejected(cfg, all_records, questions, out_dir)
+        judge_status = f"ran: {cfg.judge.model} on {judged.judged} samples the rules rejected" + (
+            f", {judged.too_long} left unjudged (prompt longer than the judge's context)" if judged.too_long else "")
         for bench_name, groups in all_records.items():
             write_jsonl(out_dir / f"{bench_name}.jsonl", [r for g in groups for r in g])
+    log.info("judge: %s", judge_status)
 
     per_bench = {b: summarize(groups) for b, groups in all_records.items()}
     averages = [r["avg"] for r in per_bench.values() if r.get("problems")]
@@ -219,6 +239,9 @@ def run_evaluation(cfg: DictConfig) -> dict:
         "name": name, "model": str(model_dir),
         "grader": "rules (justrl.grading)" + (f" + judge {judge_name}" if judge_name else ""),
         "judge": judge_name,
+        "judge_status": judge_status,
+        "prompt_template": cfg.prompt_template,
+        "example_prompts": example_prompts,
         "settings": {"temperature": cfg.temperature, "top_p": cfg.top_p, "max_new_tokens": cfg.max_new_tokens,
                      "seed": cfg.seed},
         "benchmarks": per_bench,

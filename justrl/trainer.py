@@ -39,8 +39,8 @@ import torch.distributed as dist
 from omegaconf import DictConfig, OmegaConf
 
 from justrl import checkpoint as ckpt
-from justrl.controller import Controller, validation_sets
-from justrl.data import PromptSampler, build_prompts, load_problems
+from justrl.controller import Controller
+from justrl.data import PromptSampler, load_training_set, validation_sets
 from justrl.dist_groups import control_group
 from justrl.engine_auth import job_secret
 from justrl.learner import build_learner
@@ -222,13 +222,12 @@ def train(cfg: DictConfig, engine_placements: list[EnginePlacement] | None = Non
 
     sampler = tb = None
     if rank == 0:
-        problems, report = load_problems(cfg.data.train_path, cfg.data.problem_key, cfg.data.answer_key)
-        log.info("training data: %s", report.summary())
-        prompts, _ = build_prompts(problems, tokenizer, cfg.data.max_prompt_length, cfg.data.prompt_suffix)
-        val_sets = validation_sets(cfg, tokenizer)
-        sampler = PromptSampler(len(prompts), cfg.data.seed)
+        train_set = load_training_set(cfg.data, tokenizer)
+        val_sets = validation_sets(cfg.data, tokenizer)
+        sampler = PromptSampler(len(train_set), cfg.data.seed)
+        log.info("training data: %s", train_set.summary(cfg.algorithm.prompts_per_step, total_steps))
         if total_steps is None:
-            total_steps = sampler.batches_per_epoch(cfg.algorithm.prompts_per_step)
+            total_steps = train_set.steps_per_pass(cfg.algorithm.prompts_per_step)
         state = {"total_tokens": 0}
         saved = {}
         if resume:
@@ -299,11 +298,11 @@ def train(cfg: DictConfig, engine_placements: list[EnginePlacement] | None = Non
                     sequences, metrics = ahead
                     ahead = None
                 else:
-                    batch = [prompts[i] for i in sampler.next_batch(cfg.algorithm.prompts_per_step)]
+                    batch = [train_set.prompt(i) for i in sampler.next_batch(cfg.algorithm.prompts_per_step)]
                     sequences, metrics = controller.rollout(batch, step)
                     learner_wait = time.perf_counter() - t_step
                 if lag and step < total_steps:
-                    batch = [prompts[i] for i in sampler.next_batch(cfg.algorithm.prompts_per_step)]
+                    batch = [train_set.prompt(i) for i in sampler.next_batch(cfg.algorithm.prompts_per_step)]
                     pending = ahead_pool.submit(controller.rollout, batch, step + 1)
             sequences = _broadcast(sequences)
 

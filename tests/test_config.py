@@ -131,9 +131,12 @@ def test_unknown_keys_and_wrong_types_fail_with_the_key(override, key):
 
 
 def test_verifier_names_match_the_reward_module():
+    from justrl.config import PROMPT_FORMS
+    from justrl.data import PROMPT_FORMS as DATA_PROMPT_FORMS
     from justrl.reward import VERIFIERS
 
     assert set(VERIFIER_NAMES) == set(VERIFIERS)
+    assert PROMPT_FORMS == DATA_PROMPT_FORMS
 
 
 def test_installed_without_editable_finds_config(tmp_path):

@@ -59,8 +59,9 @@ def test_original_form_dedup_unwrap_and_bad_rows(tmp_path):
              "reward_model": {"ground_truth": "5", "style": "rule"}, "extra_info": None}),
     ]
     write_original_dapo(path, PROBLEMS, repeats=3, bad_rows=bad)
-    problems, report = load_problems(str(path))
-    assert [(p.problem, p.answer) for p in problems] == PROBLEMS
+    table = load_problems(str(path), prompt_form="stripped", deduplicate=True)  # justrl's old reading
+    problems, report = table.problems, table.report
+    assert [(p.problem, p.answer) for p in problems] == PROBLEMS and list(table.rows) == [0, 1, 2]
     assert report.rows == 12 and report.kept == 3 and report.duplicates == 6 and report.unwrapped == 9
     assert dict(report.skipped) == {"missing answer": 1, "empty prompt": 1,
                                     "chat prompt has 0 user messages, expected 1": 1}
@@ -83,9 +84,15 @@ def test_processed_form_jsonl_with_bad_rows(tmp_path):
         json.dumps(["a", "list"]),                                         # 7: not an object
     ]
     path.write_text("\n".join(lines) + "\n")
-    problems, report = load_problems(str(path))
+    table = load_problems(str(path), deduplicate=True)
+    problems, report = table.problems, table.report
     assert [(p.problem, p.answer) for p in problems] == [("What is 2+2?", "4"), ("What is 5*5?", "25")]
     assert report.duplicates == 1 and report.conflicting_duplicates == 1
+    # as released (the default): the duplicate with another answer is a row of its own, with its answer
+    kept = load_problems(str(path))
+    assert [(kept.problems[i].problem, kept.problems[i].answer) for i in kept.rows] == \
+        [("What is 2+2?", "4"), ("What is 2+2?", "5"), ("What is 5*5?", "25")]
+    assert kept.report.conflicting_duplicates == 1 and kept.report.kept == 3 and kept.report.distinct == 3
     assert sum(report.skipped.values()) == 5
     assert [e.index for e in report.examples] == [1, 2, 3, 4, 7]
     assert report.examples[1].reason == "problem is not text (int)"
@@ -95,7 +102,7 @@ def test_processed_form_jsonl_with_bad_rows(tmp_path):
 def test_processed_parquet_with_custom_columns(tmp_path):
     path = tmp_path / "custom.parquet"
     pq.write_table(pa.table({"q": ["A?", "B?"], "final": ["1", "2"]}), path)
-    problems, _ = load_problems(str(path), problem_key="q", answer_key="final")
+    problems = load_problems(str(path), problem_key="q", answer_key="final").problems
     assert [(p.problem, p.answer) for p in problems] == [("A?", "1"), ("B?", "2")]
     with pytest.raises(ValueError, match="no usable rows"):
         load_problems(str(path))
@@ -104,8 +111,8 @@ def test_processed_parquet_with_custom_columns(tmp_path):
 def test_directory_of_files_and_missing_path(tmp_path):
     write_original_dapo(tmp_path / "a.parquet", PROBLEMS[:2], repeats=1)
     (tmp_path / "b.jsonl").write_text(json.dumps({"problem": "New one?", "answer": "7"}) + "\n")
-    problems, report = load_problems(str(tmp_path))
-    assert len(problems) == 3 and report.rows == 3
+    table = load_problems(str(tmp_path))
+    assert len(table.problems) == 3 and table.report.rows == 3 and len(table.rows) == 3
     with pytest.raises(FileNotFoundError, match="no_such_dir"):
         load_problems(str(tmp_path / "no_such_dir"))
 
@@ -126,8 +133,7 @@ def test_prompts_use_chat_template_suffix_and_filter(tiny_model_dir):
                     "within \\boxed{}.<|im_end|>\n<|im_start|>assistant\n")
     ids = encode_prompt(tok, "What is 1+1?")
     assert tok.decode(ids) == text
-    problems, _ = load_problems("toy")
-    short = problems[:5]
+    short = load_problems("toy").problems[:5]
     long_one = Problem("word " * 400, "1", "test:0")
     prompts, dropped = build_prompts(short + [long_one], tok, max_prompt_length=128)
     assert dropped == 1 and [p.problem for p in prompts] == short

@@ -70,11 +70,22 @@ def test_tiny_model_on_two_real_benchmarks(tiny_model_dir, benchmark_dir, tmp_pa
     assert results["average"] == pytest.approx(sum(b["avg"] for b in results["benchmarks"].values()) / 2)
     assert "| AIME24 | 2 | 30 |" in (out / "results.md").read_text()
     assert "AIME24 (N=2)" in result.stderr  # a progress bar per benchmark
+    # the authors' template (evals/gen_vllm.py): the problem, ONE space, the instruction; the chat template around it
+    assert results["prompt_template"] == "{problem} Please reason step by step, and put your final answer within \\boxed{{}}."
+    aime = results["example_prompts"]["AIME24"]
+    assert aime.startswith("<|im_start|>user\nEvery morning Aya goes for a $9$-kilometer-long walk")
+    assert aime.endswith(" coffee shop. Please reason step by step, and put your final answer within \\boxed{}."
+                         "<|im_end|>\n<|im_start|>assistant\n")
+    assert results["example_prompts"]["BRUMO25"].startswith("<|im_start|>user\nOne hundred concentric circles")
+    # on a CPU the judge does not run, and the results say so (and why)
+    assert results["judge"] is None and results["judge_status"].startswith("did not run: no GPU (engine.gpus=0)")
+    assert "judge: did not run: no GPU" in (out / "results.md").read_text()
 
     compared = subprocess.run([sys.executable, str(REPO / "tools" / "compare_results.py"), str(out / "results.json")],
                               capture_output=True, text=True)
     assert compared.returncode == 0
     assert "AIME24" in compared.stdout and "52.60" in compared.stdout and "(2 of 9 benchmarks evaluated)" in compared.stdout
+    assert "rules only, the judge did not run" in compared.stdout
 
 
 @pytest.mark.slow
@@ -108,9 +119,11 @@ def test_judge_pass_is_named_and_records_verdicts(tiny_model_dir, tmp_path):
     pass runs, every rejected sample gets a verdict, and the results name the judge."""
     out = tmp_path / "eval"
     evaluate(tiny_model_dir, out, "benchmarks=[AIME25]", "samples=2", "limit=3", "judge.enable=true",
-             f"judge.model={tiny_model_dir}", "judge.dtype=float32")
+             f"judge.model={tiny_model_dir}", "judge.dtype=float32", "judge.max_new_tokens=8")
     results = json.loads((out / "results.json").read_text())
     assert results["judge"] == str(tiny_model_dir) and "judge" in results["grader"]
+    rejected = sum(not r["correct"] for r in lines(out / "AIME25.jsonl"))
+    assert results["judge_status"] == f"ran: {tiny_model_dir} on {rejected} samples the rules rejected"
     records = lines(out / "AIME25.jsonl")
     assert all(isinstance(r["judge"], bool) for r in records if not r["correct"])
     assert results["benchmarks"]["AIME25"]["judge_flips"] == sum(r["judge"] and not r["correct"] for r in records)

@@ -37,7 +37,7 @@ def test_toy_scratchpad_problems():
     # the same pairs as "toy" in each split, under another question
     plain = toy_problems("val")
     assert [re.findall(r"\d", p.problem) for p in plain] == [re.findall(r"\d", p.problem) for p in val]
-    assert load_problems("toy_scratchpad")[0] == train
+    assert load_problems("toy_scratchpad").problems == train
     with pytest.raises(ValueError, match="unknown toy set 'toy_x'"):
         toy_problems("train", task="toy_x")
 

@@ -40,7 +40,10 @@ def compare(results: dict, paper: str) -> str:
     if not results.get("all_nine", False):
         lines.append("note: not the paper's protocol (a subset of problems, benchmarks or samples)")
     if results.get("judge"):
-        lines.append(f"note: graded with the rules plus the judge {results['judge']}")
+        lines.append(f"note: graded with the rules plus the judge {results['judge']}, as the paper")
+    else:
+        lines.append("note: rules only, the judge did not run (" + results.get("judge_status", "judge off")
+                     + "); the paper's numbers are rules + CompassVerifier-3B on what the rules reject")
     return "\n".join(lines)
 
 

@@ -34,6 +34,8 @@ BENCHMARKS = tuple(SAMPLES_PER_PROBLEM)
 class BenchmarkProblem:
     id: str
     problem: str
+    """As the file stores it, whitespace included: training's validation appends the suffix to it
+    as the authors' dataset class does; evaluation trims it first, as their gen_vllm.py does."""
     answer: str
     raw_answer: str
 
@@ -80,7 +82,7 @@ def _parse(data, name: str, index: int) -> BenchmarkProblem | str:
         return "empty prompt"
     if "reward_model" not in data or problem_id is None:  # veRL files carry "AIME24-0" already
         problem_id = f"{name}-{problem_id if problem_id is not None else index}"
-    return BenchmarkProblem(problem_id, problem.strip(), strip_boxed(raw_answer), raw_answer)
+    return BenchmarkProblem(problem_id, problem, strip_boxed(raw_answer), raw_answer)
 
 
 def benchmark_path(name: str, benchmark_dir: str | Path) -> Path:

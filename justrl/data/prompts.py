@@ -39,15 +39,24 @@ def build_prompts(problems: list[Problem], tokenizer, max_prompt_length: int,
 
     Returns (prompts, number dropped). The order of `problems` is kept.
     """
-    prompts, dropped = [], 0
+    fitted = fit_prompts(problems, tokenizer, max_prompt_length, suffix)
+    prompts = [p for p in fitted if p is not None]
+    return prompts, len(fitted) - len(prompts)
+
+
+def fit_prompts(problems: list[Problem], tokenizer, max_prompt_length: int,
+                suffix: str = BOXED_SUFFIX) -> list[Prompt | None]:
+    """The prompt of each problem, None for one longer than `max_prompt_length` tokens (the
+    authors' `filter_overlong_prompts`: the chat template's token count, generation prompt
+    included, at most `data.max_prompt_length`)."""
+    fitted: list[Prompt | None] = []
     for problem in problems:
         ids = encode_prompt(tokenizer, problem.problem, suffix)
-        if len(ids) > max_prompt_length:
-            dropped += 1
-            continue
-        prompts.append(Prompt(problem, tuple(ids)))
-    log.info("prompts: %d kept, %d dropped as longer than %d tokens", len(prompts), dropped, max_prompt_length)
-    if not prompts:
+        fitted.append(Prompt(problem, tuple(ids)) if len(ids) <= max_prompt_length else None)
+    dropped = sum(p is None for p in fitted)
+    log.info("prompts: %d kept, %d dropped as longer than %d tokens", len(fitted) - dropped, dropped,
+             max_prompt_length)
+    if dropped == len(fitted):
         raise ValueError(f"every one of {len(problems)} prompts is longer than "
                          f"data.max_prompt_length={max_prompt_length} tokens")
-    return prompts, dropped
+    return fitted

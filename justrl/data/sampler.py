@@ -1,6 +1,10 @@
-"""Seeded, resumable order over the training prompts.
+"""Seeded, resumable order over the training rows.
 
-The recipe makes one pass over the shuffled data set. The sampler's whole state is (seed, epoch,
+The recipe makes one pass over the shuffled data set. The first pass's order is veRL's: its
+trainer draws from `RandomSampler(dataset, generator=torch.Generator().manual_seed(data.seed))`
+(thunlp/JustRL `train/verl/trainer/main_ppo.py`, `create_rl_sampler`; veRL's `data.seed` is 1),
+which is one `torch.randperm(len(dataset), generator=...)`, the permutation drawn here for pass 0.
+The order is held as one int64 tensor (14 MB for the release's 1.79M rows), not a Python list. The sampler's whole state is (seed, epoch,
 position, dataset size); it goes into every checkpoint, and a resumed run draws exactly the
 prompts the uninterrupted run would have drawn. A batch never straddles two epochs: the tail of
 an epoch that is shorter than a batch is skipped (like a DataLoader with drop_last=True), and the
@@ -8,7 +12,11 @@ next epoch is a new permutation seeded by (seed, epoch).
 """
 from __future__ import annotations
 
+import logging
+
 import torch
+
+log = logging.getLogger(__name__)
 
 
 class PromptSampler:
@@ -21,9 +29,9 @@ class PromptSampler:
         self.position = 0
         self._order = self._permutation(0)
 
-    def _permutation(self, epoch: int) -> list[int]:
+    def _permutation(self, epoch: int) -> torch.Tensor:
         generator = torch.Generator().manual_seed(self.seed + epoch * 1_000_003)
-        return torch.randperm(self.num_items, generator=generator).tolist()
+        return torch.randperm(self.num_items, generator=generator)
 
     def batches_per_epoch(self, batch_size: int) -> int:
         return self.num_items // batch_size
@@ -36,7 +44,9 @@ class PromptSampler:
             self.epoch += 1
             self.position = 0
             self._order = self._permutation(self.epoch)
-        batch = self._order[self.position:self.position + batch_size]
+            log.warning("training data: pass %d over the %d rows ended; pass %d starts (a new permutation): "
+                        "trainer.total_steps is longer than one pass", self.epoch, self.num_items, self.epoch + 1)
+        batch = self._order[self.position:self.position + batch_size].tolist()
         self.position += batch_size
         return batch
 
