@@ -40,7 +40,7 @@ COLUMNS = [  # (tag, label, format)
     ("reward/accuracy_dapo", "train acc (dapo)", "{:.3f}"),
     ("reward/strict_format", "strict format", "{:.3f}"),
     ("reward/verifier_disagreement", "verifier disagr.", "{:.3f}"),
-    ("val/toy_scratchpad/accuracy", "val accuracy", "{:.3f}"),
+    ("val/toy_scratchpad/accuracy_grader", "val accuracy (grader)", "{:.3f}"),
 ]
 
 

@@ -64,7 +64,7 @@ def main() -> int:
     rise = [s - baseline for s in smooth]
     reached = next((i for i, r in enumerate(rise) if i >= WINDOW - 1 and r >= TARGET_RISE), None)
     scalars = read_scalars(run)
-    val = scalars.get("val/toy_scratchpad/accuracy", [])
+    val = scalars.get("val/toy_scratchpad/accuracy_grader", [])
 
     print(f"\nmachine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores; "
           f"{time.strftime('%Y-%m-%d')}")
@@ -72,7 +72,7 @@ def main() -> int:
     print(f"first step logged at {elapsed[0]:.0f} s; {(elapsed[-1] - elapsed[0]) / max(1, len(steps) - 1):.2f} s/step")
     print(f"reward/mean: first {WINDOW} steps {baseline:+.3f}; last {WINDOW} steps "
           f"{sum(reward[-WINDOW:]) / WINDOW:+.3f}; best {WINDOW}-step average {max(smooth):+.3f}")
-    print("val/toy_scratchpad/accuracy:", ", ".join(f"step {s}: {v:.3f}" for s, v in val))
+    print("val/toy_scratchpad/accuracy_grader:", ", ".join(f"step {s}: {v:.3f}" for s, v in val))
     for mark in (60, 120, 180, 300, 450, 600):
         i = max((k for k, t in enumerate(elapsed) if t <= mark), default=None)
         if i is not None and mark < elapsed[-1] + 60:

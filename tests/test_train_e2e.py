@@ -19,7 +19,7 @@ REPO = Path(__file__).resolve().parents[1]
 REQUIRED_TAGS = [
     "reward/mean", "reward/accuracy", "response_length/mean", "response_length/max", "response_length/clip_ratio",
     "actor/entropy", "actor/pg_clipfrac", "actor/ppo_kl", "actor/grad_norm", "actor/lr",
-    "val/toy_scratchpad/accuracy", "reward/verifier_disagreement", "reward/strict_format",
+    "val/toy_scratchpad/accuracy", "val/toy_scratchpad/accuracy_grader", "reward/verifier_disagreement", "reward/strict_format",
     "perf/time_rollout", "perf/time_reward", "perf/time_train", "perf/time_sync", "perf/tokens_per_second",
     "perf/total_tokens",
 ]
