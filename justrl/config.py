@@ -15,7 +15,7 @@ from dataclasses import dataclass, field, make_dataclass
 from typing import Any, Callable, Optional
 
 from hydra.core.config_store import ConfigStore
-from omegaconf import MISSING, DictConfig, OmegaConf
+from omegaconf import MISSING, DictConfig, OmegaConf, open_dict
 
 CONFIG_MODULE = "justrl.hydra_conf"
 SCHEMA_NAME = "justrl_schema"
@@ -296,12 +296,23 @@ def compose(overrides: list[str] | None = None, config_name: str = "config") -> 
 
     The same composition `python -m justrl.launch <overrides>` does, without starting a run.
     """
+    cfg = compose_unchecked(overrides, config_name)
+    validate(cfg)
+    return cfg
+
+
+def compose_unchecked(overrides: list[str] | None = None, config_name: str = "config") -> DictConfig:
+    """`compose` without `validate`. Like `@hydra.main`, it makes Hydra's own config current while it
+    resolves, so that `${hydra:runtime.choices.ablation}` (in trainer.run_name) means the same here."""
     from hydra import compose as hydra_compose, initialize_config_module
     from hydra.core.global_hydra import GlobalHydra
+    from hydra.core.hydra_config import HydraConfig
 
     GlobalHydra.instance().clear()
     with initialize_config_module(config_module=CONFIG_MODULE, version_base=None):
-        cfg = hydra_compose(config_name=config_name, overrides=list(overrides or []))
+        cfg = hydra_compose(config_name=config_name, overrides=list(overrides or []), return_hydra_config=True)
+    HydraConfig.instance().set_config(cfg)
+    with open_dict(cfg):
+        del cfg["hydra"]
     OmegaConf.resolve(cfg)
-    validate(cfg)
     return cfg

@@ -95,9 +95,6 @@ class Controller:
                      for (p, c), a in zip(flat, advantages.tolist())]
         metrics = self.metrics(prompts, flat, lengths, scores, shadow, rewards, penalties, stats)
         metrics.update({"rollout/engine_restarts": float(self.fleet.restarts - restarts_before),
-                        # faults/*: the run's totals so far (this process's life), for TensorBoard
-                        "faults/engine_restarts": float(self.fleet.restarts),
-                        "faults/hung_engines": float(self.fleet.hung),
                         "rollout/weights_step": float(weights_step),
                         "perf/time_rollout": t1 - t0, "perf/time_reward": t2 - t1})
         if stats.first_error:

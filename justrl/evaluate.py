@@ -1,6 +1,6 @@
 """Evaluate a model the way the paper does: `python -m justrl.evaluate model_path=<path>`.
 
-    python -m justrl.evaluate model_path=outputs/justrl-tiny                        # a run's latest checkpoint
+    python -m justrl.evaluate model_path=outputs/justrl-tiny-none                        # a run's latest checkpoint
     python -m justrl.evaluate model_path=deepseek-ai/DeepSeek-R1-Distill-Qwen-1.5B engine.gpus=8
     python -m justrl.evaluate model_path=models/tiny benchmarks=[AIME24,AMC23] samples=2 max_new_tokens=64
 

@@ -63,20 +63,26 @@ def launch_local(cfg: DictConfig) -> None:
         return
     import torch.multiprocessing as mp
 
+    from justrl.run_lock import check_free
+
+    check_free(Path(cfg.trainer.output_dir).absolute())  # refused here rather than inside a spawned rank
     mp.spawn(_rank_main, args=(world_size, OmegaConf.to_yaml(cfg), free_port(), placements), nprocs=world_size)
 
 
 def _sweep_run_dir(cfg: DictConfig) -> DictConfig:
-    """In a Hydra multirun each job trains in its own sweep subdirectory (named after its
-    overrides), so that `tensorboard --logdir <sweep dir>` shows the runs side by side."""
+    """In a Hydra multirun each job trains in its own sweep subdirectory (`<job number>-<ablation>`),
+    so that `tensorboard --logdir <sweep dir>` shows the runs side by side; its run name (and Slurm
+    job name) is the run's own (model and ablation) plus the job number, which tells apart two jobs
+    of one sweep that share an ablation. Relaunching with `hydra.sweep.dir=<that sweep dir>`
+    resumes every run of the sweep."""
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
 
     if not HydraConfig.initialized() or HydraConfig.get().mode != RunMode.MULTIRUN:
         return cfg
-    run_dir = Path(HydraConfig.get().runtime.output_dir)  # <sweep dir>/<job number>-<ablation>
-    return OmegaConf.merge(cfg, {"trainer": {"output_dir": str(run_dir),
-                                             "run_name": f"{cfg.trainer.run_name}-{run_dir.name}"}})
+    hydra_cfg = HydraConfig.get()
+    return OmegaConf.merge(cfg, {"trainer": {"output_dir": str(Path(hydra_cfg.runtime.output_dir)),
+                                             "run_name": f"{cfg.trainer.run_name}-{hydra_cfg.job.num}"}})
 
 
 @hydra.main(config_path="pkg://justrl.hydra_conf", config_name="config", version_base=None)
@@ -86,6 +92,7 @@ def main(cfg: DictConfig) -> None:
     from justrl.learner import NonFiniteError
     from justrl.engines import EngineError
     from justrl.placement import in_slurm_task
+    from justrl.run_lock import RunLocked
     from justrl.slurm import run_in_allocation, submit
 
     OmegaConf.resolve(cfg)
@@ -98,7 +105,7 @@ def main(cfg: DictConfig) -> None:
             run_in_allocation(cfg)
         else:
             submit(cfg)
-    except (ConfigError, NonFiniteError, EngineError) as exc:
+    except (ConfigError, NonFiniteError, EngineError, RunLocked) as exc:
         log.error("%s", exc)
         sys.exit(f"justrl: {exc}")
 

@@ -160,7 +160,10 @@ def submit(cfg: DictConfig) -> str:
     if shutil.which("sbatch") is None:
         raise ConfigError("cluster.name='slurm' (the recipe's default) but there is no Slurm here (no sbatch on "
                           "PATH); on this machine use cluster=local, or experiment=tiny for the CPU default")
+    from justrl.run_lock import check_free
+
     run_dir = Path(cfg.trainer.output_dir).absolute()
+    check_free(run_dir)  # a run still going there: refused here, not after a wait in the queue
     cfg = OmegaConf.merge(cfg, {"trainer": {"output_dir": str(run_dir)}})
     executor = submitit.AutoExecutor(folder=run_dir / "submitit", cluster="slurm",
                                      slurm_max_num_timeout=cfg.cluster.max_requeues)

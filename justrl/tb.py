@@ -31,8 +31,11 @@ class ScalarLog:
         is kept whole and appended to)."""
         self.path = Path(log_dir) / EVENT_FILE_NAME
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.last_step_before: int | None = None
+        """The last step the file held when this writer opened it (a resume: before it dropped
+        the steps after `resume_step`)."""
         if resume_step is not None and self.path.exists():
-            self._truncate_after(resume_step)
+            self.last_step_before = self._truncate_after(resume_step)
         new = not self.path.exists()
         self._records = RecordWriter(open(self.path, "ab"))
         if new:
@@ -41,19 +44,24 @@ class ScalarLog:
     def _write(self, event: event_pb2.Event) -> None:
         self._records.write(event.SerializeToString())
 
-    def _truncate_after(self, step: int) -> None:
+    def _truncate_after(self, step: int) -> int | None:
+        """Rewrite the file without the summaries logged after `step`; returns the last step it held."""
+        last = None
         tmp = self.path.with_name(self.path.name + ".tmp")
         with open(tmp, "wb") as out:
             writer = RecordWriter(out)
             # raw records, copied byte for byte (the parsing loader would migrate the values)
             for record in RawEventFileLoader(str(self.path)).Load():
                 event = event_pb2.Event.FromString(record)
-                if event.HasField("summary") and event.step > step:
-                    continue
+                if event.HasField("summary"):
+                    last = event.step if last is None else max(last, event.step)
+                    if event.step > step:
+                        continue
                 writer.write(record)
             out.flush()
             os.fsync(out.fileno())
         os.replace(tmp, self.path)
+        return last
 
     def scalars(self, step: int, values: dict[str, float]) -> None:
         """Log `values` (tag -> number) at `step` and flush (a crash loses nothing logged)."""

@@ -46,6 +46,8 @@ from justrl.engine_auth import job_secret
 from justrl.learner import build_learner
 from justrl.models import resolve_model_path
 from justrl.placement import EnginePlacement
+from justrl.run_lock import RunLock, RunLocked
+from justrl.run_summary import RunFaults, summary
 from justrl.tb import EVENT_FILE_NAME, ScalarLog
 from justrl.weight_sync import WeightSync
 
@@ -70,7 +72,7 @@ class RunDir:
     @property
     def tensorboard(self) -> Path:
         """Where the event file goes: the run directory itself. TensorBoard names a run by the
-        directory that holds its event file, relative to `--logdir`: `justrl-tiny` under
+        directory that holds its event file, relative to `--logdir`: `justrl-tiny-none` under
         `--logdir outputs/`, `0-length_penalty` under `--logdir <sweep dir>`."""
         return self.root
 
@@ -172,7 +174,27 @@ def train(cfg: DictConfig, engine_placements: list[EnginePlacement] | None = Non
     `engine_placements`: where each engine runs (justrl.placement). None: `rollout.engines` CPU
     engines here.
     Call on every learner rank, after torch.distributed is initialised when there are several.
+    Rank 0 holds the run directory's lock (justrl.run_lock) for the whole run; a directory in use
+    by a live job raises RunLocked on every rank, before anything is written there.
     """
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    lock = RunLock(Path(cfg.trainer.output_dir).absolute())
+    refusal = None
+    if rank == 0:
+        try:
+            lock.acquire()
+        except RunLocked as exc:
+            refusal = str(exc)
+    refusal = _broadcast(refusal)
+    if refusal:
+        raise RunLocked(refusal)
+    try:
+        return _train(cfg, engine_placements)
+    finally:
+        lock.release()
+
+
+def _train(cfg: DictConfig, engine_placements: list[EnginePlacement] | None) -> Path:
     import transformers
     from transformers import AutoTokenizer
 
@@ -191,6 +213,8 @@ def train(cfg: DictConfig, engine_placements: list[EnginePlacement] | None = Non
     if resume and cfg.trainer.total_steps is not None and start_step >= cfg.trainer.total_steps:
         log.info("%s already holds step %d of trainer.total_steps=%d: nothing to do (raise "
                  "trainer.total_steps to train on)", resume, start_step, cfg.trainer.total_steps)
+        if rank == 0:
+            _log_summary(run, cfg.trainer.total_steps)
         return run.root
     # Start-up overlap: a fresh run's engines serve the model directory itself, so rank 0 starts
     # them (vLLM's server takes ~35 s on a CPU) while the learner builds and the data loads; a
@@ -243,6 +267,12 @@ def train(cfg: DictConfig, engine_placements: list[EnginePlacement] | None = Non
         if legacy.is_file() and not (run.tensorboard / EVENT_FILE_NAME).exists():
             os.replace(legacy, run.tensorboard / EVENT_FILE_NAME)
         tb = ScalarLog(run.tensorboard, resume_step=start_step if resume else None)
+        faults = RunFaults.from_state(state.get("faults"))
+        if resume:
+            faults.resumed(start_step, tb.last_step_before)
+            if tb.last_step_before and tb.last_step_before > start_step:
+                log.warning("the run had reached step %d; steps %d-%d since the checkpoint are trained again",
+                            tb.last_step_before, start_step + 1, tb.last_step_before)
         if controller is None:
             controller = Controller(cfg, tokenizer, serve_dir, placements, run.engine_logs, run.weights, secret)
             controller.start()
@@ -342,6 +372,9 @@ def train(cfg: DictConfig, engine_placements: list[EnginePlacement] | None = Non
                 state["total_tokens"] += step_tokens
                 metrics.update(train_metrics)
                 metrics.update(sync_metrics)
+                run_faults = faults.totals(controller.fleet.restarts, controller.fleet.hung)
+                state["faults"] = run_faults.state()  # saved with the next checkpoint
+                metrics.update(run_faults.scalars())
                 now, busy = time.perf_counter(), controller.fleet.busy_seconds()
                 window = now - idle_mark[0]
                 busy_share = sum(b - a for a, b in zip(idle_mark[1], busy)) / (len(busy) * window)
@@ -384,6 +417,17 @@ def train(cfg: DictConfig, engine_placements: list[EnginePlacement] | None = Non
             controller.close()
         if tb is not None:
             tb.close()
+    if rank == 0:
+        _log_summary(run, total_steps, stopped=f"signal {stop.signal}" if stop.signal is not None else None)
     if stop.signal is not None:
         stop.forward()  # under submitit: requeue the job now that the checkpoint is written
     return run.root
+
+
+def _log_summary(run: RunDir, total_steps: int | None, stopped: str | None = None) -> None:
+    """The end-of-run summary, read back from the event file (every start of the run)."""
+    from justrl.tb import read_scalars
+
+    if (run.tensorboard / EVENT_FILE_NAME).exists():
+        log.info("%s", summary(read_scalars(run.tensorboard / EVENT_FILE_NAME), run.root, total_steps,
+                               ckpt.latest_checkpoint(run.checkpoints), stopped))

@@ -79,7 +79,25 @@ def test_each_ablation_changes_exactly_its_knobs(ablation, changed, base):
     before = _flat(compose(base))
     after = _flat(compose(base + [f"ablation={ablation}"]))
     diff = {k: (before.get(k), after.get(k)) for k in before.keys() | after.keys() if before.get(k) != after.get(k)}
-    assert diff == changed
+    # ...and the run's name, hence its default directory (and Slurm job name): one run per ablation
+    name = before["trainer.run_name"]
+    assert name == f"justrl-{before['model.name']}-none"
+    named = {"trainer.run_name": (name, name[:-len("none")] + ablation),
+             "trainer.output_dir": (f"outputs/{name}", f"outputs/{name[:-len('none')]}{ablation}")}
+    named.update({k: named["trainer.run_name"] for k, v in before.items() if v == name and k != "trainer.run_name"})
+    assert diff == (changed if ablation == "none" else {**changed, **named})
+
+
+def test_the_run_directory_is_named_after_the_run_not_the_job():
+    """Resubmitting the same command continues the run: the default directory depends only on the
+    model and the ablation (justrl/run_lock.py guards it against two live jobs)."""
+    assert compose([]).trainer.output_dir == "outputs/justrl-deepseek-1.5b-none"
+    assert compose(["model=openmath_nemotron_1.5b", "ablation=lenient"]).trainer.output_dir == \
+        "outputs/justrl-nemotron-1.5b-lenient"
+    assert compose(["experiment=tiny", "ablation=length_penalty"]).trainer.run_name == "justrl-tiny-length_penalty"
+    assert compose(["trainer.run_name=mine"]).trainer.output_dir == "outputs/mine"
+    assert "SLURM_JOB_ID" not in (Path(__file__).parents[1] / "slurm" / "train.sbatch").read_text().split(
+        "OUTPUT_DIR=", 1)[1].splitlines()[0]
 
 
 def test_tiny_experiment_is_small_and_local():

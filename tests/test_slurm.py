@@ -67,13 +67,14 @@ def test_sbatch_job_composes_the_config_in_the_project_env(slurm, tmp_path):
 
 
 def _sbatch_train(tmp_path: Path, *overrides: str) -> str:
-    """Submit slurm/train.sbatch on one CPU node, as the README shows, with the tiny experiment."""
+    """Submit slurm/train.sbatch on one CPU node, as the README shows, with the tiny experiment,
+    from `tmp_path` (the submit directory: the default run directory is under it)."""
     env = dict(os.environ, JUSTRL_PYTHON=sys.executable)
     out = subprocess.run(
         ["sbatch", "--parsable", "--nodes=1", "--gpus-per-node=0", "--cpus-per-task=2", "-J", "justrl-test",
          f"--output={tmp_path / 'slurm.out'}", str(REPO / "slurm" / "train.sbatch"), "experiment=tiny",
-         f"trainer.output_dir={tmp_path / 'run'}", *overrides],
-        cwd=REPO, env=env, check=True, capture_output=True, text=True)
+         *overrides],
+        cwd=tmp_path, env=env, check=True, capture_output=True, text=True)
     return out.stdout.strip().split(";")[0]
 
 
@@ -86,16 +87,23 @@ def test_sbatch_train_on_a_cpu_node(slurm, tiny_model_dir, tmp_path):
     """`sbatch --nodes=1 --gpus-per-node=0 --cpus-per-task=2 slurm/train.sbatch experiment=tiny`, as
     the script's header shows it: the CPU branch (no learner GPUs) trains to the end and its last
     checkpoint loads in transformers. (Pre-emption, requeue and resume of the same script, and the
-    multi-node placement, run on the emulated cluster: tests/test_cluster_emulated.py.)"""
+    multi-node placement, run on the emulated cluster: tests/test_cluster_emulated.py.)
+    The run directory is the default, named after the run (not the job), so submitting the same
+    command again finds the finished run there instead of starting over."""
     steps = 2
-    job_id = _sbatch_train(tmp_path, f"model.path={tiny_model_dir}", f"trainer.total_steps={steps}",
-                           "trainer.val_every=0")
+    args = (f"model.path={tiny_model_dir}", f"trainer.total_steps={steps}", "trainer.val_every=0")
+    job_id = _sbatch_train(tmp_path, *args)
     assert _wait_for(job_id, timeout_s=500) == "COMPLETED", _job_log(tmp_path)
     log = (tmp_path / "slurm.out").read_text(errors="replace")
     assert f"justrl: job {job_id} (restart 0) on " in log and "1 node(s) x 0 GPU(s); learner 1 node(s) x 1 task(s)" in log
     assert log.rstrip().endswith("learner exit status 0")
 
-    run = tmp_path / "run"
+    run = tmp_path / "outputs" / "justrl-tiny-none"
+    assert not (run / "RUNNING").exists()  # the run's lock is gone with the job
+    second = _sbatch_train(tmp_path, *args)  # the same command again: same directory, nothing to redo
+    assert _wait_for(second, timeout_s=300) == "COMPLETED", _job_log(tmp_path)
+    assert f"{run}/checkpoints/step_{steps:06d} already holds step {steps} of trainer.total_steps={steps}" \
+        in (run / "train.log").read_text(), _job_log(tmp_path)
     assert [s for s, _ in read_scalars(run)["reward/mean"]] == list(range(1, steps + 1))
     assert (run / "checkpoints" / "latest").read_text().strip() == f"step_{steps:06d}"
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -169,7 +177,8 @@ def test_multirun_of_the_two_ablations_through_submitit(slurm, tiny_model_dir, t
     for name, verifier, overlong in (("0-length_penalty", "dapo", "on (buffer 4"), ("1-lenient", "lenient", "off")):
         log = (runs[name] / "train.log").read_text()
         assert f"reward: verifier {verifier}; overlong penalty {overlong}" in log
-        assert f"run_name: justrl-tiny-{name}" in (runs[name] / "config.yaml").read_text()
+        ablation, job = name.split("-", 1)[1], name.split("-", 1)[0]
+        assert f"run_name: justrl-tiny-{ablation}-{job}" in (runs[name] / "config.yaml").read_text()
 
     # and the sweep plots side by side
     plot = subprocess.run([sys.executable, str(REPO / "tools" / "plot_runs.py"), str(sweep), "--out",

@@ -2,6 +2,7 @@
 then a run killed with SIGKILL after its first checkpoint, relaunched, ends where the uninterrupted
 run ends."""
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -21,7 +22,7 @@ REQUIRED_TAGS = [
     "actor/entropy", "actor/pg_clipfrac", "actor/ppo_kl", "actor/grad_norm", "actor/lr",
     "val/toy_scratchpad/accuracy", "val/toy_scratchpad/accuracy_grader", "reward/verifier_disagreement", "reward/strict_format",
     "perf/time_rollout", "perf/time_reward", "perf/time_train", "perf/time_sync", "perf/tokens_per_second",
-    "perf/total_tokens",
+    "perf/total_tokens", "faults/engine_restarts", "faults/hung_engines", "faults/resumes", "faults/steps_redone",
 ]
 
 
@@ -99,7 +100,16 @@ def test_tiny_run_end_to_end(straight):
     moved = [k for k, v in exported.state_dict().items() if not torch.equal(v, initial.state_dict()[k])]
     assert moved, "four steps with lr > 0 changed no weight"
     assert (run / "engines" / "engine0.log").read_text().count("starting engine0") == 1
-    assert f"step {STEPS}/{STEPS}" in (run / "train.log").read_text()
+    log = (run / "train.log").read_text()
+    assert f"step {STEPS}/{STEPS}" in log
+    assert all(value(f"faults/{k}") == [0.0] * STEPS for k in ("engine_restarts", "hung_engines", "resumes", "steps_redone"))
+    # the end-of-run summary, read back from the event file
+    val = scalars["val/toy_scratchpad/accuracy"]
+    summary = log.split(f"justrl: run {run.name} finished: step {STEPS}/{STEPS}", 1)[1]
+    assert f"steps logged {STEPS} (each once), run directory {run}" in summary
+    assert re.search(rf"toy_scratchpad +0 +{val[0][1]:.3f} +{STEPS} +{val[-1][1]:.3f}", summary), summary
+    assert re.search(r"resumes from a checkpoint +0", summary) and re.search(r"engine restarts \(died or hung\) +0", summary)
+    assert f"checkpoints {ckpts / 'step_000004'}" in summary and f"tensorboard --logdir {run.parent}" in summary
     assert not list((run / "weights").glob("*.tmp"))
     assert len(list((run / "weights").iterdir())) == 1  # only the weights the engine serves are kept
 
@@ -123,6 +133,13 @@ def test_killed_run_resumes_and_matches_an_uninterrupted_one(straight, tmp_path)
     run_launch(cmd)
     log = (resumed / "train.log").read_text()
     assert f"resuming from {resumed / 'checkpoints' / f'step_{killed_at:06d}'} (step {killed_at})" in log
+    # faults/*: the run's totals across both starts; the steps the kill cost are counted
+    before_kill = log.split("resuming from", 1)[0]
+    reached = max(int(m) for m in re.findall(rf"step (\d+)/{STEPS} ", before_kill))
+    faults = read_scalars(resumed)
+    assert faults["faults/resumes"][-1][1] == 1.0
+    assert faults["faults/steps_redone"][-1][1] == reached - killed_at
+    assert re.search(rf"steps trained again after a resume +{reached - killed_at}\n", log)
 
     a, b = read_scalars(straight_run), read_scalars(resumed)
     for tag in ("reward/mean", "prompt_length/mean", "response_length/mean", "actor/pg_loss", "actor/lr"):
