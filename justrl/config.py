@@ -219,10 +219,12 @@ def learner_tasks_per_node(gpus_per_node: int, learner_gpus: int) -> int:
 
 
 def allocation_parameters(exclusive: bool) -> dict:
-    """sbatch settings beyond the task shape: requeue on pre-emption and, with `exclusive`,
-    whole nodes with all their memory (`--exclusive --mem=0`): the engines' steps use the CPUs and
-    memory of their node beyond what the learner's tasks ask for."""
-    return {"requeue": True, **({"exclusive": True, "mem": "0"} if exclusive else {})}
+    """sbatch settings beyond the task shape: requeue on pre-emption; keep the allocation when a
+    node fails (`--no-kill`: Slurm then kills only the steps on that node, so a lost engine node
+    takes its engines' steps, not the learner's; sbatch(1), 22.05 and the current release say the
+    same); and, with `exclusive`, whole nodes with all their memory (`--exclusive --mem=0`): the
+    engines' steps use the CPUs and memory of their node beyond what the learner's tasks ask for."""
+    return {"requeue": True, "no_kill": True, **({"exclusive": True, "mem": "0"} if exclusive else {})}
 
 
 # Used by hydra_conf/cluster/slurm.yaml to derive the launcher's settings from cluster.*.

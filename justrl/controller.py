@@ -94,7 +94,13 @@ class Controller:
         sequences = [Sequence(tuple(p.token_ids), c.token_ids, float(a))
                      for (p, c), a in zip(flat, advantages.tolist())]
         metrics = self.metrics(prompts, flat, lengths, scores, shadow, rewards, penalties, stats)
+        fleet = self.fleet
+        if fleet.lost:  # degraded: said every step, not only when it happened
+            log.warning("step %d: running degraded on %d of %d rollout engines; lost: %s", step,
+                        len(fleet.live_engines), len(fleet.engines),
+                        "; ".join(f"{name} ({why})" for name, why in fleet.lost.items()))
         metrics.update({"rollout/engine_restarts": float(self.fleet.restarts - restarts_before),
+                        "rollout/engines_alive": float(len(fleet.live_engines)),
                         "rollout/weights_step": float(weights_step),
                         "perf/time_rollout": t1 - t0, "perf/time_reward": t2 - t1})
         if stats.first_error:

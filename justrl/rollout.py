@@ -19,6 +19,10 @@ from justrl.engines import (MAX_IN_FLIGHT_PER_ENGINE, Completion, EngineError, E
 log = logging.getLogger(__name__)
 
 
+class AllEnginesLost(EngineError):
+    """No rollout engine is left: each one failed its restarts (`RolloutFleet.lost`)."""
+
+
 class RolloutFleet:
     """The step's rollout engines: dispatches requests to them, reloads weights, restarts the dead.
 
@@ -44,6 +48,13 @@ class RolloutFleet:
     (the other engines take them), and it is killed (its whole process group; for a remote engine
     its srun step) and restarted like an engine that died. The log names the engine, its node and
     what the other engines completed meanwhile. None: no stall check.
+
+    Lost engines: an engine that fails `max_restarts + 1` times in a row (its node is gone: srun
+    cannot start a step there; its GPU is broken) is dropped, not fatal: its requests go to the
+    others, it is left out of dispatch and weight syncs from then on (`live_engines`), and the
+    fleet runs degraded (`lost` names each dropped engine and why; the controller warns every
+    step). Only when no engine is left does the fleet raise `AllEnginesLost` (the trainer then
+    checkpoints and requeues the job).
     """
 
     def __init__(self, engines: list[EngineProcess], weights_dir: str | Path, max_restarts: int = 2,
@@ -63,11 +74,37 @@ class RolloutFleet:
         self.hung = 0
         """Engines declared hung (no completed request for `stall_timeout_s`), over the fleet's life."""
         self.last_dispatch: DispatchRecord | None = None
+        self._failures = [0] * len(engines)
+        self.lost: dict[str, str] = {}
+        """Engines dropped after their restarts failed: name -> why (the last error's first line)."""
         # Busy time per engine (seconds with at least one outstanding request), for
         # perf/engine_idle_fraction; read by another thread while a generate call runs.
         self._busy_lock = threading.Lock()
         self._busy_total = [0.0] * len(engines)
         self._busy_since: list[float | None] = [None] * len(engines)
+
+    @property
+    def live_engines(self) -> list[EngineProcess]:
+        """The engines not dropped (`lost`): those dispatch and the weight syncs use."""
+        return [e for e in self.engines if e.name not in self.lost]
+
+    def _drop(self, engine: EngineProcess, failures: int, error: Exception) -> None:
+        """Leave `engine` out from now on, or raise AllEnginesLost if it was the last one."""
+        if len(self.live_engines) <= 1:
+            raise AllEnginesLost(f"every rollout engine is lost: {self._give_up(engine, failures, error)}"
+                                 + "".join(f"\n{name} was dropped earlier: {why}" for name, why in self.lost.items()))
+        lines = [line.strip() for line in str(error).splitlines() if line.strip()] or ["?"]
+        # the error's first line, and its last (a start's error ends with the log's tail: srun's cause)
+        why = f"{failures} failed start(s) in a row (rollout.max_restarts={self.max_restarts}): " + \
+            (lines[0] if len(lines) == 1 else f"{lines[0]} ... {lines[-1]}")
+        self.lost[engine.name] = why
+        node = engine.spec.node or "this machine"
+        log.warning("%s on %s dropped after %s; the run goes on with %d of %d engines (log %s)", engine.name, node,
+                    why, len(self.live_engines), len(self.engines), engine.log_path)
+        try:
+            engine.stop()
+        except Exception as exc:  # noqa: BLE001 - its node may be gone; nothing more to do for it
+            log.warning("%s: stopping it failed too: %s", engine.name, exc)
 
     def start(self) -> None:
         with ThreadPoolExecutor(max_workers=len(self.engines)) as pool:
@@ -152,7 +189,7 @@ class RolloutFleet:
         queue_ = deque(range(len(prompts)))
         outstanding: list[set[int]] = [set() for _ in engines]
         restarting = [False] * len(engines)
-        failures = [0] * len(engines)
+        failures = self._failures  # in a row, across calls: a completed request resets it
         # Bumped when an engine is marked failed: a request sent to the engine before that
         # (its process is gone) is requeued when its error arrives, without counting again.
         generation = [0] * len(engines)
@@ -191,7 +228,8 @@ class RolloutFleet:
                 queue_.appendleft(i)
             outstanding[e].clear()
             if failures[e] > self.max_restarts:
-                raise self._give_up(engines[e], failures[e], error) from error
+                self._drop(engines[e], failures[e], error)  # raises AllEnginesLost if it was the last
+                return
             restarting[e] = True
             pool.submit(restart, e, error)
 
@@ -200,11 +238,12 @@ class RolloutFleet:
                 # Dispatch while a live engine has room.
                 while queue_:
                     for e, engine in enumerate(engines):
-                        if not restarting[e] and not engine.alive():
+                        if not restarting[e] and engine.name not in self.lost and not engine.alive():
                             engine_failed(e, EngineError(
                                 f"{engine.name} is not running (exit code "
                                 f"{engine.process.returncode if engine.process else None})"))
-                    live = [e for e in range(len(engines)) if not restarting[e] and len(outstanding[e]) < cap]
+                    live = [e for e in range(len(engines)) if not restarting[e] and engines[e].name not in self.lost
+                            and len(outstanding[e]) < cap]
                     if not live:
                         break
                     e = min(live, key=lambda e: (len(outstanding[e]), e))
@@ -238,6 +277,15 @@ class RolloutFleet:
                 self._set_busy(e, False)
             # On an error, do not wait for requests still running on other engines.
             pool.shutdown(wait=not remaining, cancel_futures=True)
+        # The step ended while an engine was restarting: a restart that failed counts now, so that
+        # an engine that cannot come back (its node is gone) is dropped within the step it failed.
+        while not done.empty():
+            kind, e, _, payload = done.get()
+            if kind == "restart_failed" and engines[e].name not in self.lost:
+                failures[e] += 1
+                record.failures.append(engines[e].name)
+                if failures[e] > self.max_restarts and len(self.live_engines) > 1:
+                    self._drop(engines[e], failures[e], payload)
         return results
 
     def _handle(self, kind, e, i, payload, outstanding, results, record, failures, completed, progress_at,
@@ -274,6 +322,7 @@ class RolloutFleet:
             return []
         now = time.monotonic()
         return [e for e in range(len(self.engines)) if outstanding[e] and not restarting[e]
+                and self.engines[e].name not in self.lost
                 and now - progress_at[e] > self.stall_timeout_s]
 
     def _hung_error(self, e: int, held: int, idle_s: float, others: list[tuple[str, int]]) -> EngineError:
@@ -286,11 +335,25 @@ class RolloutFleet:
                            f"its requests go to the other engines, and it is killed and restarted")
 
     def load_weights(self, weights_dir: str | Path, engines: list[EngineProcess] | None = None) -> None:
-        """Every engine (or those given) reloads its weights from `weights_dir` (in place)."""
+        """Every live engine (or those given) reloads its weights from `weights_dir` (in place); one
+        that cannot be brought back is dropped (AllEnginesLost when none is left)."""
         self.weights_dir = Path(weights_dir)
-        targets = self.engines if engines is None else engines
+        targets = self.live_engines if engines is None else engines
+
+        def load(engine: EngineProcess) -> EngineError | None:
+            try:
+                self._on_engine(engine, lambda c: c.load_weights(self.weights_dir))
+            except EngineRequestError:
+                raise
+            except EngineError as exc:
+                return exc
+            return None
+
         with ThreadPoolExecutor(max_workers=len(targets)) as pool:
-            list(pool.map(lambda e: self._on_engine(e, lambda c: c.load_weights(self.weights_dir)), targets))
+            errors = list(pool.map(load, targets))
+        for engine, error in zip(targets, errors):
+            if error is not None:
+                self._drop(engine, self.max_restarts + 1, error)
 
 
 @dataclass

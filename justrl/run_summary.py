@@ -8,6 +8,8 @@ are carried in the checkpoint's trainer state (`RunFaults.state()`) and logged e
 
     faults/engine_restarts   engines restarted (died, or declared hung)
     faults/hung_engines      engines declared hung (rollout.stall_timeout_s without progress)
+    faults/engines_lost      engines dropped after their restarts failed (a lost node), the run
+                             going on with the others (RolloutFleet.lost)
     faults/resumes           starts from a checkpoint after the first start
     faults/steps_redone      steps trained again after a resume (logged before the stop, after
                              the checkpoint it resumed from: the work a fault cost)
@@ -23,6 +25,7 @@ from pathlib import Path
 from justrl.tb import EVENT_FILE_NAME
 
 FAULT_TAGS = {"engine_restarts": "engine restarts (died or hung)", "hung_engines": "engines declared hung",
+              "engines_lost": "engines dropped (restarts failed)",
               "resumes": "resumes from a checkpoint", "steps_redone": "steps trained again after a resume"}
 
 
@@ -31,6 +34,7 @@ class RunFaults:
     """The run's fault totals before this start (from the checkpoint), plus this start's."""
     engine_restarts: int = 0
     hung_engines: int = 0
+    engines_lost: int = 0
     resumes: int = 0
     steps_redone: int = 0
 
@@ -44,9 +48,9 @@ class RunFaults:
         self.resumes += 1
         self.steps_redone += max(0, (last_logged_step or 0) - checkpoint_step)
 
-    def totals(self, restarts_here: int, hung_here: int) -> "RunFaults":
-        return RunFaults(self.engine_restarts + restarts_here, self.hung_engines + hung_here, self.resumes,
-                         self.steps_redone)
+    def totals(self, restarts_here: int, hung_here: int, lost_here: int = 0) -> "RunFaults":
+        return RunFaults(self.engine_restarts + restarts_here, self.hung_engines + hung_here,
+                         self.engines_lost + lost_here, self.resumes, self.steps_redone)
 
     def state(self) -> dict:
         return asdict(self)

@@ -104,7 +104,8 @@ def run_in_allocation(cfg: DictConfig) -> None:
     from justrl.preflight import run_in_job
 
     run_in_job(cfg)  # rank 0 runs justrl.preflight on every node; all tasks stop if it failed
-    if init_distributed_from_slurm(cfg.cluster) is None:
+    rank = init_distributed_from_slurm(cfg.cluster)
+    if rank is None:
         return
     nodes = allocation_nodes()
     placements = plan_engines(cfg.cluster, cfg.rollout, nodes)
@@ -113,8 +114,15 @@ def run_in_allocation(cfg: DictConfig) -> None:
              learner_world_size(cfg.cluster), [f"{p.node}:{list(p.gpu_ids)}" for p in placements])
     # GPU engines always run as srun steps of their node (also on this node): the step holds the
     # node's GPUs whatever this task was bound to. CPU engines run here, beside the learner.
-    train(cfg, engine_placements=[EnginePlacement(None, ()) if (p.node == here and not p.gpu_ids) else p
-                                  for p in placements])
+    from justrl.rollout import AllEnginesLost
+
+    try:
+        train(cfg, engine_placements=[EnginePlacement(None, ()) if (p.node == here and not p.gpu_ids) else p
+                                      for p in placements])
+    except AllEnginesLost as exc:  # the trainer has checkpointed every finished step
+        if rank == 0:
+            requeue_job(f"every rollout engine is lost ({str(exc).splitlines()[0]})", cfg.cluster.max_requeues)
+        raise
 
 
 class TrainJob:
@@ -173,3 +181,27 @@ def submit(cfg: DictConfig) -> str:
     print(f"submitted Slurm job {job.job_id}; run directory {run_dir}; "
           f"job logs {run_dir / 'submitit'}; tensorboard --logdir {run_dir.parent}")
     return job.job_id
+
+
+def requeue_job(reason: str, max_requeues: int, env=os.environ) -> bool:
+    """Ask Slurm to requeue this job (`scontrol requeue`): it is stopped and starts again in the
+    same run directory, from its latest checkpoint. Bounded by `max_requeues` (the job's
+    SLURM_RESTART_COUNT so far); False, with the reason logged, outside a Slurm job or past the
+    bound. Used when the run cannot go on where it is (every rollout engine lost)."""
+    import subprocess
+
+    job, restarts = env.get("SLURM_JOB_ID"), int(env.get("SLURM_RESTART_COUNT") or 0)
+    if not job:
+        log.error("%s; not a Slurm job: relaunch the same command to resume from the latest checkpoint", reason)
+        return False
+    if restarts >= max_requeues:
+        log.error("%s; job %s not requeued: it was requeued %d times already (cluster.max_requeues=%d)", reason,
+                  job, restarts, max_requeues)
+        return False
+    result = subprocess.run(["scontrol", "requeue", job], capture_output=True, text=True, timeout=120)
+    if result.returncode != 0:
+        log.error("%s; `scontrol requeue %s` failed: %s", reason, job, result.stderr.strip()[:500])
+        return False
+    log.error("%s; requeued job %s (restart %d of at most %d): it resumes from the latest checkpoint", reason, job,
+              restarts + 1, max_requeues)
+    return True

@@ -46,6 +46,7 @@ from justrl.engine_auth import job_secret
 from justrl.learner import build_learner
 from justrl.models import resolve_model_path
 from justrl.placement import EnginePlacement
+from justrl.rollout import AllEnginesLost
 from justrl.run_lock import RunLock, RunLocked
 from justrl.run_summary import RunFaults, summary
 from justrl.tb import EVENT_FILE_NAME, ScalarLog
@@ -287,7 +288,11 @@ def _train(cfg: DictConfig, engine_placements: list[EnginePlacement] | None) -> 
         weight_sync.fleet = controller.fleet
     total_steps = _broadcast(total_steps)
 
+    saved_step = start_step
+
     def save(step: int) -> None:
+        nonlocal saved_step
+        saved_step = step
         tmp = _broadcast(ckpt.begin_checkpoint(run.checkpoints, step) if rank == 0 else None)
         learner.save_checkpoint(tmp, tokenizer)  # every rank: the learner's part
         if rank == 0:
@@ -323,18 +328,34 @@ def _train(cfg: DictConfig, engine_placements: list[EnginePlacement] | None) -> 
             t_step = time.perf_counter()
             sequences = metrics = None
             learner_wait = 0.0
+            lost = None  # every rollout engine lost during this step's rollout: why
             if rank == 0:
-                if ahead is not None:  # generated while the previous step trained
-                    sequences, metrics = ahead
-                    ahead = None
-                else:
-                    batch = [train_set.prompt(i) for i in sampler.next_batch(cfg.algorithm.prompts_per_step)]
-                    sequences, metrics = controller.rollout(batch, step)
-                    learner_wait = time.perf_counter() - t_step
-                if lag and step < total_steps:
+                before = (sampler.state_dict(), _rng_state())
+                try:
+                    if ahead is not None:  # generated while the previous step trained
+                        sequences, metrics = ahead
+                        ahead = None
+                    else:
+                        batch = [train_set.prompt(i) for i in sampler.next_batch(cfg.algorithm.prompts_per_step)]
+                        sequences, metrics = controller.rollout(batch, step)
+                        learner_wait = time.perf_counter() - t_step
+                except AllEnginesLost as exc:
+                    lost = str(exc)
+                    # back to the end of the previous step, so that its checkpoint redraws this batch
+                    sampler.load_state_dict(before[0])
+                    _set_rng_state(before[1])
+                    state["faults"] = faults.totals(controller.fleet.restarts, controller.fleet.hung,
+                                                    len(controller.fleet.lost)).state()
+                if lost is None and lag and step < total_steps:
                     batch = [train_set.prompt(i) for i in sampler.next_batch(cfg.algorithm.prompts_per_step)]
                     pending = ahead_pool.submit(controller.rollout, batch, step + 1)
-            sequences = _broadcast(sequences)
+            sequences, lost = _broadcast((sequences, lost))
+            if lost is not None:
+                # Nothing can generate: keep every finished step (a checkpoint of the previous one,
+                # unless it has one), then stop; in a Slurm job, justrl.slurm requeues it.
+                if step - 1 > saved_step:
+                    save(step - 1)
+                raise AllEnginesLost(lost)
 
             t0 = time.perf_counter()
             # On-policy (nothing generating meanwhile): this machine's CPU engines are frozen while
@@ -372,7 +393,8 @@ def _train(cfg: DictConfig, engine_placements: list[EnginePlacement] | None) -> 
                 state["total_tokens"] += step_tokens
                 metrics.update(train_metrics)
                 metrics.update(sync_metrics)
-                run_faults = faults.totals(controller.fleet.restarts, controller.fleet.hung)
+                run_faults = faults.totals(controller.fleet.restarts, controller.fleet.hung,
+                                           len(controller.fleet.lost))
                 state["faults"] = run_faults.state()  # saved with the next checkpoint
                 metrics.update(run_faults.scalars())
                 now, busy = time.perf_counter(), controller.fleet.busy_seconds()

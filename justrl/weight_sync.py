@@ -197,20 +197,20 @@ class NcclTransport:
         from justrl.placement import free_port
 
         self.close(fleet)
-        sizes = [e.spec.tensor_parallel_size for e in fleet.engines]
+        sizes = [e.spec.tensor_parallel_size for e in fleet.live_engines]
         world = 1 + sum(sizes)
         port = free_port()
         offsets = [1 + sum(sizes[:i]) for i in range(len(sizes))]
-        with ThreadPoolExecutor(max_workers=len(fleet.engines)) as pool:
+        with ThreadPoolExecutor(max_workers=len(fleet.live_engines)) as pool:
             futures = [pool.submit(self._rpc, e, "/init_weight_transfer_engine", {"init_info": worker_init_payload(
                 NCCLWeightTransferInitInfo(master_address=self.master_address, master_port=port, rank_offset=off,
                                            world_size=world, packed=True))})
-                       for e, off in zip(fleet.engines, offsets)]
+                       for e, off in zip(fleet.live_engines, offsets)]
             self.group = trainer_init({"master_address": self.master_address, "master_port": port,
                                        "world_size": world}, rank=0)
             for f in futures:
                 f.result()
-        self._restarts_at_init = fleet.restarts
+        self._restarts_at_init = (fleet.restarts, len(fleet.lost))  # a restart or a drop rebuilds the group
         log.info("NCCL weight transfer group: learner rank 0 + %d engine workers (%s:%d)", world - 1,
                  self.master_address, port)
 
@@ -229,7 +229,7 @@ class NcclTransport:
                                        group=self.group, src=0, post_iter_func=lambda item: item[1])
 
     def _check_alive(self, fleet, when: str) -> None:
-        dead = [e for e in fleet.engines if not e.alive()]
+        dead = [e for e in fleet.live_engines if not e.alive()]
         if dead:
             raise EnginePushError(f"NCCL weight push {when}: {', '.join(e.name for e in dead)} not running "
                                   f"(exit code {[e.process.returncode if e.process else None for e in dead]})",
@@ -250,7 +250,7 @@ class NcclTransport:
         deadline = time.monotonic() + self.push_timeout_s
         while True:
             problems = {}
-            for engine in fleet.engines:
+            for engine in fleet.live_engines:
                 future = receiving[engine.name]
                 if future.done() and future.exception() is not None:
                     problems[engine.name] = f"{engine.name} refused the update: {future.exception()}"
@@ -275,22 +275,22 @@ class NcclTransport:
         if state is None:
             raise WeightSyncError("the nccl weight sync needs the learner's weights on rank 0")
         self._check_alive(fleet, "not started")
-        if self.group is None or fleet.restarts != self._restarts_at_init:
+        if self.group is None or (fleet.restarts, len(fleet.lost)) != self._restarts_at_init:
             self._init_group(fleet)
         names = list(state)
         update_info = {"names": names, "dtype_names": [str(state[n].dtype).split(".")[-1] for n in names],
                        "shapes": [list(state[n].shape) for n in names]}
-        pool = ThreadPoolExecutor(max_workers=len(fleet.engines) + 1)
+        pool = ThreadPoolExecutor(max_workers=len(fleet.live_engines) + 1)
         try:
-            list(pool.map(lambda e: self._rpc(e, "/start_weight_update"), fleet.engines))
+            list(pool.map(lambda e: self._rpc(e, "/start_weight_update"), fleet.live_engines))
             receiving = {e.name: pool.submit(self._rpc, e, "/update_weights", {"update_info": update_info})
-                         for e in fleet.engines}
+                         for e in fleet.live_engines}
             self._synchronize_stream()  # before the sender reads the casted weights
             sending = pool.submit(self._send, state, names)
             self._watch(fleet, receiving, sending, step)
             list(pool.map(lambda e: self._rpc(e, "/finish_weight_update", {"weight_version": str(step)}),
-                          fleet.engines))
-            list(pool.map(lambda e: self._rpc(e, "/reset_prefix_cache"), fleet.engines))
+                          fleet.live_engines))
+            list(pool.map(lambda e: self._rpc(e, "/reset_prefix_cache"), fleet.live_engines))
         finally:
             pool.shutdown(wait=False, cancel_futures=True)  # a stalled engine's call must not hold us
         fleet.weights_dir = Path(weights_dir)  # what a restart loads (then the group is rebuilt)
@@ -298,7 +298,7 @@ class NcclTransport:
     def close(self, fleet) -> None:
         if self.group is None:
             return
-        for engine in fleet.engines:
+        for engine in fleet.live_engines:
             if engine.alive():
                 try:
                     self._rpc(engine, "/shutdown_weight_transfer_engine")
@@ -393,7 +393,7 @@ class WeightSync:
         ones from it (RolloutFleet._on_engine), which also makes the next push rebuild the group.
         The check that follows proves every engine serves the step."""
         log.warning("%s; restarting %s and loading %s through the files transport", exc, exc.engines, path)
-        for engine in self.fleet.engines:
+        for engine in self.fleet.live_engines:
             if engine.name in exc.engines:
                 engine.stop()
         FileTransport().push(self.fleet, path, step)
@@ -406,7 +406,7 @@ class WeightSync:
             reference = learner_probe_logprobs(self.learner, self.probe_ids)
         if self.rank != 0:
             return
-        engines = self.fleet.engines
+        engines = self.fleet.live_engines
         with ThreadPoolExecutor(max_workers=len(engines)) as pool:
             served = list(pool.map(lambda e: engine_probe_logprobs(e.client, self.probe_ids), engines))
         self.last_probe_diff = {e.name: compare_probe(lp, reference) for e, lp in zip(engines, served)}

@@ -1,7 +1,8 @@
 """Least-loaded dispatch over two real vLLM (CPU build) engines: the requests of a step spread by
 load, an engine killed mid-step (SIGKILL to its whole process tree) loses only its outstanding
 requests, an engine whose core is stopped (SIGSTOP) is declared hung by its lack of progress and
-restarted, and the step's results equal an undisturbed run's. Two engines are started for the
+restarted, an engine that cannot be started again is dropped (and the last one lost stops
+the fleet), and the step's results equal an undisturbed run's. Two engines are started for the
 module (about a minute on 2 cores)."""
 import logging
 import os
@@ -14,8 +15,8 @@ from pathlib import Path
 import pytest
 
 from justrl.engine_guard import group_members
-from justrl.engines import EngineSpec, EngineProcess, SamplingSettings
-from justrl.rollout import RolloutFleet
+from justrl.engines import EngineError, EngineProcess, EngineSpec, SamplingSettings
+from justrl.rollout import AllEnginesLost, RolloutFleet
 
 pytestmark = pytest.mark.slow
 
@@ -169,3 +170,68 @@ def test_hung_engine_core_is_caught_by_progress_and_restarted(fleet, caplog):
     message = next(r.getMessage() for r in caplog.records if "is hung" in r.getMessage())
     assert "engine1 on this machine is hung" in message and "rollout.stall_timeout_s=6" in message
     assert "engine0 completed" in message
+
+
+def _start_fails_as_on_a_down_node(engine: EngineProcess) -> None:
+    """Stand-in for the one part a single machine cannot do: starting an engine on a node that is
+    gone. srun then fails to create the step (Slurm: "Unable to create step for job ...: Required
+    node not available (down, drained or reserved)"); EngineProcess.start raises EngineError."""
+    def start(model_dir):
+        raise EngineError(f"{engine.name} exited with code 1 while starting (log: {engine.log_path}):\n"
+                          "srun: error: Unable to create step for job 7: Required node not available")
+    engine.start = start
+
+
+def test_lost_engines_are_dropped_and_the_last_one_lost_stops_the_fleet(fleet, caplog):
+    """Runs last: it takes both engines down. engine1 is SIGKILLed while it holds a request and
+    cannot be started again: after rollout.max_restarts failed starts it is dropped, the step's
+    results equal an undisturbed run's (engine0 took its requests), weight reloads skip it; then
+    engine0 is lost the same way and the fleet raises AllEnginesLost naming both."""
+    expected = fleet.generate(PROMPTS, KILL_SETTINGS, SEEDS)
+    engine0, engine1 = fleet.engines
+    _start_fails_as_on_a_down_node(engine1)
+    restarts = fleet.restarts
+    state = {}
+
+    def kill_engine1_when_it_holds_a_request(stop):
+        while not stop.is_set():
+            record = fleet.last_dispatch
+            if record is not None and any(tried and tried[-1] == "engine1" and record.engine_of[i] is None
+                                          for i, tried in enumerate(record.attempts)):
+                os.killpg(engine1.process.pid, signal.SIGKILL)
+                state["killed"] = True
+                return
+            time.sleep(0.002)
+
+    fleet.last_dispatch = None
+    stop = threading.Event()
+    killer = threading.Thread(target=kill_engine1_when_it_holds_a_request, args=(stop,))
+    killer.start()
+    try:
+        with caplog.at_level(logging.WARNING, logger="justrl.rollout"):
+            result = fleet.generate(PROMPTS, KILL_SETTINGS, SEEDS)
+    finally:
+        stop.set()
+        killer.join()
+    record = fleet.last_dispatch
+    assert state.get("killed"), "engine1 never held a request"
+    assert result == expected
+    # the kill, then max_restarts (1) failed start: two failures in a row, then dropped
+    assert record.failures == ["engine1", "engine1"] and fleet.restarts == restarts + 1
+    assert list(fleet.lost) == ["engine1"] and "Required node not available" in fleet.lost["engine1"]
+    assert fleet.live_engines == [engine0]
+    assert all(record.engine_of[i] == "engine0" for i in record.retried)
+    dropped = next(r.getMessage() for r in caplog.records if "dropped" in r.getMessage())
+    assert "engine1 on this machine dropped after 2 failed start(s)" in dropped and "1 of 2 engines" in dropped
+    # the dropped engine is left out of dispatch and of weight reloads
+    assert fleet.generate(PROMPTS[:4], KILL_SETTINGS[:4], SEEDS[:4]) == expected[:4]
+    assert set(fleet.last_dispatch.engine_of) == {"engine0"} and not fleet.last_dispatch.failures
+    fleet.load_weights(fleet.weights_dir)
+    assert list(fleet.lost) == ["engine1"]
+
+    _start_fails_as_on_a_down_node(engine0)
+    os.killpg(engine0.process.pid, signal.SIGKILL)
+    engine0.process.wait()
+    with pytest.raises(AllEnginesLost, match=r"every rollout engine is lost: engine0 failed 2 times(.|\n)*"
+                                              r"engine1 was dropped earlier: 2 failed start"):
+        fleet.generate(PROMPTS[:4], KILL_SETTINGS[:4], SEEDS[:4])

@@ -53,10 +53,10 @@ def test_submitit_parameters_follow_the_cluster_config():
     assert params["slurm_partition"] == "gpu" and params["slurm_account"] == "proj"
     assert params["slurm_srun_args"] == ["--nodes=2", "--ntasks=16"]  # learner tasks on the first 2 nodes
     # whole nodes with their memory: the engine steps use what the learner tasks do not ask for
-    assert params["slurm_additional_parameters"] == {"requeue": True, "exclusive": True, "mem": "0"}
+    assert params["slurm_additional_parameters"] == {"requeue": True, "no_kill": True, "exclusive": True, "mem": "0"}
     assert params["cpus_per_task"] * params["tasks_per_node"] == 64  # fits an 8-GPU node of 64+ cores
     shared = executor_parameters(compose(["cluster=slurm", "cluster.exclusive=false"]).cluster, "run")
-    assert shared["slurm_additional_parameters"] == {"requeue": True}
+    assert shared["slurm_additional_parameters"] == {"requeue": True, "no_kill": True}
 
 
 def test_local_gpu_placement():
@@ -86,7 +86,7 @@ def test_hydra_submitit_extra_tasks_are_not_learner_ranks():
     assert ntasks == 32 and learner_world_size(cfg.cluster) == 16
     ranks = [learner_rank(cfg.cluster, procid, ntasks) for procid in range(ntasks)]
     assert ranks == list(range(16)) + [None] * 16
-    assert dict(launcher.additional_parameters) == {"requeue": True, "exclusive": True, "mem": "0"}
+    assert dict(launcher.additional_parameters) == {"requeue": True, "no_kill": True, "exclusive": True, "mem": "0"}
     with pytest.raises(ConfigError, match="has 8 task.*learner needs 16"):
         learner_rank(cfg.cluster, 0, 8)
     cpu = compose(["experiment=tiny", "cluster=slurm", "cluster.nodes=1", "cluster.gpus_per_node=0",

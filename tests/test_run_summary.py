@@ -23,7 +23,7 @@ def test_fault_totals_carry_over_starts_and_count_the_steps_redone(tmp_path):
     assert tb.last_step_before == 5
     faults = RunFaults.from_state(saved)
     faults.resumed(3, tb.last_step_before)
-    assert faults == RunFaults(engine_restarts=0, hung_engines=0, resumes=1, steps_redone=2)
+    assert faults == RunFaults(engine_restarts=0, hung_engines=0, engines_lost=0, resumes=1, steps_redone=2)
     for step in range(4, 7):
         tb.scalars(step, {"reward/mean": 0.1 * step, **faults.totals(restarts_here=1, hung_here=1).scalars()})
     tb.close()
@@ -47,7 +47,7 @@ def test_the_summary_names_steps_validation_faults_and_where_things_are(tmp_path
     tb = ScalarLog(run)
     tb.scalars(0, {"val/AIME24/accuracy": 0.25, "val/AMC23/accuracy": 0.5, "val/AMC23/accuracy_grader": 0.4})
     for step in (1, 2):
-        tb.scalars(step, {"reward/mean": 0.0, **RunFaults(3, 1, 2, 7).scalars()})
+        tb.scalars(step, {"reward/mean": 0.0, **RunFaults(3, 1, 1, 2, 7).scalars()})
     tb.scalars(2, {"val/AIME24/accuracy": 0.3125, "val/AMC23/accuracy": 0.625})
     tb.close()
     text = summary(read_scalars(run / EVENT_FILE_NAME), run, 2, run / "checkpoints" / "step_000002")
@@ -56,6 +56,7 @@ def test_the_summary_names_steps_validation_faults_and_where_things_are(tmp_path
     assert re.search(r"AIME24 +0 +0\.250 +2 +0\.312", text) and re.search(r"AMC23 +0 +0\.500 +2 +0\.625", text)
     assert "accuracy_grader" not in text  # one score per benchmark: reward.val_verifier's
     for what, n in (("engine restarts \\(died or hung\\)", 3), ("engines declared hung", 1),
+                    ("engines dropped \\(restarts failed\\)", 1),
                     ("resumes from a checkpoint", 2), ("steps trained again after a resume", 7)):
         assert re.search(rf"{what} +{n}$", text, re.M), what
     assert f"checkpoints {run / 'checkpoints' / 'step_000002'}" in text

@@ -23,6 +23,7 @@ REQUIRED_TAGS = [
     "val/toy_scratchpad/accuracy", "val/toy_scratchpad/accuracy_grader", "reward/verifier_disagreement", "reward/strict_format",
     "perf/time_rollout", "perf/time_reward", "perf/time_train", "perf/time_sync", "perf/tokens_per_second",
     "perf/total_tokens", "faults/engine_restarts", "faults/hung_engines", "faults/resumes", "faults/steps_redone",
+    "faults/engines_lost", "rollout/engines_alive",
 ]
 
 
@@ -102,7 +103,9 @@ def test_tiny_run_end_to_end(straight):
     assert (run / "engines" / "engine0.log").read_text().count("starting engine0") == 1
     log = (run / "train.log").read_text()
     assert f"step {STEPS}/{STEPS}" in log
-    assert all(value(f"faults/{k}") == [0.0] * STEPS for k in ("engine_restarts", "hung_engines", "resumes", "steps_redone"))
+    assert all(value(f"faults/{k}") == [0.0] * STEPS for k in ("engine_restarts", "hung_engines", "engines_lost", "resumes",
+                                                                "steps_redone"))
+    assert value("rollout/engines_alive") == [1.0] * STEPS
     # the end-of-run summary, read back from the event file
     val = scalars["val/toy_scratchpad/accuracy"]
     summary = log.split(f"justrl: run {run.name} finished: step {STEPS}/{STEPS}", 1)[1]

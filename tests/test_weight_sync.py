@@ -212,7 +212,11 @@ class _Engine:
 
 class _Fleet:
     def __init__(self, engines):
-        self.engines, self.restarts, self.weights_dir = engines, 0, None
+        self.engines, self.restarts, self.weights_dir, self.lost = engines, 0, None, {}
+
+    @property
+    def live_engines(self):
+        return [e for e in self.engines if e.name not in self.lost]
 
 
 class _Group:
@@ -231,7 +235,7 @@ class _StandInTransport(NcclTransport):
         self.events = events
 
     def _init_group(self, fleet):
-        self.group, self._restarts_at_init = _Group(), fleet.restarts
+        self.group, self._restarts_at_init = _Group(), (fleet.restarts, len(fleet.lost))
         self.events.append("init_group")
 
     def _synchronize_stream(self):
