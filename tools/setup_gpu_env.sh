@@ -22,9 +22,9 @@
 #     /usr/local/cuda/bin), for stage 2's compiler;
 #   - cuDNN >= 9.3 headers (cudnn.h: $CUDNN_PATH, $CUDNN_HOME, the toolkit, /usr/include, or the
 #     nvidia-cudnn-cu13 wheel stage 1 brings with torch);
-#   - on the nodes that run it: an NVIDIA driver R580 or newer (the minimum for CUDA 13.0:
-#     580.65.06 in NVIDIA's CUDA 13.0 release notes). A node without a driver (a login node) gets a
-#     warning only; an older driver is an error.
+#   - on the nodes that run it: an NVIDIA driver R580 or newer (CUDA 13.0's driver branch; the
+#     sources are in docs/install.md). A node without a driver (a login node) gets a warning only;
+#     an older driver is an error.
 # Not verified: no GPU and no network where this was written (docs/install.md says what was).
 # Environment: PYTHON, JUSTRL_VENV (default .venv), JUSTRL_TORCH_INDEX (an index for torch, e.g.
 # https://download.pytorch.org/whl/cu130), CUDA_HOME, CUDNN_PATH, MAX_JOBS (TE's parallel build).
