@@ -31,7 +31,7 @@ def load_gpu_check():
 
 def parse(table: str) -> dict[str, dict[str, str]]:
     rows = {}
-    for line in table.splitlines()[3:]:
+    for line in table.splitlines()[3:-1]:  # header, column names, rule ... total
         name, _, result = line.partition(" | ")
         rows[name.strip()] = dict(item.split("=", 1) for item in result.split(", ")) if "=" in result else {"": result}
     return rows
@@ -53,6 +53,7 @@ def test_cpu_dry_run_builds_the_table_with_finite_numbers():
     assert code == 0, table
     assert "FAILED" not in table
     assert table.splitlines()[0].startswith("justrl GPU check: cpu, torch ")
+    assert table.splitlines()[-1].startswith("total ")
     rows = parse(table)
     assert list(rows) == ["hf step (bf16)", "hf log-probs bf16 vs fp32", "varlen vs dense SDPA",
                           "megatron step (local, TP=1)"]
@@ -84,5 +85,6 @@ def test_a_failing_row_prints_failed_and_the_others_still_run():
     gpu_check = load_gpu_check()
     rows = [gpu_check.guarded("boom", lambda: 1 / 0), gpu_check.guarded("fine", lambda: {"x": 1.5})]
     text = gpu_check.render(rows, "header")
+    assert text.splitlines()[0] == "header"
     assert "boom                           | FAILED ZeroDivisionError: division by zero" in text
     assert "fine                           | x=1.5" in text

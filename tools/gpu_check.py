@@ -180,7 +180,9 @@ def guarded(name: str, fn) -> Row:
         return Row(name, {}, failed=f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}")
 
 
-def run(device: torch.device, tiny: bool, megatron: bool) -> list[Row]:
+def run(device: torch.device, tiny: bool, megatron: bool, emit=lambda row: None) -> list[Row]:
+    """The rows, each handed to `emit` as soon as it is done (so a run cut short by the time
+    limit still shows the rows it finished)."""
     HFLearner = _import_hf_learner()
     from justrl.learner.packing import build_micro_batch
     import justrl.learner.varlen_attention as varlen_attention
@@ -198,6 +200,10 @@ def run(device: torch.device, tiny: bool, megatron: bool) -> list[Row]:
     peak = peak_bf16_flops(name) if device.type == "cuda" else None
     state: dict = {}
     table: list[Row] = []
+
+    def add(row: Row) -> None:
+        table.append(row)
+        emit(row)
 
     def hf_step():
         learner_cfg, optim, algorithm = settings(row_tokens, True, len(sequences))
@@ -308,13 +314,13 @@ def run(device: torch.device, tiny: bool, megatron: bool) -> list[Row]:
 
     if os.environ.get("JUSTRL_GPU_CHECK_TRACE"):
         globals()["guarded"] = lambda n, fn: Row(n, fn())  # noqa: E731  failures raise, with their traceback
-    table.append(guarded("hf step (bf16)", hf_step))
+    add(guarded("hf step (bf16)", hf_step))
     for label, fn in (("hf log-probs bf16 vs fp32", hf_logprobs), ("varlen vs dense SDPA", varlen_vs_dense)):
-        table.append(guarded(label, fn) if "hf" in state else Row(label, {}, failed="the hf learner did not build"))
+        add(guarded(label, fn) if "hf" in state else Row(label, {}, failed="the hf learner did not build"))
     if megatron:
-        table.append(guarded("megatron step (local, TP=1)", megatron_step))
+        add(guarded("megatron step (local, TP=1)", megatron_step))
     else:
-        table.append(Row("megatron step (local, TP=1)", {"skipped": "--no-megatron"}))
+        add(Row("megatron step (local, TP=1)", {"skipped": "--no-megatron"}))
     return table
 
 
@@ -324,12 +330,14 @@ def _fmt(value) -> str:
     return str(value)
 
 
+def render_row(row: Row) -> str:
+    text = f"FAILED {row.failed}" if row.failed else ", ".join(f"{k}={_fmt(v)}" for k, v in row.values.items())
+    return f"{row.name:<30} | {text}"
+
+
 def render(table: list[Row], header: str) -> str:
     lines = [header, f"{'row':<30} | result", f"{'-' * 30}-+-{'-' * 60}"]
-    for row in table:
-        text = f"FAILED {row.failed}" if row.failed else ", ".join(f"{k}={_fmt(v)}" for k, v in row.values.items())
-        lines.append(f"{row.name:<30} | {text}")
-    return "\n".join(lines)
+    return "\n".join(lines + [render_row(row) for row in table])
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -345,13 +353,14 @@ def main(argv: list[str] | None = None) -> int:
     if device.type == "cuda":
         torch.cuda.set_device(device)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    start = time.perf_counter()
-    table = run(device, args.tiny, not args.no_megatron)
     name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
     header = (f"justrl GPU check: {name}, torch {torch.__version__} (CUDA {torch.version.cuda}), "
               f"{'tiny' if args.tiny else 'Qwen2-1.5B shape'}, {ROWS} rows of "
-              f"{TINY_ROW_TOKENS if args.tiny else ROW_TOKENS} tokens, {time.perf_counter() - start:.0f} s")
-    print(render(table, header))
+              f"{TINY_ROW_TOKENS if args.tiny else ROW_TOKENS} tokens")
+    print(render([], header), flush=True)
+    start = time.perf_counter()
+    table = run(device, args.tiny, not args.no_megatron, emit=lambda row: print(render_row(row), flush=True))
+    print(f"total {time.perf_counter() - start:.0f} s", flush=True)
     return 1 if any(row.failed for row in table) else 0
 
 
