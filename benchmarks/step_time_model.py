@@ -19,8 +19,9 @@ The step (256 prompts x 8 samples, responses up to 15,360 tokens):
              least-loaded dispatch matters when engines are over-subscribed or fail
              (benchmarks/dispatch.py measures that case on a CPU).
     train    FLOPs = tokens x (6N + attention) for the update, + tokens x (2N + attention) for the
-             old log-probs, + the recomputation (selective: the attention core only); time = FLOPs /
-             (learner GPUs x peak x MFU).
+             old log-probs, + the recomputation (none: the Megatron learner's default for the 1.5B
+             models at 16k tokens, docs/megatron.md; full: another 2N + attention, veRL's FSDP);
+             time = FLOPs / (learner GPUs x peak x MFU).
     sync     files: one writer (rank 0) writes the bf16 export, every engine reads it from the shared
              filesystem and reloads; nccl: the export is still written (restarts use it) and the
              weights are broadcast from rank 0 over the NCCL group instead of read by the engines.
@@ -138,14 +139,16 @@ def rollout_time(lengths: np.ndarray, engines: int, hw: dict, eff: float, prompt
 
 
 def train_time(lengths: np.ndarray, gpus: int, hw: dict, mfu: float, eff: float, prompt: float,
-               recompute: str = "selective") -> float:
+               recompute: str = "none") -> float:
     tokens = float(np.sum(lengths + prompt))
     # mean attention context per token of a causal sequence of length L is (L + 1) / 2
     ctx = float(np.sum((lengths + prompt) ** 2 / 2)) / tokens
     n, lh = MODEL["params_compute"].value, MODEL["layers"].value * MODEL["hidden"].value
     attn_fwd = ATTN_FLOPS_PER_TOKEN_CTX * lh * ctx
     per_token = (6 * n + 3 * attn_fwd) + (2 * n + attn_fwd)  # update + old log-probs
-    per_token += attn_fwd if recompute == "selective" else 2 * n + attn_fwd
+    if recompute not in ("none", "full"):
+        raise ValueError(f"recompute must be none or full, got {recompute!r}")
+    per_token += 2 * n + attn_fwd if recompute == "full" else 0.0
     return tokens * per_token / (gpus * hw["peak_flops"].value * mfu * eff)
 
 
@@ -175,7 +178,7 @@ def step_time(p: Placement, hw: dict, eff: float, lengths: np.ndarray) -> dict:
     mfu = SYSTEM["mfu_fsdp" if p.learner == "fsdp" else "mfu_megatron"].value
     roll, kv_peak = rollout_time(lengths, p.engine_gpus, hw, eff, prompt)
     train = train_time(lengths, p.learner_gpus, hw, mfu, eff, prompt,
-                       recompute="full" if p.learner == "fsdp" else "selective")
+                       recompute="full" if p.learner == "fsdp" else "none")
     if p.mode == "colocated":
         export, load = 0.0, SYSTEM["colocated_switch"].value
         total = roll + train + load

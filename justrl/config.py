@@ -149,7 +149,9 @@ SCHEMA = {
         "gradient_checkpointing": typed(bool),
         "tensor_parallel_size": at_least(int, 1),  # 1 for hf, divides the learner ranks (validate)
         "max_nonfinite_updates": at_least(int, 1),
-        # Megatron only (hydra_conf/learner/megatron.yaml); the hf learner recomputes whole layers.
+        # Megatron only (hydra_conf/learner/megatron.yaml), used when gradient_checkpointing is on;
+        # selective is refused with the TE layer spec (justrl.learner.megatron.model.recompute_setting:
+        # its fused attention has nothing to recompute). The hf learner recomputes whole layers.
         "recompute_granularity": Key(str, lambda v: v in ("full", "selective"), "must be full or selective"),
     },
     "cluster": {

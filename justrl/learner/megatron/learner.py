@@ -11,7 +11,8 @@ The same step as the `hf` learner (`justrl.learner.hf`), with Megatron-core's pa
   updates its shard of the fp32 master weights and Adam moments, and the bf16 weights are
   gathered back;
 - `learner.dtype=bfloat16`: bf16 weights and compute, fp32 master weights and optimizer state;
-- `learner.gradient_checkpointing`: full recomputation of every transformer layer;
+- `learner.gradient_checkpointing` (off by default: docs/megatron.md, 'Recomputation') with
+  `learner.recompute_granularity`: full recomputation of every layer, or selective (local spec only);
 - packed micro-batches: Transformer Engine's `thd` attention with cu_seqlens on GPUs; on a CPU
   (tests, the tiny experiment) the local layer spec with a block-diagonal mask (RoPE is relative,
   so a sequence's offset in its row does not change its attention);
@@ -38,7 +39,8 @@ from justrl.grpo import Sequence
 from justrl.learner.megatron import checkpoint
 from justrl.learner.megatron.adapter import hf_to_mcore, mcore_to_hf
 from justrl.learner.megatron.cpu import on_cpu_scope
-from justrl.learner.megatron.model import build_gpt_model, layer_spec, load_hf_state, read_shape
+from justrl.learner.megatron.model import (build_gpt_model, layer_spec, load_hf_state, read_shape,
+                                           recompute_setting)
 from justrl.learner.megatron.vocab_parallel import vocab_parallel_logprobs_entropy
 from justrl.learner.packing import MicroBatch
 from justrl.learner.step import (NonFiniteCounter, UpdateSettings, chunked_logprobs_entropy, constant_with_warmup,
@@ -126,7 +128,7 @@ class MegatronLearner:
         # residuals (replicated under plain TP) are split along the sequence, so a packed row is
         # padded to a multiple of TP (`forward`).
         self.sequence_parallel = tp > 1
-        recompute = learner.recompute_granularity if learner.gradient_checkpointing else False
+        recompute = recompute_setting(learner.gradient_checkpointing, learner.recompute_granularity, self.spec)
         gpt = build_gpt_model(self.shape, tp, spec=self.spec, params_dtype=params_dtype, on_cpu=True,
                               initialize=True, recompute=recompute, bf16=self.bf16, per_token_loss=True,
                               fusions=self.spec == "te", sequence_parallel=self.sequence_parallel)

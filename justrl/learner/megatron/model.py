@@ -29,9 +29,9 @@ def transformer_config(shape: Qwen2Shape, tp: int = 1, params_dtype: torch.dtype
     """Megatron's TransformerConfig for a Qwen2-shaped model.
 
     `recompute`: False (none), True or "full" (every layer's activations recomputed: least memory,
-    one extra forward), "selective" (only the attention core, Megatron's cheap default: most of the
-    memory saving of full recomputation where attention is not flash/fused, almost none of the
-    compute). `fusions`: Transformer Engine's fused RoPE, the fused bias-SwiGLU, the fused masked
+    one extra forward), "selective" (only the attention core, `recompute_modules=["core_attn"]`:
+    worth it only where attention keeps its L x L scores, i.e. the local spec; with Transformer
+    Engine's fused attention it saves nothing, see `recompute_setting`). `fusions`: Transformer Engine's fused RoPE, the fused bias-SwiGLU, the fused masked
     softmax and the fused bias-dropout-add (the "te" spec; the local spec on a CPU has no kernels
     for them). `sequence_parallel` (tp > 1; the local spec through
     `SequenceParallelRMSNorm`): norms and residuals split along the sequence instead of replicated; the packed rows must then
@@ -55,9 +55,37 @@ def transformer_config(shape: Qwen2Shape, tp: int = 1, params_dtype: torch.dtype
         sequence_parallel=sequence_parallel,
         recompute_granularity=recompute or None, recompute_method="uniform" if full else None,
         recompute_num_layers=1 if full else None, bf16=bf16,
+        # said explicitly: Megatron's own default for recompute_modules is ["core_attn"]
+        # (transformer_config.py ~1193), and selective is only ever that here
+        recompute_modules=["core_attn"] if recompute == "selective" else [],
         # the loss is already divided by the mini-batch's token count: DDP must sum, not average
         calculate_per_token_loss=per_token_loss,
     )
+
+
+SELECTIVE_WITH_FUSED_ATTENTION = (
+    "learner.recompute_granularity=selective recomputes only the core attention, which Transformer "
+    "Engine's fused/flash attention does not store (it keeps q, k, v, the output and the softmax "
+    "statistics either way; Megatron warns about exactly this, megatron/core/transformer/"
+    "transformer_config.py ~1224-1229): it would cost one more attention forward per layer and save "
+    "no memory. Use learner.gradient_checkpointing=false (the default for the 1.5B models at 16k "
+    "tokens, docs/megatron.md 'Recomputation') or learner.recompute_granularity=full")
+
+
+def recompute_setting(gradient_checkpointing: bool, granularity: str, spec: str) -> bool | str:
+    """`transformer_config(recompute=...)` from `learner.gradient_checkpointing` and
+    `learner.recompute_granularity`, for the layer spec in use ("te" or "local").
+
+    Selective recomputation is refused with the TE spec (its attention is fused: nothing to save,
+    see SELECTIVE_WITH_FUSED_ATTENTION); the local spec (CPU) materialises the attention scores, so
+    there it saves their L x L memory."""
+    if not gradient_checkpointing:
+        return False
+    if granularity == "selective" and spec == "te":
+        raise ValueError(SELECTIVE_WITH_FUSED_ATTENTION)
+    if granularity not in ("full", "selective"):
+        raise ValueError(f"learner.recompute_granularity must be full or selective, got {granularity!r}")
+    return granularity
 
 
 class SequenceParallelRMSNorm:
