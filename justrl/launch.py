@@ -108,6 +108,11 @@ def main(cfg: DictConfig) -> None:
     except (ConfigError, NonFiniteError, EngineError, RunLocked) as exc:
         log.error("%s", exc)
         sys.exit(f"justrl: {exc}")
+    except Exception as exc:
+        # The cause in one line first (a batch log holds every rank's traceback), then the traceback.
+        lines = [line for line in str(exc).splitlines() if line.strip()] or [""]
+        print(f"justrl: error: {type(exc).__name__}: {lines[0]}", file=sys.stderr, flush=True)
+        raise
 
 
 if __name__ == "__main__":

@@ -96,6 +96,10 @@ def init_distributed_from_slurm(cluster) -> int | None:
     return rank
 
 
+BATCH_SCRIPT_HANDLES_FAILURE = "JUSTRL_BATCH_SCRIPT_REQUEUES"
+"""Set to 1 by slurm/train.sbatch, which asks `python -m justrl.requeue` after the learner's step."""
+
+
 def run_in_allocation(cfg: DictConfig) -> None:
     """The loop, on this task of the job (every task of the learner's srun calls it)."""
     from justrl.trainer import train
@@ -114,6 +118,7 @@ def run_in_allocation(cfg: DictConfig) -> None:
              learner_world_size(cfg.cluster), [f"{p.node}:{list(p.gpu_ids)}" for p in placements])
     # GPU engines always run as srun steps of their node (also on this node): the step holds the
     # node's GPUs whatever this task was bound to. CPU engines run here, beside the learner.
+    from justrl.requeue import requeue_job
     from justrl.rollout import AllEnginesLost
 
     try:
@@ -122,6 +127,17 @@ def run_in_allocation(cfg: DictConfig) -> None:
     except AllEnginesLost as exc:  # the trainer has checkpointed every finished step
         if rank == 0:
             requeue_job(f"every rollout engine is lost ({str(exc).splitlines()[0]})", cfg.cluster.max_requeues)
+        raise
+    except Exception:
+        # Under submitit (no batch script of ours to ask after the step): a learner rank's error
+        # because a node of the job failed requeues the job; any other error does not.
+        if rank == 0 and os.environ.get(BATCH_SCRIPT_HANDLES_FAILURE) != "1":
+            from justrl.requeue import lost_nodes
+
+            lost = lost_nodes(nodes, os.environ["SLURM_JOB_ID"])
+            if lost:
+                requeue_job("node(s) " + ", ".join(f"{n} ({why})" for n, why in lost.items()) + " of the job failed",
+                            cfg.cluster.max_requeues)
         raise
 
 
@@ -182,26 +198,3 @@ def submit(cfg: DictConfig) -> str:
           f"job logs {run_dir / 'submitit'}; tensorboard --logdir {run_dir.parent}")
     return job.job_id
 
-
-def requeue_job(reason: str, max_requeues: int, env=os.environ) -> bool:
-    """Ask Slurm to requeue this job (`scontrol requeue`): it is stopped and starts again in the
-    same run directory, from its latest checkpoint. Bounded by `max_requeues` (the job's
-    SLURM_RESTART_COUNT so far); False, with the reason logged, outside a Slurm job or past the
-    bound. Used when the run cannot go on where it is (every rollout engine lost)."""
-    import subprocess
-
-    job, restarts = env.get("SLURM_JOB_ID"), int(env.get("SLURM_RESTART_COUNT") or 0)
-    if not job:
-        log.error("%s; not a Slurm job: relaunch the same command to resume from the latest checkpoint", reason)
-        return False
-    if restarts >= max_requeues:
-        log.error("%s; job %s not requeued: it was requeued %d times already (cluster.max_requeues=%d)", reason,
-                  job, restarts, max_requeues)
-        return False
-    result = subprocess.run(["scontrol", "requeue", job], capture_output=True, text=True, timeout=120)
-    if result.returncode != 0:
-        log.error("%s; `scontrol requeue %s` failed: %s", reason, job, result.stderr.strip()[:500])
-        return False
-    log.error("%s; requeued job %s (restart %d of at most %d): it resumes from the latest checkpoint", reason, job,
-              restarts + 1, max_requeues)
-    return True

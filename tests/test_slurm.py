@@ -83,6 +83,24 @@ def _job_log(tmp_path: Path) -> str:
     return log.read_text(errors="replace")[-5000:] if log.exists() else "(no job output)"
 
 
+def test_sbatch_train_that_fails_with_an_error_is_not_requeued_and_says_why(slurm, tmp_path):
+    """A learner that fails with an error (here a training file that does not exist), not a lost
+    node: train.sbatch asks `python -m justrl.requeue`, which probes the job's node (it answers)
+    and does not requeue; the job fails with the learner's status and its log names the cause in
+    one line before any traceback."""
+    missing = tmp_path / "no-such-problems.parquet"
+    job_id = _sbatch_train(tmp_path, f"data.train_path={missing}", "cluster.preflight=false", "trainer.val_every=0")
+    state = _wait_for(job_id, timeout_s=300)
+    text = _job_log(tmp_path)
+    assert state == "FAILED", text
+    assert "justrl: learner exit status 1" in text
+    assert f"no node of job {job_id} failed" in text and "not requeued" in text, text
+    cause = next((line for line in text.splitlines() if line.startswith("justrl: ") and str(missing) in line), None)
+    assert cause is not None, text
+    assert "Traceback" not in text.split(cause)[0]  # the cause comes first
+    assert "Restarts=0" in _job_info(job_id)
+
+
 def test_sbatch_train_on_a_cpu_node(slurm, tiny_model_dir, tmp_path):
     """`sbatch --nodes=1 --gpus-per-node=0 --cpus-per-task=2 slurm/train.sbatch experiment=tiny`, as
     the script's header shows it: the CPU branch (no learner GPUs) trains to the end and its last
