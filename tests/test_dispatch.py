@@ -122,6 +122,34 @@ def _engine_core_pid(engine: EngineProcess) -> int:
     raise AssertionError(f"no VLLM::EngineCore process in {engine.name}'s group {engine.process.pid}")
 
 
+def _generate_acting_when_engine1_holds_a_request(fleet, act, caplog):
+    """One step (KILL_SETTINGS) while a watcher thread calls `act()` once, as soon as engine1 holds a
+    request not yet answered; returns the step's results and whether `act` ran."""
+    acted = threading.Event()
+    stop = threading.Event()
+
+    def watch():
+        while not stop.is_set():
+            record = fleet.last_dispatch
+            if record is not None and any(tried and tried[-1] == "engine1" and record.engine_of[i] is None
+                                          for i, tried in enumerate(record.attempts)):
+                act()
+                acted.set()
+                return
+            time.sleep(0.002)
+
+    fleet.last_dispatch = None
+    watcher = threading.Thread(target=watch)
+    watcher.start()
+    try:
+        with caplog.at_level(logging.WARNING, logger="justrl.rollout"):
+            result = fleet.generate(PROMPTS, KILL_SETTINGS, SEEDS)
+    finally:
+        stop.set()
+        watcher.join()
+    return result, acted.is_set()
+
+
 def test_hung_engine_core_is_caught_by_progress_and_restarted(fleet, caplog):
     """SIGSTOP of engine1's engine core mid-step (the shape of a GPU hang): /health still answers,
     but engine1 completes nothing; after rollout.stall_timeout_s it is declared hung, its requests
@@ -133,31 +161,17 @@ def test_hung_engine_core_is_caught_by_progress_and_restarted(fleet, caplog):
     hung, restarts = fleet.hung, fleet.restarts
     state = {}
 
-    def stop_core_when_engine1_holds_a_request(stop):
-        while not stop.is_set():
-            record = fleet.last_dispatch
-            if record is not None and any(tried and tried[-1] == "engine1" and record.engine_of[i] is None
-                                          for i, tried in enumerate(record.attempts)):
-                os.kill(core, signal.SIGSTOP)
-                state["stopped_at"] = time.monotonic()
-                state["healthy_while_stopped"] = victim.client.healthy()
-                return
-            time.sleep(0.002)
+    def stop_core():
+        os.kill(core, signal.SIGSTOP)
+        state["healthy_while_stopped"] = victim.client.healthy()
 
     fleet.stall_timeout_s = 6.0
-    fleet.last_dispatch = None
-    stop = threading.Event()
-    stopper = threading.Thread(target=stop_core_when_engine1_holds_a_request, args=(stop,))
-    stopper.start()
     try:
-        with caplog.at_level(logging.WARNING, logger="justrl.rollout"):
-            result = fleet.generate(PROMPTS, KILL_SETTINGS, SEEDS)
+        result, stopped = _generate_acting_when_engine1_holds_a_request(fleet, stop_core, caplog)
     finally:
-        stop.set()
-        stopper.join()
         fleet.stall_timeout_s = None
     record = fleet.last_dispatch
-    assert "stopped_at" in state, "engine1 never held a request"
+    assert stopped, "engine1 never held a request"
     assert state["healthy_while_stopped"]  # what a /health check would have seen
     assert result == expected
     assert record.hung == ["engine1"] and record.failures == ["engine1"]
@@ -191,30 +205,10 @@ def test_lost_engines_are_dropped_and_the_last_one_lost_stops_the_fleet(fleet, c
     engine0, engine1 = fleet.engines
     _start_fails_as_on_a_down_node(engine1)
     restarts = fleet.restarts
-    state = {}
-
-    def kill_engine1_when_it_holds_a_request(stop):
-        while not stop.is_set():
-            record = fleet.last_dispatch
-            if record is not None and any(tried and tried[-1] == "engine1" and record.engine_of[i] is None
-                                          for i, tried in enumerate(record.attempts)):
-                os.killpg(engine1.process.pid, signal.SIGKILL)
-                state["killed"] = True
-                return
-            time.sleep(0.002)
-
-    fleet.last_dispatch = None
-    stop = threading.Event()
-    killer = threading.Thread(target=kill_engine1_when_it_holds_a_request, args=(stop,))
-    killer.start()
-    try:
-        with caplog.at_level(logging.WARNING, logger="justrl.rollout"):
-            result = fleet.generate(PROMPTS, KILL_SETTINGS, SEEDS)
-    finally:
-        stop.set()
-        killer.join()
+    result, killed = _generate_acting_when_engine1_holds_a_request(
+        fleet, lambda: os.killpg(engine1.process.pid, signal.SIGKILL), caplog)
     record = fleet.last_dispatch
-    assert state.get("killed"), "engine1 never held a request"
+    assert killed, "engine1 never held a request"
     assert result == expected
     # the kill, then max_restarts (1) failed start: two failures in a row, then dropped
     assert record.failures == ["engine1", "engine1"] and fleet.restarts == restarts + 1
