@@ -29,7 +29,11 @@ The step (256 prompts x 8 samples, responses up to 15,360 tokens):
 
 Modes: sync (max_policy_lag=0): rollout + train + sync. overlap (max_policy_lag=1):
 max(rollout, train + export) + the engines' load + check (the engines wait for nothing but the
-reload; the learner waits only when the rollout is longer than its update).
+reload; the learner waits only when the rollout is longer than its update). slept (justrl's
+colocated default, cluster.placement=colocated): every GPU generates, then every GPU trains;
+rollout + train + sync + the sleep mode's cost per step (the bf16 weights to host memory and back
+over PCIe, the KV pool's release and re-map, three HTTP calls); its engines hold 64 sequences
+each (2048 / 32) in rollout.gpu_memory_utilization=0.8.
 
 Inputs measured on this CPU (2026-11-22, see README) serve as checks of the model's structure,
 not as GPU inputs: benchmarks/overlap.py measures the CPU step time at lag 0 and 1, which the
@@ -95,6 +99,13 @@ SYSTEM = {
     "nccl_overhead": Assumption(1.0, "s", "assumption: start/update/finish round trips, packed buffers"),
     "check_s": Assumption(0.1, "s", "assumption: one probe forward per engine and on the learner"),
     "colocated_switch": Assumption(10.0, "s", "assumption: veRL hybrid engine: vLLM wake/sleep + in-memory resharding per step"),
+    # justrl colocated (cluster.placement=colocated, justrl/engine_phases.py): sleep(1), wake(weights),
+    # push, wake(kv_cache) per step, each engine on its own GPU at once
+    "gpu_mem_util_colocated": Assumption(0.8, "", "rollout.gpu_memory_utilization when colocated (docs/colocated.md)"),
+    "pcie_bw": Assumption(20e9, "B/s", "assumption: PCIe Gen4 x16 host<->GPU copies, pinned memory (~25 GB/s peak)"),
+    "sleep_wake_fixed": Assumption(2.0, "s", "assumption: vLLM's cumem unmap/remap of the KV cache pool and the scheduler's pause/resume, both directions"),
+    "engine_call_s": Assumption(0.05, "s", "the HTTP round trip of each /sleep and /wake_up call: at most ~0.02-0.05 s on this 2-core CPU (benchmarks/colocated_calls.py, docs/benchmarks.md)"),
+    "ipc_overhead": Assumption(1.0, "s", "assumption: CUDA IPC handles of every tensor to the engine on the same GPU, its copy at HBM speed (vLLM's ipc weight transfer; not implemented in justrl)"),
 }
 
 ATTN_FLOPS_PER_TOKEN_CTX = 4  # QK^T and AV: 2 matmuls x 2 FLOP per multiply-add, per layer x hidden x context
@@ -158,9 +169,18 @@ def sync_time(engines: int, hw: dict, transport: str) -> tuple[float, float]:
     export = w / SYSTEM["fs_write_bw"].value
     if transport == "files":
         load = engines * w / SYSTEM["fs_read_bw_total"].value + SYSTEM["reload_overhead"].value
+    elif transport == "ipc":  # from the learner rank on the same GPU: no filesystem read, no network
+        load = w / hw["hbm_bw"].value + SYSTEM["ipc_overhead"].value
     else:
         load = w / hw["nic_bw"].value + SYSTEM["nccl_overhead"].value
     return export, load + SYSTEM["check_s"].value
+
+
+def sleep_wake_time() -> float:
+    """justrl's colocated sleep(1) + wake(weights) + wake(kv_cache) of a step: the bf16 weights to
+    host memory and back over PCIe, the KV pool's unmap and remap, three calls."""
+    w = MODEL["params_total"].value * 2
+    return 2 * w / SYSTEM["pcie_bw"].value + SYSTEM["sleep_wake_fixed"].value + 3 * SYSTEM["engine_call_s"].value
 
 
 @dataclass(frozen=True)
@@ -168,8 +188,8 @@ class Placement:
     name: str
     learner_gpus: int
     engine_gpus: int
-    mode: str  # sync | overlap | colocated
-    transport: str = "files"  # files | nccl | memory (colocated)
+    mode: str  # sync | overlap | colocated (veRL's hybrid engine) | slept (justrl colocated: sleep mode)
+    transport: str = "files"  # files | nccl | ipc | memory (veRL)
     learner: str = "megatron"
 
 
@@ -182,16 +202,23 @@ def step_time(p: Placement, hw: dict, eff: float, lengths: np.ndarray) -> dict:
     if p.mode == "colocated":
         export, load = 0.0, SYSTEM["colocated_switch"].value
         total = roll + train + load
+    elif p.mode == "slept":
+        export, load = sync_time(p.engine_gpus, hw, p.transport)
+        load += sleep_wake_time()
+        total = roll + train + export + load
     else:
         export, load = sync_time(p.engine_gpus, hw, p.transport)
         total = roll + train + export + load if p.mode == "sync" else max(roll, train + export) + load
-    kv_room = hw["hbm_bytes"].value * SYSTEM["gpu_mem_util"].value - MODEL["params_total"].value * 2 - 2e9
+    util = SYSTEM["gpu_mem_util_colocated" if p.mode == "slept" else "gpu_mem_util"].value
+    kv_room = hw["hbm_bytes"].value * util - MODEL["params_total"].value * 2 - 2e9
     return {"rollout": roll, "train": train, "sync": export + load, "step": total, "kv_fits": kv_peak <= kv_room}
 
 
 PLACEMENTS = [
     Placement("authors: veRL, colocated on 32 (calibration)", 32, 32, "colocated", "memory", "fsdp"),
-    Placement("justrl today: 16 learner / 16 engines, sync, files", 16, 16, "sync", "files"),
+    Placement("justrl default: colocated on 32, sleep mode, files", 32, 32, "slept", "files"),
+    Placement("colocated on 32, sleep mode, CUDA IPC (not built)", 32, 32, "slept", "ipc"),
+    Placement("16 learner / 16 engines, sync, files", 16, 16, "sync", "files"),
     Placement("16 / 16, sync, nccl", 16, 16, "sync", "nccl"),
     Placement("16 / 16, overlap (lag 1), nccl", 16, 16, "overlap", "nccl"),
     Placement("12 / 20, overlap (lag 1), nccl", 12, 20, "overlap", "nccl"),

@@ -22,6 +22,7 @@ SCHEMA_NAME = "justrl_schema"
 VERIFIER_NAMES = ("dapo", "lenient")  # kept in step with justrl.reward.VERIFIERS by a test
 LEARNERS = ("hf", "megatron")
 CLUSTERS = ("local", "slurm")
+PLACEMENTS = ("colocated", "disaggregated")
 WEIGHT_SYNC_TRANSPORTS = ("files", "nccl")  # kept in step with justrl.weight_sync.TRANSPORTS by a test
 # Kept in step with justrl.data.PROMPT_FORMS by a test (importing justrl.data would import torch,
 # 3 s on a login node, for every `python -m justrl.launch`).
@@ -158,7 +159,10 @@ SCHEMA = {
         "name": one_of(CLUSTERS),
         "nodes": at_least(int, 1),
         "gpus_per_node": at_least(int, 0),
-        "learner_gpus": at_least(int, 0),  # and fits the nodes (validate)
+        # colocated: learner and engines share every GPU; disaggregated: the first learner_gpus
+        # GPUs train, the rest generate (justrl.placement)
+        "placement": one_of(PLACEMENTS),
+        "learner_gpus": at_least(int, 0),  # and fits the nodes, every GPU when colocated (validate)
         "partition": typed(Optional[str]),
         "account": typed(Optional[str]),
         "time_minutes": at_least(int, 1),
@@ -220,6 +224,13 @@ def learner_tasks_per_node(gpus_per_node: int, learner_gpus: int) -> int:
     return 1 if gpus_per_node == 0 else min(learner_gpus, gpus_per_node)
 
 
+def default_learner_gpus(placement: str, nodes: int, gpus_per_node: int) -> int:
+    """cluster.learner_gpus when not given: colocated, every GPU of the allocation (each also
+    serves an engine); disaggregated, half of them (the other half generates; 16 of 4 x 8)."""
+    gpus = nodes * gpus_per_node
+    return gpus if placement == "colocated" else (gpus + 1) // 2
+
+
 def allocation_parameters(exclusive: bool) -> dict:
     """sbatch settings beyond the task shape: requeue on pre-emption; keep the allocation when a
     node fails (`--no-kill`: Slurm then kills only the steps on that node, so a lost engine node
@@ -233,6 +244,11 @@ def allocation_parameters(exclusive: bool) -> dict:
 OmegaConf.register_new_resolver("justrl_allocation_parameters", allocation_parameters, replace=True)
 OmegaConf.register_new_resolver("justrl_none_if_zero", lambda v: None if v == 0 else v, replace=True)
 OmegaConf.register_new_resolver("justrl_learner_tasks_per_node", learner_tasks_per_node, replace=True)
+OmegaConf.register_new_resolver("justrl_learner_gpus", default_learner_gpus, replace=True)
+# rollout.gpu_memory_utilization by placement (justrl.memory_budget checks the colocated one).
+ENGINE_MEMORY_SHARE = {"disaggregated": 0.85, "colocated": 0.8}
+OmegaConf.register_new_resolver("justrl_engine_memory_share", lambda placement: ENGINE_MEMORY_SHARE[placement],
+                                replace=True)
 # The default benchmark_dir (hydra_conf/config.yaml, evaluate.yaml): the copy shipped in the package.
 OmegaConf.register_new_resolver("justrl_packaged_benchmarks", lambda: str(_packaged_benchmark_dir()), replace=True)
 
@@ -287,12 +303,37 @@ def validate(cfg: DictConfig) -> None:
                  f"got {cl.learner_gpus!r}")
     if cl.gpus_per_node > 0 and cl.learner_gpus == 0:
         e.append("cluster.learner_gpus: must be >= 1 when the nodes have GPUs, got 0")
+    e += colocation_errors(cl, r)
     learner_ranks = max(1, cl.learner_gpus)
     if lr.tensor_parallel_size >= 1 and learner_ranks % lr.tensor_parallel_size:
         e.append(f"learner.tensor_parallel_size: must divide the learner ranks (cluster.learner_gpus="
                  f"{cl.learner_gpus}, so {learner_ranks}), got {lr.tensor_parallel_size!r}")
     if e:
         raise ConfigError("invalid configuration:\n  " + "\n  ".join(e))
+
+
+def colocation_errors(cl, r) -> list[str]:
+    """What a colocated placement (learner and engines on the same GPUs, the engines asleep while
+    the learner trains) rules out."""
+    if cl.placement != "colocated":
+        return []
+    e = []
+    gpus = cl.nodes * cl.gpus_per_node
+    if cl.learner_gpus != gpus:
+        e.append(f"cluster.learner_gpus: must be every GPU (nodes * gpus_per_node = {gpus}) with "
+                 f"cluster.placement=colocated (each GPU trains and generates), got {cl.learner_gpus!r}; "
+                 f"cluster.placement=disaggregated splits them")
+    if r.max_policy_lag:
+        e.append("rollout.max_policy_lag: must be 0 with cluster.placement=colocated (the engines sleep while the "
+                 "learner trains, so nothing can generate meanwhile); the one-step overlap needs "
+                 f"cluster.placement=disaggregated, got {r.max_policy_lag!r}")
+    if r.weight_sync == "nccl" and cl.gpus_per_node:
+        # NCCL refuses a communicator with two ranks on one GPU ("Duplicate GPU detected",
+        # init.cc), and colocated, learner rank 0 and an engine worker share one.
+        e.append("rollout.weight_sync: nccl cannot run colocated (learner rank 0 and an engine share a GPU, and "
+                 "NCCL refuses two ranks of one group on one GPU); use files, or "
+                 "cluster.placement=disaggregated, got 'nccl'")
+    return e
 
 
 def compose(overrides: list[str] | None = None, config_name: str = "config") -> DictConfig:

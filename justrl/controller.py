@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig
 
+from justrl.engine_launch import SLEEP_MODE_ARGS
 from justrl.engines import EngineSpec, SamplingSettings, build_engines
 from justrl.evaluation import EvalItem, problem_seed, sample_and_grade, summarize
 from justrl.grpo import Sequence, group_advantages
@@ -40,7 +41,8 @@ class Controller:
         spec = EngineSpec(max_model_len=cfg.data.max_prompt_length + max(r.max_response_length, r.val_max_new_tokens),
                           dtype=r.dtype, seed=cfg.trainer.seed, tensor_parallel_size=r.tensor_parallel_size,
                           gpu_memory_utilization=r.gpu_memory_utilization, cpu_kv_cache_gb=r.cpu_kv_cache_gb,
-                          extra_args=tuple(r.engine_args) + engine_args_for(r.weight_sync),
+                          extra_args=tuple(r.engine_args) + engine_args_for(r.weight_sync)
+                          + (SLEEP_MODE_ARGS if cfg.cluster.placement == "colocated" else ()),
                           startup_timeout_s=r.startup_timeout_s, request_timeout_s=r.request_timeout_s,
                           srun_args=tuple(cfg.cluster.engine_srun_args))
         engines = build_engines(placements, spec, engine_logs, node_gpus=cfg.cluster.gpus_per_node, secret=secret)

@@ -34,6 +34,11 @@ LOG_PREFIX = "justrl-engine: "
 # vLLM's CPU build (0.32) crashes ("CPU Generator does not use offset") when a seeded request's
 # prefill is split by chunked prefill; CPU engines therefore run without chunked prefill.
 CPU_ENGINE_ARGS = ("--enforce-eager", "--no-enable-chunked-prefill")
+# vLLM's sleep mode (colocated placement): on GPUs it needs the cumem allocator this turns on;
+# vLLM's CPU platform refuses it ("Sleep mode is not supported on current platform",
+# vllm/config/model.py, is_sleep_mode_available), while its /sleep and /wake_up routes still
+# answer (the CPU worker does nothing), so a CPU engine runs without it.
+SLEEP_MODE_ARGS = ("--enable-sleep-mode",)
 SERVER_MODULE = "vllm.entrypoints.openai.api_server"
 
 
@@ -103,6 +108,9 @@ def plan_command(planned: list[int], vllm_args: list[str], env: dict, cuda: bool
                               f"the {len(planned)} planned GPU(s), tensor parallel size 1")
             args = _replace_arg(args, "--tensor-parallel-size", "1")
         args += [a for a in CPU_ENGINE_ARGS if a not in args]
+        if any(a in args for a in SLEEP_MODE_ARGS):
+            args = [a for a in args if a not in SLEEP_MODE_ARGS]
+            report["sleep_mode"] = "the CPU build has none: /sleep and /wake_up answer and keep the memory"
         env.setdefault("VLLM_CPU_KVCACHE_SPACE", str(cpu_kv_cache_gb))
         # No torch.compile in a CPU engine: the model already runs eagerly (--enforce-eager), and
         # the one compiled function left, vLLM's rank count for prompt log-probs (the weight

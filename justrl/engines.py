@@ -13,6 +13,9 @@ development endpoints on (`VLLM_SERVER_DEV_MODE=1`). `EngineClient` talks to it 
   the learner writes HF safetensors to the run directory on a filesystem every engine sees.
   vLLM's NCCL weight transfer (justrl.weight_sync) is the fast path on GPUs.
 - `GET /health`.
+- colocated (cluster.placement): `POST /sleep?level=1` after a step's rollouts, `POST
+  /wake_up?tags=weights` before its weights are pushed, `POST /wake_up?tags=kv_cache` after
+  (justrl.engine_phases owns the order).
 
 Every route of every engine asks for the run's secret (justrl.engine_auth): the server gets it in
 its environment and checks it in its `--middleware`; `EngineClient`'s session sends it with every
@@ -162,6 +165,29 @@ class EngineClient:
         workers = max(1, min(MAX_IN_FLIGHT_PER_ENGINE, len(prompts)))
         with ThreadPoolExecutor(max_workers=workers) as pool:
             return list(pool.map(lambda args: self.complete(args[0], settings, args[1]), zip(prompts, seeds)))
+
+    def sleep(self, level: int = 1) -> None:
+        """vLLM's sleep mode (`POST /sleep?level=`, a dev-mode route; vLLM 0.32's
+        entrypoints/serve/dev/sleep/api_router.py): the scheduler pauses (requests in flight are
+        aborted: call it between steps), and level 1 offloads the weights to host memory and
+        frees the KV cache (gpu_worker.sleep; the CPU worker logs "not supported" and keeps both)."""
+        self._post(f"/sleep?level={level}")
+
+    def wake_up(self, tags: tuple[str, ...] = ()) -> bool:
+        """`POST /wake_up?tags=...` (no tags: everything); True when the engine is fully awake
+        (every tag resident again: the scheduler resumes then, not before)."""
+        query = "&".join(f"tags={t}" for t in tags)
+        return self._post("/wake_up" + (f"?{query}" if query else "")).get("status") == "awake"
+
+    def is_sleeping(self) -> bool:
+        """`GET /is_sleeping`: asleep at any level (the scheduler paused, or memory released)."""
+        try:
+            response = self.session.get(f"{self.url}/is_sleeping", timeout=self.request_timeout_s)
+        except requests.RequestException as exc:
+            raise EngineError(f"{self.url}/is_sleeping: {type(exc).__name__}: {exc}") from exc
+        if response.status_code != 200:
+            raise EngineError(f"{self.url}/is_sleeping: HTTP {response.status_code}: {response.text[:300]}")
+        return bool(response.json()["is_sleeping"])
 
     def load_weights(self, weights_dir: str | Path) -> None:
         """Reload the model's weights in place from a directory of HF safetensors."""

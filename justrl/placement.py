@@ -77,13 +77,23 @@ def gpu_groups(gpus: list[int], tensor_parallel_size: int) -> list[tuple[int, ..
     return [tuple(gpus[i:i + tp]) for i in range(0, len(gpus) - tp + 1, tp)]
 
 
+def engine_gpus(cluster, node_index: int) -> list[int]:
+    """The GPUs of the job's node `node_index` that serve engines: all of them when colocated
+    (the learner ranks share them, the engines asleep while it trains); when disaggregated, those
+    past the allocation's first `cluster.learner_gpus`."""
+    per_node = cluster.gpus_per_node
+    if cluster.placement == "colocated":
+        return list(range(per_node))
+    return [g for g in range(per_node) if node_index * per_node + g >= cluster.learner_gpus]
+
+
 def local_placements(cluster, rollout) -> list[EnginePlacement]:
-    """The engines of a run on this machine: on a GPU machine, the GPUs after the learner's in
+    """The engines of a run on this machine: on a GPU machine, its engine GPUs (`engine_gpus`) in
     engines of `rollout.tensor_parallel_size`; on a CPU machine (gpus_per_node = 0),
     `rollout.engines` CPU engines."""
     if cluster.gpus_per_node == 0:
         return [EnginePlacement(None) for _ in range(rollout.engines)]
-    free = list(range(cluster.learner_gpus, cluster.gpus_per_node))
+    free = engine_gpus(cluster, 0)
     tp = rollout.tensor_parallel_size
     if len(free) < tp:
         raise ConfigError(f"cluster.learner_gpus={cluster.learner_gpus} of gpus_per_node={cluster.gpus_per_node} "
@@ -109,7 +119,8 @@ def allocation_nodes() -> list[str]:
 
 
 def plan_engines(cluster, rollout, nodes: list[str]) -> list[EnginePlacement]:
-    """Where each vLLM engine runs: the GPUs the learner does not use, cut into engines of
+    """Where each vLLM engine runs: each node's engine GPUs (`engine_gpus`: all of them when
+    colocated, those the learner does not use when disaggregated), cut into engines of
     `rollout.tensor_parallel_size` GPUs within a node (an engine never spans nodes)."""
     if cluster.gpus_per_node == 0:
         return [EnginePlacement(nodes[0], ()) for _ in range(rollout.engines)]
@@ -117,14 +128,25 @@ def plan_engines(cluster, rollout, nodes: list[str]) -> list[EnginePlacement]:
     if learner > per_node and learner % per_node:
         raise ConfigError(f"cluster.learner_gpus={learner}: must fill whole nodes of "
                           f"cluster.gpus_per_node={per_node} GPUs, or fit in one node")
+    if cluster.placement == "colocated" and per_node % tp:
+        raise ConfigError(f"rollout.tensor_parallel_size={tp}: must divide cluster.gpus_per_node={per_node} with "
+                          f"cluster.placement=colocated (every GPU serves an engine and a learner rank)")
     engines = []
     for index, node in enumerate(nodes[:cluster.nodes]):
-        free = [g for g in range(per_node) if index * per_node + g >= learner]
-        engines += [EnginePlacement(node, group) for group in gpu_groups(free, tp)]
+        engines += [EnginePlacement(node, group) for group in gpu_groups(engine_gpus(cluster, index), tp)]
     if not engines:
         raise ConfigError(f"no GPU left for rollouts: cluster.learner_gpus={learner} of "
                           f"{cluster.nodes} x {per_node}, rollout.tensor_parallel_size={tp}")
     return engines
+
+
+def colocated_partner(placements: list[EnginePlacement], node: str | None, gpu: int) -> str | None:
+    """The engine that shares GPU `gpu` of `node` with a learner rank (colocated), as
+    `engine<i>`; None: no engine uses it."""
+    for i, p in enumerate(placements):
+        if p.node == node and gpu in p.gpu_ids:
+            return f"engine{i}"
+    return None
 
 
 def learner_tasks(cluster) -> tuple[int, int]:
@@ -317,3 +339,26 @@ def pin_socket_interfaces(env=None) -> dict[str, str]:
     added = {var: name for var in ("GLOO_SOCKET_IFNAME", "NCCL_SOCKET_IFNAME") if name and not env.get(var)}
     env.update(added)
     return added
+
+
+def main(argv: list[str]) -> int:
+    """`python -m justrl.placement <overrides>`: the learner's srun shape for slurm/train.sbatch,
+    `<nodes> <tasks per node>`, from the composed config (an invalid one: its error, exit 2)."""
+    import sys
+
+    from justrl.config import compose
+
+    try:
+        cfg = compose(argv)
+    except ConfigError as exc:
+        print(f"justrl: {exc}", file=sys.stderr)
+        return 2
+    nodes, tasks = learner_tasks(cfg.cluster)
+    print(nodes, tasks)
+    return 0
+
+
+if __name__ == "__main__":
+    import sys
+
+    sys.exit(main(sys.argv[1:]))

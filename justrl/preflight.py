@@ -33,7 +33,10 @@ Each node checks, and the first node prints one table (a row per node):
 - model and tokenizer: model.path readable (config, every weight file) and its tokenizer loads;
 - engine guard: a line per node under the table: the address its engines will listen on (its
   name as the first node resolves it; 127.0.0.1 for CPU engines beside the learner) and that the
-  engines' guard (justrl.engine_auth, every route asks for the job's secret) loads there.
+  engines' guard (justrl.engine_auth, every route asks for the job's secret) loads there;
+- memory (cluster.placement=colocated on GPUs): one line with each GPU's budget, the engine's
+  share and the learner rank's state while generating, the learner's peak and the sleeping
+  engine while training (justrl.memory_budget: an estimate, said to be one; not a failed check).
 A failed check exits non-zero naming the node and the check, before any training starts.
 """
 from __future__ import annotations
@@ -232,7 +235,7 @@ def _finish(cfg: DictConfig, nodes: list[str], reports: dict[str, dict], exchang
     failures += [(node, "engine_guard", reports[node]["engine_guard"]["text"]) for node in nodes
                  if node in reports and not reports[node].get("engine_guard", passed(""))["ok"]]
     table = _table(cfg, nodes, reports)
-    lines = [table, *_engine_lines(cfg, nodes, reports)]
+    lines = [table, *_engine_lines(cfg, nodes, reports), *_memory_lines(cfg)]
     if failures:
         lines += [f"preflight FAILED on node {node}: check {check}: {text}" for node, check, text in failures]
     else:
@@ -311,6 +314,32 @@ def _engine_lines(cfg: DictConfig, nodes: list[str], reports: dict[str, dict]) -
                      f"{guard['text'] if guard['ok'] else 'FAIL: ' + guard['text']} (every route asks for the "
                      f"job's secret)")
     return lines
+
+
+def _memory_lines(cfg: DictConfig) -> list[str]:
+    """Colocated GPUs: the memory budget of each GPU (learner rank + engine; justrl.memory_budget),
+    an estimate from the model's config.json; a line that says so when it does not fit."""
+    cl = cfg.cluster
+    if cl.placement != "colocated" or not cl.gpus_per_node:
+        return []
+    from justrl.memory_budget import ModelShape, colocated_budget
+
+    try:
+        shape = ModelShape.from_hf_config(_model_config(cfg.model.path))
+    except (OSError, ValueError, KeyError) as exc:
+        return [f"memory per GPU (colocated): not estimated, the model's config.json is not readable here ({exc})"]
+    budget = colocated_budget(shape, cl, cfg.rollout, cfg.learner)
+    return [f"each of the {cl.nodes * cl.gpus_per_node} GPUs: one learner rank and its engine's share; " + budget.line()]
+
+
+def _model_config(path: str) -> dict:
+    """The model's config.json: in its directory, or in the local Hugging Face cache for a hub id."""
+    local = Path(path) / "config.json"
+    if local.is_file():
+        return json.loads(local.read_text())
+    from huggingface_hub import hf_hub_download
+
+    return json.loads(Path(hf_hub_download(path, "config.json", local_files_only=True)).read_text())
 
 
 def _cell(report: dict, check: str) -> str:

@@ -338,11 +338,28 @@ class RolloutFleet:
         """Every live engine (or those given) reloads its weights from `weights_dir` (in place); one
         that cannot be brought back is dropped (AllEnginesLost when none is left)."""
         self.weights_dir = Path(weights_dir)
+        self.each(lambda c: c.load_weights(self.weights_dir), engines)
+
+    def sleep(self, level: int = 1) -> None:
+        """Every live engine goes to sleep (colocated, while the learner trains: vLLM's sleep mode
+        frees its GPU memory; justrl.engine_phases)."""
+        self.each(lambda c: c.sleep(level))
+
+    def wake(self, tags: tuple[str, ...] = ()) -> None:
+        """Every live engine wakes `tags` ("weights", "kv_cache"; none: all). An engine that fails
+        to wake, or died asleep, is restarted from `weights_dir` (it comes up awake, serving the
+        version the next push replaces) and the wake is retried on it (harmless on an awake one)."""
+        self.each(lambda c: c.wake_up(tags))
+
+    def each(self, work, engines: list[EngineProcess] | None = None) -> None:
+        """`work(client)` on every live engine (or those given) at once, each restarted and retried
+        as `_on_engine` does; one that cannot be brought back is dropped (AllEnginesLost when none
+        is left). A refused request (HTTP 4xx) is raised."""
         targets = self.live_engines if engines is None else engines
 
-        def load(engine: EngineProcess) -> EngineError | None:
+        def run(engine: EngineProcess) -> EngineError | None:
             try:
-                self._on_engine(engine, lambda c: c.load_weights(self.weights_dir))
+                self._on_engine(engine, work)
             except EngineRequestError:
                 raise
             except EngineError as exc:
@@ -350,7 +367,7 @@ class RolloutFleet:
             return None
 
         with ThreadPoolExecutor(max_workers=len(targets)) as pool:
-            errors = list(pool.map(load, targets))
+            errors = list(pool.map(run, targets))
         for engine, error in zip(targets, errors):
             if error is not None:
                 self._drop(engine, self.max_restarts + 1, error)

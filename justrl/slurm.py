@@ -35,7 +35,8 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 
 from justrl.config import ConfigError, allocation_parameters
-from justrl.placement import (EnginePlacement, allocation_nodes, cuda_facts, emulated_gpus, learner_device_index,
+from justrl.placement import (EnginePlacement, allocation_nodes, colocated_partner, cuda_facts, emulated_gpus,
+                              learner_device_index,
                               learner_rank, learner_tasks, learner_world_size, no_cuda_message, plan_engines,
                               rendezvous_host, rendezvous_port)
 
@@ -45,19 +46,39 @@ log = logging.getLogger(__name__)
 LEARNER_LOG_PREFIX = "justrl-learner: "
 
 
-def report_learner_rank(rank: int, world_size: int, local_rank: int, compute: str) -> None:
+def report_learner_rank(rank: int, world_size: int, local_rank: int, compute: str, gpu: str | None = None,
+                        partner: str | None = None) -> None:
     """One line per learner rank at start-up, `justrl-learner: {json}` on stdout (the task's
     log, before any logging is set up): where it runs and the devices it sees, read from its
-    own environment, and what it computes on."""
+    own environment, and what it computes on; `gpu`: the CUDA_VISIBLE_DEVICES entry it trains
+    on; `partner`: colocated, the engine planned on that GPU."""
     print(LEARNER_LOG_PREFIX + json.dumps({
         "rank": rank, "world_size": world_size, "local_rank": local_rank, "hostname": socket.gethostname(),
         "slurm_node": os.environ.get("SLURMD_NODENAME"), "slurm_job": os.environ.get("SLURM_JOB_ID"),
         "job_nodelist": os.environ.get("SLURM_JOB_NODELIST"),
         "slurm_step": os.environ.get("SLURM_STEP_ID"), "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),
-        "compute": compute}, sort_keys=True), flush=True)
+        "gpu": gpu, "partner_engine": partner, "compute": compute}, sort_keys=True), flush=True)
 
 
-def init_distributed_from_slurm(cluster) -> int | None:
+def learner_gpu(cluster, rollout, local_rank: int) -> tuple[str | None, str | None]:
+    """(the CUDA_VISIBLE_DEVICES entry this learner task trains on, the engine planned on it when
+    colocated), from this task's own environment; (None, None) on a CPU allocation."""
+    from justrl.engine_launch import visible_devices
+
+    if not cluster.gpus_per_node:
+        return None, None
+    visible = visible_devices(os.environ)
+    index = learner_device_index(visible, local_rank)
+    gpu = visible[index] if visible is not None else str(index)
+    partner = None
+    if cluster.placement == "colocated":
+        here = os.environ.get("SLURMD_NODENAME")
+        # planned indices count the node's GPUs as the step sees them (justrl.engine_launch)
+        partner = colocated_partner(plan_engines(cluster, rollout, allocation_nodes()), here, index)
+    return gpu, partner
+
+
+def init_distributed_from_slurm(cluster, rollout) -> int | None:
     """torch.distributed over the job's learner tasks (env:// with Slurm's ranks); returns this
     task's learner rank, None for a task that is not a learner (it should exit)."""
     import torch
@@ -86,7 +107,8 @@ def init_distributed_from_slurm(cluster) -> int | None:
         compute = "the CPU over gloo (emulated GPUs: JUSTRL_EMULATED_GPUS=1, torch.cuda is unavailable)"
     else:
         compute = "the CPU over gloo"
-    report_learner_rank(rank, world_size, local_rank, compute)
+    gpu, partner = learner_gpu(cluster, rollout, local_rank)
+    report_learner_rank(rank, world_size, local_rank, compute, gpu, partner)
     if world_size == 1:
         return rank
     os.environ.update(MASTER_ADDR=rendezvous_host(allocation_nodes()),
@@ -108,7 +130,7 @@ def run_in_allocation(cfg: DictConfig) -> None:
     from justrl.preflight import run_in_job
 
     run_in_job(cfg)  # rank 0 runs justrl.preflight on every node; all tasks stop if it failed
-    rank = init_distributed_from_slurm(cfg.cluster)
+    rank = init_distributed_from_slurm(cfg.cluster, cfg.rollout)
     if rank is None:
         return
     nodes = allocation_nodes()

@@ -43,6 +43,7 @@ from justrl.controller import Controller
 from justrl.data import PromptSampler, load_training_set, validation_sets
 from justrl.dist_groups import control_group
 from justrl.engine_auth import job_secret
+from justrl.engine_phases import EnginePhases
 from justrl.learner import build_learner
 from justrl.models import resolve_model_path
 from justrl.placement import EnginePlacement
@@ -219,12 +220,16 @@ def _train(cfg: DictConfig, engine_placements: list[EnginePlacement] | None) -> 
         return run.root
     # Start-up overlap: a fresh run's engines serve the model directory itself, so rank 0 starts
     # them (vLLM's server takes ~35 s on a CPU) while the learner builds and the data loads; a
-    # resumed run's engines wait for the learner's export of the checkpoint.
+    # resumed run's engines wait for the learner's export of the checkpoint. Colocated, the
+    # engines start after the learner is built, never beside it: vLLM sizes its KV cache from
+    # the GPU memory it sees while it profiles (vllm/v1/worker/utils.py request_memory), which
+    # the learner rank on the same GPU would be allocating at the same time.
+    colocated = cfg.cluster.placement == "colocated"
     controller = engines_starting = None
     placements = engine_placements or [EnginePlacement(None) for _ in range(cfg.rollout.engines)]
     # The engines' secret: created here, at the run's start, read back by a requeued job (justrl.engine_auth).
     secret = job_secret(run.root) if rank == 0 else None
-    if rank == 0 and not resume:
+    if rank == 0 and not resume and not colocated:
         controller = Controller(cfg, tokenizer, Path(model_path), placements, run.engine_logs, run.weights, secret)
         engines_starting = ThreadPoolExecutor(max_workers=1, thread_name_prefix="justrl-start")
         engines_started = engines_starting.submit(controller.start)
@@ -287,6 +292,7 @@ def _train(cfg: DictConfig, engine_placements: list[EnginePlacement] | None) -> 
                 engines_starting.shutdown()
         weight_sync.fleet = controller.fleet
     total_steps = _broadcast(total_steps)
+    phases = EnginePhases(controller.fleet if rank == 0 else None, colocated, _barrier)
 
     saved_step = start_step
 
@@ -358,34 +364,32 @@ def _train(cfg: DictConfig, engine_placements: list[EnginePlacement] | None) -> 
                 raise AllEnginesLost(lost)
 
             t0 = time.perf_counter()
-            # On-policy (nothing generating meanwhile): this machine's CPU engines are frozen while
-            # the learner trains and writes the new version, so that they take none of its cores
-            # (RolloutFleet.freeze); they are thawed just before the weights go into them. A
-            # thawed engine's worker spins on its queue for up to a second: beside it, the
-            # learner's probe forward took 0.22 s instead of 3 ms on a 2-core machine.
-            frozen = rank == 0 and pending is None
-            if frozen:
-                controller.fleet.freeze()
+            # On-policy (nothing generating meanwhile) the engines rest while the learner trains and
+            # writes the new version (justrl.engine_phases): colocated, they sleep and give the GPU's
+            # memory to the learner rank beside them; this machine's CPU engines are frozen so
+            # that they take none of its cores (a thawed engine's worker spins on its queue for up
+            # to a second: beside it, the learner's probe forward took 0.22 s instead of 3 ms on
+            # a 2-core machine). They wake for the new weights, then for the next rollouts.
+            phases.rest(generating=pending is not None)
 
             def before_push() -> None:
-                """Rank 0, after the export and before the engines are touched: lag 1 waits for the
-                next step's batch (generated with the old weights); on-policy thaws the engines."""
+                """After the export and before the engines are touched: lag 1 waits (rank 0) for the
+                next step's batch (generated with the old weights); on-policy wakes the engines."""
                 nonlocal ahead, pending, learner_wait
                 if pending is not None:
                     t = time.perf_counter()
                     ahead = pending.result()
                     pending = None
                     learner_wait += time.perf_counter() - t
-                if frozen:
-                    controller.fleet.thaw()
+                phases.wake_for_weights()
 
             try:
                 train_metrics = learner.train_step(sequences)
                 t1 = time.perf_counter()
-                sync_metrics = weight_sync.sync(step, before_push=before_push)
-            finally:
-                if frozen:
-                    controller.fleet.thaw()  # harmless on thawed engines
+                sync_metrics = weight_sync.sync(step, before_push=before_push, after_push=phases.wake_for_rollouts)
+            except BaseException:
+                phases.abort()
+                raise
             t2 = time.perf_counter()
 
             if rank == 0:

@@ -356,11 +356,13 @@ class WeightSync:
         out = version_dir(self.root, step) if self.rank == 0 else None
         return self.learner.export_hf(out, self.tokenizer, self.dtype)
 
-    def sync(self, step: int, before_push=None) -> dict[str, float]:
+    def sync(self, step: int, before_push=None, after_push=None) -> dict[str, float]:
         """Write version `step`, move it into every engine, check, retire old versions.
 
-        `before_push` (rank 0): called after the export and before the engines are touched, e.g. to
-        wait for a rollout still generating with the previous weights (rollout.max_policy_lag=1).
+        `before_push` (every rank): called after the export and before the engines are touched,
+        e.g. to wait for a rollout still generating with the previous weights
+        (rollout.max_policy_lag=1), or to wake sleeping engines (justrl.engine_phases);
+        `after_push` (every rank): after the push, before the check.
         Returns timing metrics (rank 0; empty elsewhere). Raises WeightSyncError on a mismatch."""
         t0 = time.perf_counter()
         path = self.export(step)
@@ -369,7 +371,7 @@ class WeightSync:
         # machine's CPU engines frozen until `before_push`; see justrl.trainer).
         reference = learner_probe_logprobs(self.learner, self.probe_ids) if self.check else None
         t1 = time.perf_counter()
-        if self.rank == 0 and before_push is not None:
+        if before_push is not None:
             before_push()
         t2 = time.perf_counter()
         if self.rank == 0:
@@ -378,6 +380,8 @@ class WeightSync:
             except EnginePushError as exc:
                 self._recover(exc, path, step)
             self.fleet.weights_dir = Path(path)
+        if after_push is not None:
+            after_push()
         t3 = time.perf_counter()
         if self.check:
             self.verify(step, reference)

@@ -1,8 +1,10 @@
 """The three launch paths on an emulated 2-node x 4-GPU Slurm cluster (real Slurm, one network + UTS
 namespace per node, fake GPU device files: slurm/setup_emulated_cluster.sh), with CPU compute.
 
-The tiny experiment, placed as on a GPU cluster: cluster.learner_gpus=4 fills node 1 (4 learner ranks,
-gloo), and node 2's 4 GPUs serve 2 vLLM engines of rollout.tensor_parallel_size=2 (CPU build).
+The tiny experiment, placed as on a GPU cluster, disaggregated: cluster.learner_gpus=4 fills node 1
+(4 learner ranks, gloo), and node 2's 4 GPUs serve 2 vLLM engines of rollout.tensor_parallel_size=2
+(CPU build); and colocated (the recipe's default): 8 learner ranks, one per GPU of both nodes, and
+one TP=4 engine a node on the same GPUs, asleep while the learner trains.
 Each test reads from the processes themselves (their `justrl-learner:` / `justrl-engine:` start-up
 lines) the learner's world size and where each rank ran, and that every engine ran on the planned
 node with exactly its planned GPUs, distinct from the others'.
@@ -38,8 +40,8 @@ GPUS = 4
 # Learner on the job's node 1 (all 4 GPUs), two TP=2 engines on its node 2 (by index in the job).
 PLANNED_ENGINES = {"engine0": (1, "0,1"), "engine1": (1, "2,3")}
 SHAPE = ["experiment=tiny", "cluster=slurm", "cluster.nodes=2", f"cluster.gpus_per_node={GPUS}",
-         "cluster.learner_gpus=4", "cluster.cpus_per_task=2", "rollout.tensor_parallel_size=2",
-         "trainer.val_every=0", "trainer.val_before_train=false"]
+         "cluster.placement=disaggregated", "cluster.learner_gpus=4", "cluster.cpus_per_task=2",
+         "rollout.tensor_parallel_size=2", "trainer.val_every=0", "trainer.val_before_train=false"]
 
 
 def _emu_env() -> dict:
@@ -312,3 +314,51 @@ def test_multirun_two_ablations_hydra_submitit_two_nodes(emu, random_tiny_model_
         _check_engines(run, engine_job, job_nodes[engine_job])
     assert "reward/overlong_penalty" in read_scalars(runs["0-length_penalty"])
     assert "verifier lenient" in (runs["1-lenient"] / "train.log").read_text()
+
+
+@pytest.mark.timeout(3600)  # 2-node jobs with vLLM start-ups; slow on a shared 2-core machine
+def test_sbatch_colocated_every_gpu_trains_and_generates(emu, random_tiny_model_dir, tmp_path):
+    """`sbatch slurm/train.sbatch` colocated (cluster=slurm's default) on 2 x 4 GPUs: 8 learner
+    ranks, 4 a node, each on its own GPU; one engine of 4 GPUs a node on the same GPUs. Every rank
+    and every engine says from its own environment which GPUs it has, so each rank is checked to
+    share its GPU with its planned partner on its node; every step each engine is put to sleep,
+    woken for the weights, reloaded and woken for its KV cache, in that order (its own log)."""
+    from test_train_e2e import phase_calls
+
+    run, steps = tmp_path / "run", 3
+    job_id = subprocess.run(
+        ["sbatch", "--parsable", "--nodes=2", f"--gpus-per-node={GPUS}", "-J", "justrl-emu-colocated",
+         f"--output={tmp_path / 'slurm.out'}", str(REPO / "slurm" / "train.sbatch"), "experiment=tiny",
+         "cluster.cpus_per_task=2", f"rollout.tensor_parallel_size={GPUS}", "trainer.val_every=0",
+         "trainer.val_before_train=false", f"model.path={random_tiny_model_dir}", f"trainer.total_steps={steps}",
+         f"trainer.output_dir={run}"],
+        cwd=REPO, env=emu, check=True, capture_output=True, text=True).stdout.strip().split(";")[0]
+    state = _wait_done(emu, job_id, 2400, lambda: _sbatch_out(tmp_path)[-4000:])
+    out = _sbatch_out(tmp_path)
+    assert state == "COMPLETED", out[-4000:]
+    assert f"2 node(s) x {GPUS} GPU(s); learner 2 node(s) x {GPUS} task(s) x 2 CPU(s)" in out
+    ranks = [r for r in _lines(out, "justrl-learner") if r["slurm_job"] == job_id]
+    assert sorted(r["rank"] for r in ranks) == list(range(2 * GPUS)), out[-3000:]
+    nodes = subprocess.run(["scontrol", "show", "hostnames", ranks[0]["job_nodelist"]], env=emu, check=True,
+                           capture_output=True, text=True).stdout.split()
+    engines = {}
+    for i in range(2):
+        (start,) = [s for s in _lines((run / "engines" / f"engine{i}.log").read_text(), "justrl-engine")
+                    if s["slurm_job"] == job_id]
+        assert start["hostname"] == start["slurm_node"] == nodes[i] and start["compute"] == "cpu", start
+        assert start["cuda_visible_devices"] == "0,1,2,3" and start["planned_gpus"] == [0, 1, 2, 3]
+        engines[f"engine{i}"] = (start["hostname"], start["cuda_visible_devices"].split(","))
+    for r in ranks:
+        node_index = r["rank"] // GPUS
+        assert r["world_size"] == 2 * GPUS and r["hostname"] == r["slurm_node"] == nodes[node_index], r
+        assert r["local_rank"] == r["rank"] % GPUS and r["gpu"] == str(r["local_rank"]), r
+        assert r["partner_engine"] == f"engine{node_index}", r
+        host, gpus = engines[r["partner_engine"]]
+        assert host == r["hostname"] and r["gpu"] in gpus  # the GPU its partner engine holds, on its node
+    assert sorted((r["hostname"], r["gpu"]) for r in ranks) == sorted((h, g) for h, gs in engines.values() for g in gs)
+    for i in range(2):
+        log = (run / "engines" / f"engine{i}.log").read_text()
+        assert phase_calls(log) == ["sleep", "wake weights", "reload", "reset cache", "wake kv_cache"] * steps, i
+    assert "each of the 8 GPUs: one learner rank and its engine's share; memory per GPU" in out  # the preflight
+    assert [s for s, _ in read_scalars(run)["reward/mean"]] == list(range(1, steps + 1))
+    assert "restarting it" not in (run / "train.log").read_text()

@@ -14,16 +14,49 @@ from justrl.slurm import executor_parameters
 NODES = ["n1", "n2", "n3", "n4"]
 
 
-def test_recipe_layout_4x8_gpus_16_learner_16_engines():
+def test_recipe_layout_4x8_gpus_colocated_every_gpu_trains_and_generates():
+    """The recipe's default, as the authors ran it: 32 learner ranks (one per GPU, 8 a node on all
+    4 nodes) and 32 TP=1 engines, one on each GPU; each rank's partner is the engine on its GPU."""
+    from justrl.placement import colocated_partner
+
     cfg = compose([])  # the recipe's default: cluster=slurm
-    assert cfg.cluster.name == "slurm"
+    assert cfg.cluster.name == "slurm" and cfg.cluster.placement == "colocated"
+    assert cfg.cluster.learner_gpus == 32 and learner_tasks(cfg.cluster) == (4, 8)
+    assert cfg.rollout.gpu_memory_utilization == 0.8  # a learner rank shares each GPU (docs/colocated.md)
+    engines = plan_engines(cfg.cluster, cfg.rollout, NODES)
+    assert [(e.node, e.gpu_ids) for e in engines] == [(n, (g,)) for n in NODES for g in range(8)]
+    assert colocated_partner(engines, "n3", 5) == "engine21" and colocated_partner(engines, "n5", 0) is None
+    tp4 = compose(["cluster=slurm", "rollout.tensor_parallel_size=4"])
+    engines = plan_engines(tp4.cluster, tp4.rollout, NODES)
+    assert [(e.node, e.gpu_ids) for e in engines] == [(n, g) for n in NODES for g in ((0, 1, 2, 3), (4, 5, 6, 7))]
+    assert [colocated_partner(engines, "n2", g) for g in (3, 4)] == ["engine2", "engine3"]
+
+
+def test_disaggregated_layout_4x8_gpus_16_learner_16_engines():
+    cfg = compose(["cluster=slurm", "cluster.placement=disaggregated"])
+    assert cfg.cluster.learner_gpus == 16 and cfg.rollout.gpu_memory_utilization == 0.85
     assert learner_tasks(cfg.cluster) == (2, 8)
     engines = plan_engines(cfg.cluster, cfg.rollout, NODES)
     assert [(e.node, e.gpu_ids) for e in engines] == [(n, (g,)) for n in ("n3", "n4") for g in range(8)]
 
 
+def test_colocated_refuses_what_cannot_share_a_gpu():
+    """Colocated: every GPU is a learner rank's; no overlap (the engines sleep while it trains);
+    no NCCL weight transfer (NCCL refuses two ranks of one group on one GPU); engines tile the node."""
+    for override, key in [("cluster.learner_gpus=16", "cluster.learner_gpus: must be every GPU"),
+                          ("rollout.max_policy_lag=1", "rollout.max_policy_lag: must be 0 with cluster.placement=colocated"),
+                          ("rollout.weight_sync=nccl", "rollout.weight_sync: nccl cannot run colocated")]:
+        with pytest.raises(ConfigError, match=key):
+            compose(["cluster=slurm", override])
+        compose(["cluster=slurm", "cluster.placement=disaggregated", override])  # fine when disaggregated
+    cfg = compose(["cluster=slurm", "rollout.tensor_parallel_size=3"])
+    with pytest.raises(ConfigError, match="tensor_parallel_size=3: must divide cluster.gpus_per_node=8"):
+        plan_engines(cfg.cluster, cfg.rollout, NODES)
+
+
 def test_engine_tensor_parallel_and_partial_learner_node():
-    cfg = compose(["cluster=slurm", "cluster.nodes=2", "cluster.learner_gpus=4", "rollout.tensor_parallel_size=2"])
+    cfg = compose(["cluster=slurm", "cluster.placement=disaggregated", "cluster.nodes=2", "cluster.learner_gpus=4",
+                   "rollout.tensor_parallel_size=2"])
     assert learner_tasks(cfg.cluster) == (1, 4)
     engines = plan_engines(cfg.cluster, cfg.rollout, NODES[:2])
     assert [(e.node, e.gpu_ids) for e in engines] == [("n1", (4, 5)), ("n1", (6, 7)), ("n2", (0, 1)),
@@ -31,10 +64,11 @@ def test_engine_tensor_parallel_and_partial_learner_node():
 
 
 def test_bad_splits_are_refused_with_the_key():
-    cfg = compose(["cluster=slurm", "cluster.learner_gpus=12"])
+    cfg = compose(["cluster=slurm", "cluster.placement=disaggregated", "cluster.learner_gpus=12"])
     with pytest.raises(ConfigError, match="cluster.learner_gpus=12: must fill whole nodes"):
         plan_engines(cfg.cluster, cfg.rollout, NODES)
-    cfg = compose(["cluster=slurm", "cluster.nodes=2"])  # 16 learner GPUs of 16
+    cfg = compose(["cluster=slurm", "cluster.placement=disaggregated", "cluster.nodes=2",
+                   "cluster.learner_gpus=16"])  # 16 learner GPUs of 16
     with pytest.raises(ConfigError, match="no GPU left for rollouts"):
         plan_engines(cfg.cluster, cfg.rollout, NODES[:2])
 
@@ -51,7 +85,9 @@ def test_submitit_parameters_follow_the_cluster_config():
     params = executor_parameters(cfg.cluster, "run")
     assert params["nodes"] == 4 and params["tasks_per_node"] == 8 and params["gpus_per_node"] == 8
     assert params["slurm_partition"] == "gpu" and params["slurm_account"] == "proj"
-    assert params["slurm_srun_args"] == ["--nodes=2", "--ntasks=16"]  # learner tasks on the first 2 nodes
+    assert "slurm_srun_args" not in params  # colocated: learner tasks on every node
+    split = executor_parameters(compose(["cluster=slurm", "cluster.placement=disaggregated"]).cluster, "run")
+    assert split["slurm_srun_args"] == ["--nodes=2", "--ntasks=16"]  # learner tasks on the first 2 nodes
     # whole nodes with their memory: the engine steps use what the learner tasks do not ask for
     assert params["slurm_additional_parameters"] == {"requeue": True, "no_kill": True, "exclusive": True, "mem": "0"}
     assert params["cpus_per_task"] * params["tasks_per_node"] == 64  # fits an 8-GPU node of 64+ cores
@@ -63,6 +99,10 @@ def test_local_gpu_placement():
     cfg = compose(["cluster=local", "cluster.gpus_per_node=8", "cluster.learner_gpus=4",
                    "rollout.tensor_parallel_size=2"])
     assert local_placements(cfg.cluster, cfg.rollout) == [EnginePlacement(None, (4, 5)), EnginePlacement(None, (6, 7))]
+    shared = compose(["cluster=local", "cluster.placement=colocated", "cluster.gpus_per_node=4",
+                      "cluster.learner_gpus=4", "rollout.tensor_parallel_size=2"])
+    assert local_placements(shared.cluster, shared.rollout) == [EnginePlacement(None, (0, 1)),
+                                                                EnginePlacement(None, (2, 3))]
     cpu = compose(["cluster=local", "rollout.engines=2"])
     assert local_placements(cpu.cluster, cpu.rollout) == [EnginePlacement(None, ())] * 2  # CPU: rollout.engines
     assert gpu_groups([0, 1, 2, 3, 4], 2) == [(0, 1), (2, 3)]  # evaluation's engines; a remainder is unused
@@ -79,9 +119,13 @@ def test_hydra_submitit_extra_tasks_are_not_learner_ranks():
 
     from justrl.placement import learner_rank, learner_world_size
 
+    split = ["cluster=slurm", "cluster.placement=disaggregated"]
     with initialize_config_module("justrl.hydra_conf", version_base=None):
-        launcher = hydra_compose("config", overrides=["cluster=slurm"], return_hydra_config=True).hydra.launcher
-    cfg = compose(["cluster=slurm"])
+        launcher = hydra_compose("config", overrides=split, return_hydra_config=True).hydra.launcher
+        colocated = hydra_compose("config", overrides=["cluster=slurm"], return_hydra_config=True).hydra.launcher
+    assert colocated.nodes * colocated.tasks_per_node == 32  # colocated: every task is a learner rank
+    assert learner_world_size(compose(["cluster=slurm"]).cluster) == 32
+    cfg = compose(split)
     ntasks = launcher.nodes * launcher.tasks_per_node
     assert ntasks == 32 and learner_world_size(cfg.cluster) == 16
     ranks = [learner_rank(cfg.cluster, procid, ntasks) for procid in range(ntasks)]

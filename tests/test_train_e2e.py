@@ -155,3 +155,41 @@ def test_killed_run_resumes_and_matches_an_uninterrupted_one(straight, tmp_path)
     assert wa.keys() == wb.keys()
     for key in wa:
         torch.testing.assert_close(wb[key], wa[key], rtol=0, atol=1e-6, msg=key)
+
+
+# An engine's own access log, the calls of a colocated step (justrl.engine_phases) in order.
+PHASE_CALLS = {"POST /sleep?level=1 ": "sleep", "POST /wake_up?tags=weights ": "wake weights",
+               "POST /collective_rpc ": "reload", "POST /reset_prefix_cache ": "reset cache",
+               "POST /wake_up?tags=kv_cache ": "wake kv_cache"}
+
+
+def phase_calls(engine_log: str) -> list[str]:
+    """The sleep, wake and weight-push calls an engine's server logged (uvicorn's access lines), in order."""
+    calls = []
+    for line in engine_log.splitlines():
+        for request, name in PHASE_CALLS.items():
+            if f'"{request}HTTP/1.1" 200' in line:
+                calls.append(name)
+    return calls
+
+
+def test_colocated_run_sleeps_and_wakes_in_order_and_trains_the_same_weights(straight, tmp_path):
+    """cluster.placement=colocated on a CPU: every step the engine is put to sleep after its
+    rollouts, woken for the weights, reloaded, woken for the KV cache, in that order (read from
+    the engine's own log); vLLM's CPU build does nothing on /sleep (it says so), so the run
+    trains exactly the weights of the disaggregated run with the same seeds."""
+    straight_run, model_dir, _ = straight
+    run = tmp_path / "colocated"
+    result = run_launch(launch_cmd(run, model_dir, *OVERRIDES, "cluster.placement=colocated"))
+    assert f"{STEPS}/{STEPS}" in result.stderr
+    log = (run / "engines" / "engine0.log").read_text()
+    step = ["sleep", "wake weights", "reload", "reset cache", "wake kv_cache"]
+    assert phase_calls(log) == step * STEPS
+    assert "sleep mode is not supported on CPU" in log  # the CPU worker's own word: memory kept
+    assert '"sleep_mode": "the CPU build has none' in log  # justrl.engine_launch dropped --enable-sleep-mode
+    assert "--enable-sleep-mode" in log.split("starting engine0", 1)[1].splitlines()[0]  # asked for
+    # the straight run made none of these calls, and both trained the same weights
+    assert phase_calls((straight_run / "engines" / "engine0.log").read_text()) == ["reload", "reset cache"] * STEPS
+    ours = load_weights(run / "checkpoints" / "step_000004" / "hf")
+    theirs = load_weights(straight_run / "checkpoints" / "step_000004" / "hf")
+    assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
