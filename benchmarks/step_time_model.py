@@ -104,7 +104,7 @@ SYSTEM = {
     "gpu_mem_util_colocated": Assumption(0.8, "", "rollout.gpu_memory_utilization when colocated (docs/colocated.md)"),
     "pcie_bw": Assumption(20e9, "B/s", "assumption: PCIe Gen4 x16 host<->GPU copies, pinned memory (~25 GB/s peak)"),
     "sleep_wake_fixed": Assumption(2.0, "s", "assumption: vLLM's cumem unmap/remap of the KV cache pool and the scheduler's pause/resume, both directions"),
-    "engine_call_s": Assumption(0.05, "s", "the HTTP round trip of each /sleep and /wake_up call: at most ~0.02-0.05 s on this 2-core CPU (benchmarks/colocated_calls.py, docs/benchmarks.md)"),
+    "engine_call_s": Assumption(0.01, "s", "each /sleep and /wake_up call's own cost: medians 3-8 ms on one CPU engine (benchmarks/colocated_calls.py, 2026-12-04, docs/benchmarks.md)"),
     "ipc_overhead": Assumption(1.0, "s", "assumption: CUDA IPC handles of every tensor to the engine on the same GPU, its copy at HBM speed (vLLM's ipc weight transfer; not implemented in justrl)"),
 }
 

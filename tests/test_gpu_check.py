@@ -5,7 +5,9 @@ once with exit code 2, and its CPU dry run (`--device cpu --tiny`) builds the sa
 real hf learner on a tiny random Qwen2 and two short packed rows: every row there, no FAILED,
 every number finite, the bf16 log-probs close to fp32, the varlen attention equal to dense SDPA
 with the block mask and far from dense SDPA that ignores the sequence boundaries. What only a GPU
-shows (MFU, flash-attn, peak memory on the device, the 1.5B shape, the Megatron row) is not tested.
+shows (MFU, flash-attn, peak memory on the device, the 1.5B shape, the Megatron row, the memory
+the colocated row's engine frees) is not tested; the colocated row's order and probe check run
+on vLLM's CPU build (slow test).
 """
 import importlib.util
 import io
@@ -48,7 +50,7 @@ def test_cpu_dry_run_builds_the_table_with_finite_numbers():
     gpu_check = load_gpu_check()
     buffer = io.StringIO()
     with redirect_stdout(buffer):
-        code = gpu_check.main(["--device", "cpu", "--tiny", "--no-megatron"])
+        code = gpu_check.main(["--device", "cpu", "--tiny", "--no-megatron", "--no-colocated"])
     table = buffer.getvalue()
     assert code == 0, table
     assert "FAILED" not in table
@@ -56,7 +58,8 @@ def test_cpu_dry_run_builds_the_table_with_finite_numbers():
     assert table.splitlines()[-1].startswith("total ")
     rows = parse(table)
     assert list(rows) == ["hf step (bf16)", "hf log-probs bf16 vs fp32", "varlen vs dense SDPA",
-                          "megatron step (local, TP=1)"]
+                          "megatron step (local, TP=1)", "colocated step (vLLM sleep)"]
+    assert rows["colocated step (vLLM sleep)"] == {"skipped": "--no-colocated"}
     step = rows["hf step (bf16)"]
     assert int(step["tokens"]) == gpu_check.ROWS * gpu_check.TINY_ROW_TOKENS == 192
     for key in ("step_s", "peak_mem_GiB", "grad_norm"):
@@ -88,3 +91,23 @@ def test_a_failing_row_prints_failed_and_the_others_still_run():
     assert text.splitlines()[0] == "header"
     assert "boom                           | FAILED ZeroDivisionError: division by zero" in text
     assert "fine                           | x=1.5" in text
+
+
+@pytest.mark.slow
+def test_cpu_dry_run_of_the_colocated_step_with_a_real_engine():
+    """The colocated row on vLLM's CPU build: the engine sleeps, the learner steps, the engine wakes
+    for the weights, reloads the export and wakes for its KV cache; its probe then equals the
+    learner's (and the step moved the probe by more than twice the tolerance, so a missed reload
+    would fail). The memory the sleep frees is GPU-only (nan here: the CPU worker keeps it)."""
+    gpu_check = load_gpu_check()
+    buffer = io.StringIO()
+    with redirect_stdout(buffer):
+        code = gpu_check.main(["--device", "cpu", "--tiny", "--no-megatron"])
+    table = buffer.getvalue()
+    assert code == 0, table
+    row = parse(table)["colocated step (vLLM sleep)"]
+    assert math.isnan(float(row["engine_freed_GiB"]))
+    assert float(row["probe_diff"]) <= float(row["tolerance"]) == 0.05
+    assert float(row["probe_moved"]) > 2 * float(row["tolerance"])
+    for key in ("sleep_s", "wake_weights_s", "reload_s", "wake_kv_s", "train_s"):
+        assert 0 < float(row[key]) < 60, (key, row)

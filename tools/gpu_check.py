@@ -14,6 +14,12 @@ torch 2.11 CUDA, transformers 5.17; megatron-core if it travelled as a wheel). R
   megatron step     the Megatron learner (local layer spec, TP=1) on the same GPU, if megatron_core
                     imports (rows of MEGATRON_ROW_TOKENS: the local spec's attention keeps its L x L
                     scores), step time, peak memory, max |log-prob diff| against the hf learner
+  colocated step    if vLLM imports: a vLLM engine (--enable-sleep-mode) and the hf learner on the
+                    same GPU, as cluster.placement=colocated runs them: the memory the engine's
+                    sleep(1) frees, a learner step in it (time, peak), the wake(weights), reload of
+                    the learner's export and wake(kv_cache) times, and the engine's probe
+                    log-probs against the learner's (justrl.weight_sync's check); it fails when they
+                    differ beyond the bf16 tolerance or the engine is still asleep
 
 MFU = 6 * N * tokens / step time / the GPU's peak dense bf16 FLOP/s (`PEAK_BF16_FLOPS`, by
 torch.cuda.get_device_name; N: every parameter but the input embedding's, which is a lookup).
@@ -61,6 +67,8 @@ QWEN2_1_5B = dict(hidden_size=1536, intermediate_size=8960, num_hidden_layers=28
 TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
             vocab_size=512, max_position_embeddings=4096, rope_theta=10000.0, rms_norm_eps=1e-6,
             tie_word_embeddings=False)
+# The colocated row's tiny model where an engine serves it (justrl.tiny_model's shape: head dim 64).
+TINY_ENGINE = dict(hidden_size=128, intermediate_size=256, num_attention_heads=2, num_key_value_heads=1)
 ROW_TOKENS, ROWS = 16384, 2
 TINY_ROW_TOKENS = 96
 MEGATRON_ROW_TOKENS = 4096
@@ -180,7 +188,7 @@ def guarded(name: str, fn) -> Row:
         return Row(name, {}, failed=f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}")
 
 
-def run(device: torch.device, tiny: bool, megatron: bool, emit=lambda row: None) -> list[Row]:
+def run(device: torch.device, tiny: bool, megatron: bool, emit=lambda row: None, colocated: bool = True) -> list[Row]:
     """The rows, each handed to `emit` as soon as it is done (so a run cut short by the time
     limit still shows the rows it finished)."""
     HFLearner = _import_hf_learner()
@@ -312,6 +320,70 @@ def run(device: torch.device, tiny: bool, megatron: bool, emit=lambda row: None)
         values["MFU"] = 6 * n_params * mtokens / seconds / peak if peak else f"n/a (no peak FLOP/s for {name!r})"
         return values
 
+    def colocated_step():
+        """An engine and a learner on one device, as cluster.placement=colocated runs them
+        (justrl.engine_phases): the engine serves, sleeps (level 1), the learner trains in the memory
+        it gave back, the engine wakes for the weights, reloads the learner's export, wakes for its KV
+        cache, and its probe log-probs are checked against the learner's."""
+        try:
+            import vllm  # noqa: F401
+        except ImportError as e:
+            return {"skipped": f"vllm does not import ({e})"}
+        from justrl.engine_launch import SLEEP_MODE_ARGS
+        from justrl.engines import EngineProcess, EngineSpec
+        from justrl.tiny_model import build_tokenizer
+        from justrl.weight_sync import (DEFAULT_TOLERANCE, PROBE_TEXT, compare_probe, engine_probe_logprobs,
+                                        learner_probe_logprobs)
+
+        state.pop("hf", None)
+        _reset_peak(device)
+        tokenizer = build_tokenizer(0)  # no download: justrl's tiny tokenizer (ids < 1024)
+        # vLLM's CPU attention has no kernel for TINY's head dim 16: the tiny model's 128 / 2 heads
+        cshape = {**shape, **(TINY_ENGINE if tiny else {}), "vocab_size": max(shape["vocab_size"], len(tokenizer))}
+        cdir = workdir / "colocated_model"
+        build_model_dir(cshape, cdir, device)
+        tokenizer.save_pretrained(cdir)
+        cuda = device.type == "cuda"
+        dtype = "bfloat16" if cuda else "float32"
+        spec = EngineSpec(max_model_len=2 * row_tokens, dtype=dtype, seed=0, gpu_ids=(device.index or 0,) if cuda else (),
+                          gpu_memory_utilization=0.5, extra_args=SLEEP_MODE_ARGS, startup_timeout_s=600,
+                          request_timeout_s=600)
+        engine = EngineProcess("engine0", spec, workdir / "engine0.log")
+        engine.start(cdir)
+        try:
+            free = lambda: torch.cuda.mem_get_info(device)[0] / 2**30 if cuda else float("nan")  # noqa: E731
+            before = free()
+            _, sleep_s = _timed(device, lambda: engine.client.sleep(1))
+            freed = free() - before
+            learner_cfg, optim, algorithm = settings(row_tokens, True, len(sequences))
+            optim.lr = 1e-2  # a step that moves the probe beyond twice the tolerance: a missed reload shows
+            learner = HFLearner(cdir, learner_cfg, optim, algorithm, len(sequences), temperature=1.0)
+            csequences = make_sequences(ROWS, row_tokens, cshape["vocab_size"], seed=2)
+            probe = list(tokenizer(PROBE_TEXT, add_special_tokens=False)["input_ids"])
+            initial = learner_probe_logprobs(learner, probe)
+            _reset_peak(device)
+            _, train_s = _timed(device, lambda: learner.train_step(csequences))
+            peak_gib = _peak_gib(device)
+            export = learner.export_hf(workdir / "colocated_step_1", tokenizer, dtype)
+            reference = learner_probe_logprobs(learner, probe)
+            _reset_peak(device)  # the learner's cached blocks back to the driver, as the trainer does
+            _, wake_weights_s = _timed(device, lambda: engine.client.wake_up(("weights",)))
+            _, reload_s = _timed(device, lambda: engine.client.load_weights(export))
+            _, wake_kv_s = _timed(device, lambda: engine.client.wake_up(("kv_cache",)))
+            asleep = engine.client.is_sleeping()
+            diff = compare_probe(engine_probe_logprobs(engine.client, probe), reference)
+        finally:
+            engine.stop()
+        tolerance = DEFAULT_TOLERANCE["bfloat16"]  # the learner computes in bf16 either way
+        moved = compare_probe(initial, reference)
+        if asleep or not diff <= tolerance or not moved > 2 * tolerance:
+            raise RuntimeError(f"after the wake the engine is_sleeping={asleep}, its probe differs by {diff:.3g} from the "
+                               f"learner's (tolerance {tolerance:g}), the step moved it by {moved:.3g} (must be > "
+                               f"{2 * tolerance:g}); log {workdir / 'engine0.log'}")
+        return {"engine_freed_GiB": freed, "sleep_s": sleep_s, "train_s": train_s, "learner_peak_GiB": peak_gib,
+                "wake_weights_s": wake_weights_s, "reload_s": reload_s, "wake_kv_s": wake_kv_s,
+                "probe_moved": moved, "probe_diff": diff, "tolerance": tolerance}
+
     if os.environ.get("JUSTRL_GPU_CHECK_TRACE"):
         globals()["guarded"] = lambda n, fn: Row(n, fn())  # noqa: E731  failures raise, with their traceback
     add(guarded("hf step (bf16)", hf_step))
@@ -321,6 +393,10 @@ def run(device: torch.device, tiny: bool, megatron: bool, emit=lambda row: None)
         add(guarded("megatron step (local, TP=1)", megatron_step))
     else:
         add(Row("megatron step (local, TP=1)", {"skipped": "--no-megatron"}))
+    if colocated:
+        add(guarded("colocated step (vLLM sleep)", colocated_step))
+    else:
+        add(Row("colocated step (vLLM sleep)", {"skipped": "--no-colocated"}))
     return table
 
 
@@ -345,6 +421,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", choices=("cuda", "cpu"), default="cuda")
     parser.add_argument("--tiny", action="store_true", help="a tiny model and short rows (the CPU dry run)")
     parser.add_argument("--no-megatron", action="store_true", help="leave the Megatron row out")
+    parser.add_argument("--no-colocated", action="store_true", help="leave the colocated (vLLM sleep) row out")
     args = parser.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
         print(NO_CUDA, file=sys.stderr)
@@ -359,7 +436,8 @@ def main(argv: list[str] | None = None) -> int:
               f"{TINY_ROW_TOKENS if args.tiny else ROW_TOKENS} tokens")
     print(render([], header), flush=True)
     start = time.perf_counter()
-    table = run(device, args.tiny, not args.no_megatron, emit=lambda row: print(render_row(row), flush=True))
+    table = run(device, args.tiny, not args.no_megatron, emit=lambda row: print(render_row(row), flush=True),
+                colocated=not args.no_colocated)
     print(f"total {time.perf_counter() - start:.0f} s", flush=True)
     return 1 if any(row.failed for row in table) else 0
 

@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
 # The single-GPU check (tools/gpu_check.py): one table of the hf learner in bf16 on a random
 # 1.5B-shaped Qwen2 at 16k-token packed rows (step time, peak memory, MFU, log-probs against fp32),
-# the varlen attention against dense SDPA, and the Megatron learner (local spec, TP=1).
+# the varlen attention against dense SDPA, the Megatron learner (local spec, TP=1), and, where vLLM
+# is installed, a colocated step (an engine put to sleep, a learner step, the engine woken with the
+# new weights and checked against the learner).
 #
-#   bash tools/gpu_check.sh [--no-megatron]
+#   bash tools/gpu_check.sh [--no-megatron] [--no-colocated]
 #
 # For a machine like the one this project may be lent: one GPU, Python 3.12, a CUDA torch,
 # transformers; no vLLM, no Transformer Engine, no network. megatron-core can travel as a wheel:
