@@ -12,6 +12,8 @@ raise torch's default timeouts for their controller waits; the separate gloo gro
 """
 from __future__ import annotations
 
+import os
+import socket
 from datetime import timedelta
 
 import torch.distributed as dist
@@ -33,8 +35,43 @@ def init_process_groups(backend: str, control_timeout_s: float, data_timeout_s: 
     # address this node announces, not on what the hostname resolves to (127.0.1.1, a management
     # NIC); a GLOO_SOCKET_IFNAME / NCCL_SOCKET_IFNAME the user set is kept.
     pin_socket_interfaces()
+    if "init_method" not in init_kwargs and "store" not in init_kwargs:  # env://: justrl's own store
+        init_kwargs = dict(init_kwargs, store=rendezvous_store(max(data_timeout_s, control_timeout_s)))
+        init_kwargs.setdefault("rank", int(os.environ["RANK"]))
+        init_kwargs.setdefault("world_size", int(os.environ["WORLD_SIZE"]))
     dist.init_process_group(backend, timeout=timedelta(seconds=data_timeout_s), **init_kwargs)
     _control_group = dist.new_group(backend="gloo", timeout=timedelta(seconds=control_timeout_s))
+
+
+def rendezvous_store(timeout_s: float, env=None) -> dist.TCPStore:
+    """torch's env:// rendezvous store (MASTER_ADDR, MASTER_PORT, RANK, WORLD_SIZE), with rank 0's
+    server listening on MASTER_ADDR's address only, where env:// would listen on every interface
+    of the node (torch has no bind-address setting for it). Rank 0 binds the socket itself and
+    hands it to the store (`TCPStore(master_listen_fd=...)`, which both of torch's store backends
+    take over); the other ranks connect as env:// does. The store still has no authentication:
+    anyone on the cluster network who reaches MASTER_ADDR can read and write its keys
+    (docs/security.md)."""
+    env = os.environ if env is None else env
+    host, port = env["MASTER_ADDR"], int(env["MASTER_PORT"])
+    rank, world = int(env["RANK"]), int(env["WORLD_SIZE"])
+    timeout = timedelta(seconds=timeout_s)
+    if rank != 0:
+        return dist.TCPStore(host, port, world, False, timeout=timeout)
+    from justrl.config import ConfigError
+
+    try:
+        address = socket.gethostbyname(host)
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((address, port))
+        sock.listen(max(128, world))
+    except OSError as exc:
+        raise ConfigError(f"{socket.gethostname()}: learner rank 0 cannot listen for the rendezvous on MASTER_ADDR="
+                          f"{host}:{port} ({exc}): rank 0 must run on the node that address names (the job's first "
+                          f"node's Slurm NodeAddr unless MASTER_ADDR is set)") from exc
+    # the store owns the descriptor from here (it closes it), not the Python socket
+    return dist.TCPStore(host, port, world, True, timeout=timeout, wait_for_workers=False,
+                         master_listen_fd=sock.detach())
 
 
 def control_group():
