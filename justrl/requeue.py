@@ -103,15 +103,17 @@ def requeue_job(reason: str, max_requeues: int, env: Mapping[str, str] = os.envi
 
 
 def wait_until_marked(nodes: list[str], timeout_s: float,
-                      states: Callable[[list[str]], dict[str, str]] = node_states, poll_s: float = 5.0) -> bool:
-    """Wait until Slurm's state of every node in `nodes` says failed (True), or `timeout_s`."""
+                      states: Callable[[list[str]], dict[str, str]] = node_states, poll_s: float = 5.0) -> list[str]:
+    """The nodes of `nodes` whose Slurm state says failed, as soon as one does (or none after
+    `timeout_s`). Not all of them: once a node of the job is gone, Slurm 22.05 refuses further
+    steps of the resized job on the others too ("Expired or invalid job", seen on the emulated
+    cluster), so their probes fail without their being lost."""
     deadline = time.monotonic() + timeout_s
     while True:
         known = states(nodes)
-        if all(state_says_failed(known.get(n, "")) for n in nodes):
-            return True
-        if time.monotonic() > deadline:
-            return False
+        marked = [n for n in nodes if state_says_failed(known.get(n, ""))]
+        if marked or time.monotonic() > deadline:
+            return marked
         time.sleep(poll_s)
 
 
@@ -128,12 +130,13 @@ def slurmd_timeout_s() -> float:
 def after_learner_failure(status: int, max_requeues: int, env: Mapping[str, str] = os.environ,
                           nodes: list[str] | None = None,
                           find_lost: Callable[[list[str], str], dict[str, str]] = lost_nodes,
-                          confirmed: Callable[[list[str]], bool] | None = None) -> int:
+                          confirmed: Callable[[list[str]], list[str]] | None = None) -> int:
     """What train.sbatch does once the learner's step exited with `status` (not 0, not pre-empted):
     requeue if a node of the job failed, else not. Returns the exit status for the batch script
     (0 once the job is requeued). A node that failed the probe counts once Slurm marks it
-    (`confirmed`, default: wait up to SlurmdTimeout + 60 s for its state to say so): a probe that
-    fails for another reason must not requeue a job that fails the same way each time."""
+    (`confirmed`: those of the suspects Slurm marks; default: wait up to SlurmdTimeout + 60 s for
+    one's state to say so): a probe that fails for another reason must not requeue a job that
+    fails the same way each time."""
     from justrl.placement import allocation_nodes
 
     job = env["SLURM_JOB_ID"]
@@ -145,16 +148,19 @@ def after_learner_failure(status: int, max_requeues: int, env: Mapping[str, str]
               f"first 'justrl: error:' line above", flush=True)
         return status
     what = "; ".join(f"{node}: {why}" for node, why in lost.items())
-    print(f"justrl: node(s) {', '.join(lost)} of job {job} failed ({what})", flush=True)
+    print(f"justrl: suspect node(s) of job {job}: {what}; asking Slurm's node state", flush=True)
     if confirmed is None:
         wait_s = slurmd_timeout_s() + 60
         confirmed = lambda nodes: wait_until_marked(nodes, wait_s)  # noqa: E731
-    if not confirmed(list(lost)):
+    marked = confirmed(list(lost))
+    if not marked:
         print(f"justrl: not requeued: Slurm did not mark {', '.join(lost)} down or not responding within "
               "SlurmdTimeout + 60 s, so the failed probe is not taken for a lost node; "
               "the learner's own error is the first 'justrl: error:' line above", flush=True)
         return status
-    if requeue_job(f"node(s) {', '.join(lost)} of the job failed", max_requeues, env):
+    print(f"justrl: node(s) {', '.join(marked)} of job {job} failed (Slurm marks {'it' if len(marked) == 1 else 'them'} "
+          f"down or not responding)", flush=True)
+    if requeue_job(f"node(s) {', '.join(marked)} of the job failed", max_requeues, env):
         return 0
     return status
 

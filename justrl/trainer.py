@@ -240,6 +240,8 @@ def _train(cfg: DictConfig, engine_placements: list[EnginePlacement] | None) -> 
             engines_started.exception()  # let the start finish, then take the engines down
             controller.close()
         raise
+    if colocated:
+        _barrier()  # every rank's learner built (and allocated) before any engine starts on its GPU
     r = cfg.rollout
     # The one owner of weight versions and the engines' copy of them (justrl/weight_sync.py).
     weight_sync = WeightSync(run.weights, learner, tokenizer, r.dtype, transport=r.weight_sync,

@@ -167,6 +167,10 @@ GresTypes=gpu
 SlurmdParameters=config_overrides
 JobRequeue=1
 ReturnToService=2
+# A node whose slurmd stops answering is marked down after 30 s (Slurm's default: 300), so that the
+# lost-node test (tests/test_cluster_emulated.py) sees it within a few minutes; justrl.requeue waits
+# SlurmdTimeout + 60 s for that mark.
+SlurmdTimeout=30
 MinJobAge=300
 KillWait=10
 SlurmctldPort=${CTLD_PORT}

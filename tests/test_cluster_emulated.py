@@ -362,3 +362,4 @@ def test_sbatch_colocated_every_gpu_trains_and_generates(emu, random_tiny_model_
     assert "each of the 8 GPUs: one learner rank and its engine's share; memory per GPU" in out  # the preflight
     assert [s for s, _ in read_scalars(run)["reward/mean"]] == list(range(1, steps + 1))
     assert "restarting it" not in (run / "train.log").read_text()
+

@@ -43,7 +43,7 @@ def test_no_lost_node_means_no_requeue_and_the_status_is_kept(capsys):
     # a failed probe that Slurm does not confirm (its state never says so) does not requeue either
     code = after_learner_failure(7, max_requeues=3, env={"SLURM_JOB_ID": "42"}, nodes=["n1"],
                                  find_lost=lambda nodes, job: {"n1": "a one-task step failed"},
-                                 confirmed=lambda nodes: False)
+                                 confirmed=lambda nodes: [])
     assert code == 7 and "not requeued: Slurm did not mark n1 down or not responding" in capsys.readouterr().out
 
 
@@ -86,7 +86,7 @@ def test_a_lost_node_requeues_the_job_until_the_bound(tmp_path):
         import os, sys
         from justrl.requeue import after_learner_failure
         print("start", os.environ.get("SLURM_RESTART_COUNT", "0"), flush=True)
-        sys.exit(after_learner_failure(3, max_requeues=1, nodes=["n2"], confirmed=lambda nodes: True,
+        sys.exit(after_learner_failure(3, max_requeues=1, nodes=["n2"], confirmed=lambda nodes: list(nodes),
                                        find_lost=lambda nodes, job: {{"n2": "the test says so"}}))
     """))
     out = tmp_path / "job.out"
@@ -107,3 +107,13 @@ def test_a_lost_node_requeues_the_job_until_the_bound(tmp_path):
         assert _job_state(job) == "FAILED"  # exit status 3 of the last run
     finally:
         subprocess.run(["scancel", job])
+
+
+def test_one_node_marked_by_slurm_is_enough():
+    """Once a node of the job is gone, Slurm 22.05 refuses the resized job's steps on the others
+    too (their probes fail, seen on the emulated cluster): the node Slurm marks is the lost one."""
+    from justrl.requeue import wait_until_marked
+
+    states = {"a": "down* (Not responding)", "b": "allocated"}
+    assert wait_until_marked(["b", "a"], 5, states=lambda nodes: states, poll_s=0) == ["a"]
+    assert wait_until_marked(["b"], 0, states=lambda nodes: states, poll_s=0) == []
