@@ -32,7 +32,7 @@ COMMON = [
     "tensorboard",
     # hydra-core pins the antlr4 runtime to 4.9.*; math-verify's LaTeX parser must use the same.
     "math-verify[antlr4_9_3]>=0.9.0",
-    # the evaluation grader (justrl/grading.py) turns LaTeX into text with it, as the authors' grader does
+    # the evaluation grader (justrl/eval/grading.py) turns LaTeX into text with it, as the authors' grader does
     "pylatexenc>=2.10,<3",
     "tqdm",
     "numpy",

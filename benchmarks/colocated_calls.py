@@ -19,9 +19,9 @@ import tempfile
 import time
 from pathlib import Path
 
-from justrl.engines import EngineProcess, EngineSpec
-from justrl.rollout import RolloutFleet
-from justrl.tiny_model import make_tiny_model
+from justrl.rollout.engine import EngineProcess, EngineSpec
+from justrl.rollout.fleet import RolloutFleet
+from justrl.model.tiny import make_tiny_model
 
 
 def main() -> None:

@@ -26,9 +26,10 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from justrl.engines import EngineSpec, EngineProcess, SamplingSettings
-from justrl.rollout import RolloutFleet
-from justrl.tiny_model import make_tiny_model
+from justrl.rollout.engine import EngineSpec, EngineProcess
+from justrl.rollout.client import SamplingSettings
+from justrl.rollout.fleet import RolloutFleet
+from justrl.model.tiny import make_tiny_model
 
 N = 4
 MAX_NUM_SEQS = 16

@@ -127,7 +127,7 @@ def main() -> None:
 
     import torch.distributed as dist
 
-    from justrl.placement import free_port
+    from justrl.cluster.placement import free_port
 
     torch.cuda.set_device(0)
     dist.init_process_group("nccl", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1,

@@ -44,7 +44,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=1)
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="justrl_overlap_"))
-    from justrl.tiny_model import make_tiny_model
+    from justrl.model.tiny import make_tiny_model
 
     model = make_tiny_model(work / "model")
     results = {0: [], 1: []}

@@ -237,7 +237,7 @@ def main() -> None:
 
     sys.path.insert(0, str(REPO))
     from justrl.config import compose
-    from justrl.models import resolve_model_path
+    from justrl.model.sources import resolve_model_path
 
     work = Path(opts.workdir)
     work.mkdir(parents=True, exist_ok=True)

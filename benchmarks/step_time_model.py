@@ -99,7 +99,7 @@ SYSTEM = {
     "nccl_overhead": Assumption(1.0, "s", "assumption: start/update/finish round trips, packed buffers"),
     "check_s": Assumption(0.1, "s", "assumption: one probe forward per engine and on the learner"),
     "colocated_switch": Assumption(10.0, "s", "assumption: veRL hybrid engine: vLLM wake/sleep + in-memory resharding per step"),
-    # justrl colocated (cluster.placement=colocated, justrl/engine_phases.py): sleep(1), wake(weights),
+    # justrl colocated (cluster.placement=colocated, justrl/rollout/phases.py): sleep(1), wake(weights),
     # push, wake(kv_cache) per step, each engine on its own GPU at once
     "gpu_mem_util_colocated": Assumption(0.8, "", "rollout.gpu_memory_utilization when colocated (docs/colocated.md)"),
     "pcie_bw": Assumption(20e9, "B/s", "assumption: PCIe Gen4 x16 host<->GPU copies, pinned memory (~25 GB/s peak)"),

@@ -72,7 +72,7 @@ def main() -> int:
 
     sys.path.insert(0, str(REPO))
     from justrl.tb import read_scalars
-    from justrl.tiny_model import make_tiny_model
+    from justrl.model.tiny import make_tiny_model
 
     work = args.work_dir or Path(tempfile.mkdtemp(prefix="justrl-tiny-ablations-"))
     model, sweep = work / "models" / "tiny", work / "sweep"

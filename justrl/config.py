@@ -6,7 +6,7 @@ come the structured schema Hydra merges the YAML into (so an unknown key or a va
 type fails at composition with the key's name) and the per-key checks of `validate` (negative
 learning rate, n = 0, a verifier that does not exist...); `validate` adds the few checks that
 relate two keys. `ENGINE_KEYS` (how a vLLM server is started) are shared by training
-(`rollout.*`) and evaluation (`engine.*`, justrl/evaluate.py). `compose` composes and validates,
+(`rollout.*`) and evaluation (`engine.*`, justrl/eval/command.py). `compose` composes and validates,
 for tests and scripts; `justrl.launch` does both at start-up.
 """
 from __future__ import annotations
@@ -23,7 +23,7 @@ VERIFIER_NAMES = ("dapo", "lenient")  # kept in step with justrl.reward.VERIFIER
 LEARNERS = ("hf", "megatron")
 CLUSTERS = ("local", "slurm")
 PLACEMENTS = ("colocated", "disaggregated")
-WEIGHT_SYNC_TRANSPORTS = ("files", "nccl")  # kept in step with justrl.weight_sync.TRANSPORTS by a test
+WEIGHT_SYNC_TRANSPORTS = ("files", "nccl")  # kept in step with justrl.weight_sync.sync.TRANSPORTS by a test
 # Kept in step with justrl.data.PROMPT_FORMS by a test (importing justrl.data would import torch,
 # 3 s on a login node, for every `python -m justrl.launch`).
 PROMPT_FORMS = ("as_released", "stripped")
@@ -160,7 +160,7 @@ SCHEMA = {
         "nodes": at_least(int, 1),
         "gpus_per_node": at_least(int, 0),
         # colocated: learner and engines share every GPU; disaggregated: the first learner_gpus
-        # GPUs train, the rest generate (justrl.placement)
+        # GPUs train, the rest generate (justrl.cluster.placement)
         "placement": one_of(PLACEMENTS),
         "learner_gpus": at_least(int, 0),  # and fits the nodes, every GPU when colocated (validate)
         "partition": typed(Optional[str]),
@@ -245,7 +245,7 @@ OmegaConf.register_new_resolver("justrl_allocation_parameters", allocation_param
 OmegaConf.register_new_resolver("justrl_none_if_zero", lambda v: None if v == 0 else v, replace=True)
 OmegaConf.register_new_resolver("justrl_learner_tasks_per_node", learner_tasks_per_node, replace=True)
 OmegaConf.register_new_resolver("justrl_learner_gpus", default_learner_gpus, replace=True)
-# rollout.gpu_memory_utilization by placement (justrl.memory_budget checks the colocated one).
+# rollout.gpu_memory_utilization by placement (justrl.cluster.memory_budget checks the colocated one).
 ENGINE_MEMORY_SHARE = {"disaggregated": 0.85, "colocated": 0.8}
 OmegaConf.register_new_resolver("justrl_engine_memory_share", lambda placement: ENGINE_MEMORY_SHARE[placement],
                                 replace=True)

@@ -12,14 +12,15 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig
 
-from justrl.engine_launch import SLEEP_MODE_ARGS
-from justrl.engines import EngineSpec, SamplingSettings, build_engines
-from justrl.evaluation import EvalItem, problem_seed, sample_and_grade, summarize
+from justrl.rollout.launch import SLEEP_MODE_ARGS
+from justrl.rollout.engine import EngineSpec, build_engines
+from justrl.rollout.client import SamplingSettings
+from justrl.eval.sampling import EvalItem, problem_seed, sample_and_grade, summarize
 from justrl.grpo import Sequence, group_advantages
-from justrl.placement import EnginePlacement
+from justrl.cluster.placement import EnginePlacement
 from justrl.reward import ScorerPool, overlong_penalty
-from justrl.rollout import RolloutFleet
-from justrl.weight_sync import engine_args_for
+from justrl.rollout.fleet import RolloutFleet
+from justrl.weight_sync.sync import engine_args_for
 
 log = logging.getLogger("justrl")
 
@@ -58,7 +59,7 @@ class Controller:
         # authors' in-training validation of AIME24/AIME25/AMC23 routes to veRL's math_verify
         # reward: thunlp/JustRL train/verl/utils/reward_score/__init__.py, `default_compute_score`;
         # justrl's `lenient` verifier is that reward), and val/<benchmark>/accuracy_grader by the
-        # evaluation grader (the number `python -m justrl.evaluate` reports). Both training
+        # evaluation grader (the number `python -m justrl.eval` reports). Both training
         # verifiers' pools run anyway; the one named by reward.val_verifier scores validation too.
         self.grader = ScorerPool("grader", 1, cfg.reward.timeout_s)
         self.val_scorer = {p.verifier: p for p in (self.scorer, self.shadow_scorer)}[cfg.reward.val_verifier]
@@ -158,7 +159,7 @@ class Controller:
 
     def validate(self, val_sets: dict[str, list]) -> dict[str, float]:
         """avg@N of each validation set, by reward.val_verifier (`accuracy`) and by the evaluation
-        grader (`accuracy_grader`: the same code and seeds as `justrl.evaluate`)."""
+        grader (`accuracy_grader`: the same code and seeds as `justrl.eval.command`)."""
         metrics = {}
         r, train_stall = self.cfg.rollout, self.fleet.stall_timeout_s
         if train_stall is not None:  # longer responses: the first completion may take longer too

@@ -10,7 +10,7 @@ Placement with cluster=local: learner ranks 0..learner_gpus-1 take the first GPU
 when there are none), and the remaining GPUs are cut into vLLM engines of
 rollout.tensor_parallel_size GPUs each (rollout.engines engines on a CPU machine). Rank 0 runs the
 controller loop (justrl.trainer.train) and starts and stops the engines itself. With
-cluster=slurm, see justrl/slurm.py.
+cluster=slurm, see justrl/cluster/slurm.py.
 """
 from __future__ import annotations
 
@@ -29,10 +29,10 @@ log = logging.getLogger("justrl")
 
 
 def _rank_main(rank: int, world_size: int, cfg_yaml: str, port: int, placements) -> None:
-    from justrl import dist_groups
-    from justrl.engine_launch import visible_devices
-    from justrl.placement import learner_device_index
-    from justrl.slurm import report_learner_rank
+    from justrl.cluster import dist_groups
+    from justrl.rollout.launch import visible_devices
+    from justrl.cluster.placement import learner_device_index
+    from justrl.cluster.slurm import report_learner_rank
 
     cfg = OmegaConf.create(cfg_yaml)
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world_size),
@@ -53,7 +53,7 @@ def _rank_main(rank: int, world_size: int, cfg_yaml: str, port: int, placements)
 
 def launch_local(cfg: DictConfig) -> None:
     """Run the loop on this machine: in this process (one rank) or one process per learner GPU."""
-    from justrl.placement import free_port, local_placements
+    from justrl.cluster.placement import free_port, local_placements
     from justrl.trainer import train
 
     placements = local_placements(cfg.cluster, cfg.rollout)
@@ -63,7 +63,7 @@ def launch_local(cfg: DictConfig) -> None:
         return
     import torch.multiprocessing as mp
 
-    from justrl.run_lock import check_free
+    from justrl.cluster.run_lock import check_free
 
     check_free(Path(cfg.trainer.output_dir).absolute())  # refused here rather than inside a spawned rank
     mp.spawn(_rank_main, args=(world_size, OmegaConf.to_yaml(cfg), free_port(), placements), nprocs=world_size)
@@ -90,10 +90,10 @@ def main(cfg: DictConfig) -> None:
     """cluster=local: run here. cluster=slurm: inside a job's task (train.sbatch, submitit,
     hydra-submitit-launcher), run the loop; on a login node, submit the job with submitit."""
     from justrl.learner import NonFiniteError
-    from justrl.engines import EngineError
-    from justrl.placement import in_slurm_task
-    from justrl.run_lock import RunLocked
-    from justrl.slurm import run_in_allocation, submit
+    from justrl.rollout.client import EngineError
+    from justrl.cluster.placement import in_slurm_task
+    from justrl.cluster.run_lock import RunLocked
+    from justrl.cluster.slurm import run_in_allocation, submit
 
     OmegaConf.resolve(cfg)
     try:

@@ -41,17 +41,17 @@ from omegaconf import DictConfig, OmegaConf
 from justrl import checkpoint as ckpt
 from justrl.controller import Controller
 from justrl.data import PromptSampler, load_training_set, validation_sets
-from justrl.dist_groups import control_group
-from justrl.engine_auth import job_secret
-from justrl.engine_phases import EnginePhases
+from justrl.cluster.dist_groups import control_group
+from justrl.rollout.auth import job_secret
+from justrl.rollout.phases import EnginePhases
 from justrl.learner import build_learner
-from justrl.models import resolve_model_path
-from justrl.placement import EnginePlacement
-from justrl.rollout import AllEnginesLost
-from justrl.run_lock import RunLock, RunLocked
+from justrl.model.sources import resolve_model_path
+from justrl.cluster.placement import EnginePlacement
+from justrl.rollout.fleet import AllEnginesLost
+from justrl.cluster.run_lock import RunLock, RunLocked
 from justrl.run_summary import RunFaults, summary
 from justrl.tb import EVENT_FILE_NAME, ScalarLog
-from justrl.weight_sync import WeightSync
+from justrl.weight_sync.sync import WeightSync
 
 log = logging.getLogger("justrl")
 STEP_LOGGER = "justrl.steps"
@@ -111,7 +111,7 @@ class StopRequested:
 def _broadcast(obj):
     """Rank 0's `obj` on every rank (no-op without torch.distributed). Over the control-plane
     group (gloo, timeout `cluster.dist_timeout_s`): the other ranks wait here through rank 0's
-    validation and rollouts, longer than NCCL's watchdog allows (justrl/dist_groups.py)."""
+    validation and rollouts, longer than NCCL's watchdog allows (justrl/cluster/dist_groups.py)."""
     if not dist.is_initialized() or dist.get_world_size() == 1:
         return obj
     box = [obj]
@@ -173,10 +173,10 @@ def _setup_logging(run: RunDir, rank: int) -> None:
 def train(cfg: DictConfig, engine_placements: list[EnginePlacement] | None = None) -> Path:
     """Run (or resume) training as described by `cfg`; returns the run directory.
 
-    `engine_placements`: where each engine runs (justrl.placement). None: `rollout.engines` CPU
+    `engine_placements`: where each engine runs (justrl.cluster.placement). None: `rollout.engines` CPU
     engines here.
     Call on every learner rank, after torch.distributed is initialised when there are several.
-    Rank 0 holds the run directory's lock (justrl.run_lock) for the whole run; a directory in use
+    Rank 0 holds the run directory's lock (justrl.cluster.run_lock) for the whole run; a directory in use
     by a live job raises RunLocked on every rank, before anything is written there.
     """
     rank = dist.get_rank() if dist.is_initialized() else 0
@@ -227,7 +227,7 @@ def _train(cfg: DictConfig, engine_placements: list[EnginePlacement] | None) -> 
     colocated = cfg.cluster.placement == "colocated"
     controller = engines_starting = None
     placements = engine_placements or [EnginePlacement(None) for _ in range(cfg.rollout.engines)]
-    # The engines' secret: created here, at the run's start, read back by a requeued job (justrl.engine_auth).
+    # The engines' secret: created here, at the run's start, read back by a requeued job (justrl.rollout.auth).
     secret = job_secret(run.root) if rank == 0 else None
     if rank == 0 and not resume and not colocated:
         controller = Controller(cfg, tokenizer, Path(model_path), placements, run.engine_logs, run.weights, secret)
@@ -243,7 +243,7 @@ def _train(cfg: DictConfig, engine_placements: list[EnginePlacement] | None) -> 
     if colocated:
         _barrier()  # every rank's learner built (and allocated) before any engine starts on its GPU
     r = cfg.rollout
-    # The one owner of weight versions and the engines' copy of them (justrl/weight_sync.py).
+    # The one owner of weight versions and the engines' copy of them (justrl/weight_sync/sync.py).
     weight_sync = WeightSync(run.weights, learner, tokenizer, r.dtype, transport=r.weight_sync,
                              check=r.weight_check, tolerance=r.weight_check_tol, rank=rank)
     serve_dir = Path(model_path)  # what the engines load first
@@ -360,14 +360,14 @@ def _train(cfg: DictConfig, engine_placements: list[EnginePlacement] | None) -> 
             sequences, lost = _broadcast((sequences, lost))
             if lost is not None:
                 # Nothing can generate: keep every finished step (a checkpoint of the previous one,
-                # unless it has one), then stop; in a Slurm job, justrl.slurm requeues it.
+                # unless it has one), then stop; in a Slurm job, justrl.cluster.slurm requeues it.
                 if step - 1 > saved_step:
                     save(step - 1)
                 raise AllEnginesLost(lost)
 
             t0 = time.perf_counter()
             # On-policy (nothing generating meanwhile) the engines rest while the learner trains and
-            # writes the new version (justrl.engine_phases): colocated, they sleep and give the GPU's
+            # writes the new version (justrl.rollout.phases): colocated, they sleep and give the GPU's
             # memory to the learner rank beside them; this machine's CPU engines are frozen so
             # that they take none of its cores (a thawed engine's worker spins on its queue for up
             # to a second: beside it, the learner's probe forward took 0.22 s instead of 3 ms on

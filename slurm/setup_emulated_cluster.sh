@@ -126,7 +126,7 @@ NODELIST="emu[1-$NODES]"
 install -d -m 0755 "$EMU_DIR" "$LOG_DIR" "$RUN_DIR"
 install -d -m 0700 "$SPOOL" "$SPOOL/ctld"
 # Every task of the emulated cluster is told its GPUs are emulated (JUSTRL_EMULATED_GPUS=1): the
-# only place justrl allows CPU compute on GPUs Slurm hands out (justrl.placement.emulated_gpus).
+# only place justrl allows CPU compute on GPUs Slurm hands out (justrl.cluster.placement.emulated_gpus).
 # A TaskProlog's "export NAME=value" lines enter the task's environment (slurm.conf(5), TaskProlog).
 TASK_PROLOG=$EMU_DIR/task_prolog.sh
 printf '#!/bin/sh\n# Written by slurm/setup_emulated_cluster.sh: these GPUs are device files, not GPUs.\necho export JUSTRL_EMULATED_GPUS=1\n' \
@@ -168,7 +168,7 @@ SlurmdParameters=config_overrides
 JobRequeue=1
 ReturnToService=2
 # A node whose slurmd stops answering is marked down after 30 s (Slurm's default: 300), so that the
-# lost-node test (tests/test_cluster_emulated.py) sees it within a few minutes; justrl.requeue waits
+# lost-node test (tests/test_cluster_emulated.py) sees it within a few minutes; justrl.cluster.requeue waits
 # SlurmdTimeout + 60 s for that mark.
 SlurmdTimeout=30
 MinJobAge=300

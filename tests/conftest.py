@@ -16,7 +16,7 @@ def benchmark_dir() -> Path:
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory) -> Path:
     """The embedded default's tiny model (warm-started), built once per test session."""
-    from justrl.tiny_model import make_tiny_model
+    from justrl.model.tiny import make_tiny_model
 
     return make_tiny_model(tmp_path_factory.mktemp("tiny") / "model")
 
@@ -24,6 +24,6 @@ def tiny_model_dir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def random_tiny_model_dir(tmp_path_factory) -> Path:
     """The tiny model with random weights (no warm start): it rarely stops before the limit."""
-    from justrl.tiny_model import make_tiny_model
+    from justrl.model.tiny import make_tiny_model
 
     return make_tiny_model(tmp_path_factory.mktemp("tiny_random") / "model", warm_start_steps=0)

@@ -81,7 +81,7 @@ def test_launch_and_evaluate_stop_at_start_up(tmp_path):
     assert not (run / "train.log").exists() and not (run / "engines").exists()
 
     out = tmp_path / "eval"
-    evaluate = subprocess.run([sys.executable, "-m", "justrl.evaluate", f"model_path={tmp_path / 'no_model'}",
+    evaluate = subprocess.run([sys.executable, "-m", "justrl.eval", f"model_path={tmp_path / 'no_model'}",
                                "benchmarks=[AIME24,HMMT25]", f"benchmark_dir={empty}", f"output_dir={out}"],
                               cwd=tmp_path, capture_output=True, text=True, env=_clean_env(), timeout=300)
     assert evaluate.returncode == 1

@@ -13,7 +13,7 @@ The model is the tiny one with random weights (what is checked is where things r
 
 The sbatch test also probes the job's engines from outside the job (this process, in the root
 network namespace: any other host or user of the cluster network) while it trains: every route
-tried without the job's secret or with a wrong one is refused (justrl.engine_auth).
+tried without the job's secret or with a wrong one is refused (justrl.rollout.auth).
 
 Skipped where the emulated cluster is not running, except in CI (.ci/run starts it), where that
 is a failure. Start it with `bash slurm/setup_emulated_cluster.sh 2 4` (root).
@@ -200,7 +200,7 @@ def _check_outside_probes(prober: OutsideProber, run: Path, tmp_path: Path) -> N
     secret = path.read_text().split()[1]
     assert len(secret) == 64
     assert not [c for c in prober.cmdlines if secret.encode() in c]
-    assert any(b"justrl.engine_auth.EngineAuthMiddleware" in c for c in prober.cmdlines)  # the engines were seen
+    assert any(b"justrl.rollout.auth.EngineAuthMiddleware" in c for c in prober.cmdlines)  # the engines were seen
     files = [f for f in [*run.rglob("*"), tmp_path / "slurm.out"] if f.is_file() and f != path]
     assert any(f.name == "config.yaml" for f in files) and any("tfevents" in f.name for f in files)
     assert [f for f in files if secret.encode() in f.read_bytes()] == []

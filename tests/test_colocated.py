@@ -13,8 +13,9 @@ import time
 
 import pytest
 
-from justrl.engines import EngineProcess, EngineSpec, SamplingSettings
-from justrl.rollout import RolloutFleet
+from justrl.rollout.engine import EngineProcess, EngineSpec
+from justrl.rollout.client import SamplingSettings
+from justrl.rollout.fleet import RolloutFleet
 
 pytestmark = pytest.mark.slow
 

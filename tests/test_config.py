@@ -90,7 +90,7 @@ def test_each_ablation_changes_exactly_its_knobs(ablation, changed, base):
 
 def test_the_run_directory_is_named_after_the_run_not_the_job():
     """Resubmitting the same command continues the run: the default directory depends only on the
-    model and the ablation (justrl/run_lock.py guards it against two live jobs)."""
+    model and the ablation (justrl/cluster/run_lock.py guards it against two live jobs)."""
     assert compose([]).trainer.output_dir == "outputs/justrl-deepseek-1.5b-none"
     assert compose(["model=openmath_nemotron_1.5b", "ablation=lenient"]).trainer.output_dir == \
         "outputs/justrl-nemotron-1.5b-lenient"
@@ -189,7 +189,7 @@ def test_evaluation_checks_the_engine_keys_it_shares_with_training():
     from hydra import compose as hydra_compose, initialize_config_module
     from hydra.core.global_hydra import GlobalHydra
 
-    import justrl.evaluate as evaluate
+    import justrl.eval.command as evaluate
 
     GlobalHydra.instance().clear()
     with initialize_config_module(config_module="justrl.hydra_conf", version_base=None):

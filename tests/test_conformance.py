@@ -34,7 +34,7 @@ def eval_config():
     from hydra import compose as hydra_compose, initialize_config_module
     from hydra.core.global_hydra import GlobalHydra
 
-    import justrl.evaluate  # noqa: F401  (the evaluation schema)
+    import justrl.eval.command  # noqa: F401  (the evaluation schema)
 
     GlobalHydra.instance().clear()
     with initialize_config_module(config_module="justrl.hydra_conf", version_base=None):
@@ -85,7 +85,7 @@ def test_training_prompt_from_a_release_row(tmp_path, tiny_model_dir):
 
 
 def test_evaluation_template_and_judge_prompt_are_the_authors():
-    from justrl.judge import CV_PROMPT, judge_text, verdict
+    from justrl.eval.judge import CV_PROMPT, judge_text, verdict
 
     gen = runpy.run_path(str(AUTHORS / "gen_vllm_settings.py"))
     assert eval_config().prompt_template == gen["PROMPT_TEMPLATE"]

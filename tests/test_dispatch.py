@@ -14,9 +14,10 @@ from pathlib import Path
 
 import pytest
 
-from justrl.engine_guard import group_members
-from justrl.engines import EngineError, EngineProcess, EngineSpec, SamplingSettings
-from justrl.rollout import AllEnginesLost, RolloutFleet
+from justrl.rollout.guard import group_members
+from justrl.rollout.client import EngineError, SamplingSettings
+from justrl.rollout.engine import EngineProcess, EngineSpec
+from justrl.rollout.fleet import AllEnginesLost, RolloutFleet
 
 pytestmark = pytest.mark.slow
 
@@ -142,7 +143,7 @@ def _generate_acting_when_engine1_holds_a_request(fleet, act, caplog):
     watcher = threading.Thread(target=watch)
     watcher.start()
     try:
-        with caplog.at_level(logging.WARNING, logger="justrl.rollout"):
+        with caplog.at_level(logging.WARNING, logger="justrl.rollout.fleet"):
             result = fleet.generate(PROMPTS, KILL_SETTINGS, SEEDS)
     finally:
         stop.set()

@@ -1,4 +1,4 @@
-"""The engines' guard (justrl.engine_auth): the middleware on any route, and the job's secret file.
+"""The engines' guard (justrl.rollout.auth): the middleware on any route, and the job's secret file.
 The real vLLM server with the guard is tested in test_rollout.py (its engine) and on the emulated
 cluster (test_cluster_emulated.py)."""
 from __future__ import annotations
@@ -14,8 +14,8 @@ from starlette.routing import Route, WebSocketRoute
 from starlette.testclient import TestClient
 from starlette.websockets import WebSocketDisconnect
 
-from justrl import engine_auth
-from justrl.engine_auth import SECRET_ENV, EngineAuthMiddleware, auth_headers, job_secret, new_secret
+from justrl.rollout import auth as engine_auth
+from justrl.rollout.auth import SECRET_ENV, EngineAuthMiddleware, auth_headers, job_secret, new_secret
 
 SECRET = new_secret()
 # vLLM 0.32's routes that change or stop a run (VLLM_SERVER_DEV_MODE=1), its generation and its
@@ -137,7 +137,7 @@ def test_job_secret_keeps_mode_0600_under_a_permissive_umask(tmp_path):
 
 def test_engines_bind_to_the_address_their_client_reaches():
     from justrl.config import ConfigError
-    from justrl.placement import engine_bind_address
+    from justrl.cluster.placement import engine_bind_address
 
     assert engine_bind_address(None) == "127.0.0.1"  # an engine of this machine: loopback only
     assert engine_bind_address("localhost") == "127.0.0.1"

@@ -7,8 +7,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from justrl.engine_auth import new_secret
-from justrl.engines import EngineClient, EngineError
+from justrl.rollout.auth import new_secret
+from justrl.rollout.client import EngineClient, EngineError
 
 
 class _Server(ThreadingHTTPServer):
@@ -87,10 +87,10 @@ def test_a_drop_on_an_unhealthy_server_is_not_retried(server_factory):
 
 def test_every_call_carries_the_secret(server_factory, tmp_path):
     """Health, a retried post, a reload (two posts) and the NCCL weight transfer's routes
-    (justrl.weight_sync, through the client's session): all with `Authorization: Bearer <secret>`."""
+    (justrl.weight_sync.sync, through the client's session): all with `Authorization: Bearer <secret>`."""
     from types import SimpleNamespace
 
-    from justrl.weight_sync import NcclTransport
+    from justrl.weight_sync.nccl import NcclTransport
 
     secret = new_secret()
     server, client = server_factory(drop_first_posts=1, secret=secret)

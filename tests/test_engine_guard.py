@@ -20,7 +20,7 @@ def test_server_dies_with_its_controller(tmp_path):
     controller = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
     pid_file = tmp_path / "server.pid"
     server_code = f"import os, time; open({str(pid_file)!r}, 'w').write(str(os.getpid())); time.sleep(600)"
-    guard = subprocess.Popen([sys.executable, "-m", "justrl.engine_guard", str(controller.pid), "--",
+    guard = subprocess.Popen([sys.executable, "-m", "justrl.rollout.guard", str(controller.pid), "--",
                               sys.executable, "-c", server_code], start_new_session=True)
     deadline = time.monotonic() + 30
     while not pid_file.exists() or not pid_file.read_text():
@@ -35,7 +35,7 @@ def test_server_dies_with_its_controller(tmp_path):
 
 
 def test_sigterm_to_the_group_stops_server_and_guard(tmp_path):
-    guard = subprocess.Popen([sys.executable, "-m", "justrl.engine_guard", str(os.getpid()), "--",
+    guard = subprocess.Popen([sys.executable, "-m", "justrl.rollout.guard", str(os.getpid()), "--",
                               sys.executable, "-c", "import time; time.sleep(600)"], start_new_session=True)
     time.sleep(2)
     os.killpg(guard.pid, signal.SIGTERM)
@@ -52,7 +52,7 @@ def test_the_guard_exits_only_when_the_whole_group_has(tmp_path):
     server_code = (f"import os, subprocess, sys, time\n"
                    f"w = subprocess.Popen([sys.executable, '-c', {worker_code!r}])\n"
                    f"time.sleep(0.5); open({str(pid_file)!r}, 'w').write(str(w.pid)); time.sleep(600)\n")
-    guard = subprocess.Popen([sys.executable, "-m", "justrl.engine_guard", str(os.getpid()), "--",
+    guard = subprocess.Popen([sys.executable, "-m", "justrl.rollout.guard", str(os.getpid()), "--",
                               sys.executable, "-c", server_code], start_new_session=True)
     deadline = time.monotonic() + 30
     while not pid_file.exists() or not pid_file.read_text():

@@ -8,11 +8,11 @@ from pathlib import Path
 
 import pytest
 
-from justrl.engine_guard import group_members
-from justrl.engine_launch import LOG_PREFIX, SERVER_MODULE
-from justrl.engines import (HTTP_KEEP_ALIVE_S, EngineSpec, EngineProcess, SamplingSettings, engine_cpu_shares,
-                            engine_thread_env)
-from justrl.rollout import RolloutFleet
+from justrl.rollout.guard import group_members
+from justrl.rollout.launch import LOG_PREFIX, SERVER_MODULE
+from justrl.rollout.engine import HTTP_KEEP_ALIVE_S, EngineSpec, EngineProcess, engine_cpu_shares, engine_thread_env
+from justrl.rollout.client import SamplingSettings
+from justrl.rollout.fleet import RolloutFleet
 
 # A learner's step on the tiny model: the time over which the frozen engine's CPU is measured.
 TRAIN_PHASE_S = 3.0
@@ -50,7 +50,7 @@ def test_frozen_engine_uses_no_cpu_while_the_learner_trains(random_tiny_model_di
     fleet.start()
     try:
         members = [pid for pid in group_members(engine.process.pid) if pid != engine.process.pid]
-        # API server and engine core (its worker inside it: justrl.vllm_cpu_server for a one-core
+        # API server and engine core (its worker inside it: justrl.rollout.vllm_cpu_server for a one-core
         # share; a process of its own and multiprocessing's resource tracker for more cores)
         assert len(members) >= 2
         # justrl's thread settings reach every engine process, whatever the user exported
@@ -64,12 +64,12 @@ def test_frozen_engine_uses_no_cpu_while_the_learner_trains(random_tiny_model_di
             assert env.get("TORCHDYNAMO_DISABLE") == "1", pid
             assert env.get("OMP_NUM_THREADS") in ("1", str(len(expected_bind.split(",")))), (pid, env.get(
                 "OMP_NUM_THREADS"))
-        # a one-core worker share runs inside the engine core (justrl.vllm_cpu_server)
+        # a one-core worker share runs inside the engine core (justrl.rollout.vllm_cpu_server)
         report = json.loads(next(line for line in engine.log_path.read_text().splitlines()
                                  if line.startswith(LOG_PREFIX))[len(LOG_PREFIX):])
         one_core = len(expected_bind.split(",")) == 1
-        assert report["server"] == ("justrl.vllm_cpu_server" if one_core else SERVER_MODULE)
-        # the guard (justrl.engine_auth) holds on this server module too: the secret reaches every
+        assert report["server"] == ("justrl.rollout.vllm_cpu_server" if one_core else SERVER_MODULE)
+        # the guard (justrl.rollout.auth) holds on this server module too: the secret reaches every
         # engine process through its environment, and a request without it is refused
         import requests
 

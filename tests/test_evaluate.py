@@ -1,4 +1,4 @@
-"""`python -m justrl.evaluate`: the tiny model on two real benchmark files (both schemas) with a
+"""`python -m justrl.eval`: the tiny model on two real benchmark files (both schemas) with a
 real vLLM CPU engine, resume without regeneration, the optional judge pass, the summary's
 numbers, and tools/compare_results.py."""
 import json
@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from omegaconf import OmegaConf
 
-from justrl.evaluation import SampleRecord, summarize
+from justrl.eval.sampling import SampleRecord, summarize
 
 REPO = Path(__file__).resolve().parents[1]
 CPU_ENGINE = ("engine.dtype=float32", "engine.gpu_memory_utilization=0.3", "engine.cpu_kv_cache_gb=1",
@@ -21,7 +21,7 @@ def evaluate(model_dir, out_dir, *overrides, timeout=600) -> subprocess.Complete
     benchmarks shipped in the package must be found without the checkout's working directory."""
     Path(out_dir).parent.mkdir(parents=True, exist_ok=True)
     result = subprocess.run(
-        [sys.executable, "-m", "justrl.evaluate", f"model_path={model_dir}", f"output_dir={out_dir}",
+        [sys.executable, "-m", "justrl.eval", f"model_path={model_dir}", f"output_dir={out_dir}",
          *CPU_ENGINE, *overrides],
         cwd=Path(out_dir).parent, capture_output=True, text=True, timeout=timeout)
     assert result.returncode == 0, result.stderr[-4000:]

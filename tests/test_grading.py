@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from justrl.grading import answers_match, extract_answer, grade, grader_score, hendrycks_normalize, sympy_normalize
+from justrl.eval.grading import answers_match, extract_answer, grade, grader_score, hendrycks_normalize, sympy_normalize
 from justrl.reward import ScorerPool
 
 

@@ -119,7 +119,7 @@ DP_OPTIM = ("optim.lr=1e-3", "optim.eps=1e-3")
 
 
 def test_two_rank_data_parallel_equals_one_rank(tiny_model_dir, tmp_path):
-    from justrl.placement import free_port
+    from justrl.cluster.placement import free_port
 
     torch.set_num_threads(1)
     single = learner_for(tiny_model_dir, *DP_OPTIM)

@@ -83,7 +83,7 @@ def megatron_tp1():
     import torch.distributed as dist
     from megatron.core import parallel_state
 
-    from justrl.placement import free_port
+    from justrl.cluster.placement import free_port
 
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
     parallel_state.initialize_model_parallel(1, 1)

@@ -117,7 +117,7 @@ def _compare(got, ref):
 def test_megatron_matches_the_hf_learner_in_bf16(qwen2_dir, hf_result, tmp_path, tp):
     """Log-probs and entropies within bf16 tolerance of the hf learner's, the same loss, and
     nearly the same update after one GRPO step (TP=2 where the machine has 2 GPUs)."""
-    from justrl.placement import free_port
+    from justrl.cluster.placement import free_port
 
     if torch.cuda.device_count() < tp:
         pytest.skip(f"TP={tp} needs {tp} GPUs, this machine has {torch.cuda.device_count()}")

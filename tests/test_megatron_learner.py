@@ -35,7 +35,7 @@ def _init(rank: int, world: int, port: int) -> None:
 
 
 def _spawn(fn, world: int, *args) -> None:
-    from justrl.placement import free_port
+    from justrl.cluster.placement import free_port
 
     mp.spawn(fn, args=(world, free_port(), *args), nprocs=world)
 
@@ -322,8 +322,9 @@ def test_tiny_run_with_megatron_resumes_and_its_checkpoint_merges_for_vllm(tiny_
     vLLM server loads it and generates."""
     from safetensors.torch import load_file
 
-    from justrl.engines import EngineSpec, EngineProcess, SamplingSettings
-    from justrl.rollout import RolloutFleet
+    from justrl.rollout.engine import EngineSpec, EngineProcess
+    from justrl.rollout.client import SamplingSettings
+    from justrl.rollout.fleet import RolloutFleet
     from justrl.tb import read_scalars
 
     run = tmp_path / "run"

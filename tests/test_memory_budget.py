@@ -1,10 +1,10 @@
-"""The colocated GPU's memory budget (justrl.memory_budget): the terms against docs/megatron.md's
+"""The colocated GPU's memory budget (justrl.cluster.memory_budget): the terms against docs/megatron.md's
 derivation, the recipe's default fitting an 80 GB GPU in both phases, what does not fit named with
 the key to change, and the preflight's line."""
 import json
 
 from justrl.config import compose
-from justrl.memory_budget import GIB, ModelShape, colocated_budget
+from justrl.cluster.memory_budget import GIB, ModelShape, colocated_budget
 
 # DeepSeek-R1-Distill-Qwen-1.5B's config.json (the fields read)
 DEEPSEEK = {"num_hidden_layers": 28, "hidden_size": 1536, "intermediate_size": 8960, "vocab_size": 151936,
@@ -44,7 +44,7 @@ def test_what_does_not_fit_names_the_key():
 
 
 def test_preflight_prints_the_budget_when_colocated_on_gpus(tmp_path):
-    from justrl.preflight import _memory_lines
+    from justrl.cluster.preflight import _memory_lines
 
     (tmp_path / "config.json").write_text(json.dumps(DEEPSEEK))
     cfg = compose(["cluster=slurm", f"model.path={tmp_path}"])

@@ -6,10 +6,10 @@ import socket
 import pytest
 
 from justrl.config import ConfigError, compose
-from justrl.placement import (EMULATED_ENV, EnginePlacement, announced_address, free_port, gpu_groups,
+from justrl.cluster.placement import (EMULATED_ENV, EnginePlacement, announced_address, free_port, gpu_groups,
                               ifname_address, interface_of, learner_tasks, local_placements, pin_socket_interfaces,
                               plan_engines, port_free, rendezvous_host)
-from justrl.slurm import executor_parameters
+from justrl.cluster.slurm import executor_parameters
 
 NODES = ["n1", "n2", "n3", "n4"]
 
@@ -17,7 +17,7 @@ NODES = ["n1", "n2", "n3", "n4"]
 def test_recipe_layout_4x8_gpus_colocated_every_gpu_trains_and_generates():
     """The recipe's default, as the authors ran it: 32 learner ranks (one per GPU, 8 a node on all
     4 nodes) and 32 TP=1 engines, one on each GPU; each rank's partner is the engine on its GPU."""
-    from justrl.placement import colocated_partner
+    from justrl.cluster.placement import colocated_partner
 
     cfg = compose([])  # the recipe's default: cluster=slurm
     assert cfg.cluster.name == "slurm" and cfg.cluster.placement == "colocated"
@@ -117,7 +117,7 @@ def test_hydra_submitit_extra_tasks_are_not_learner_ranks():
     from hydra import compose as hydra_compose
     from hydra import initialize_config_module
 
-    from justrl.placement import learner_rank, learner_world_size
+    from justrl.cluster.placement import learner_rank, learner_world_size
 
     split = ["cluster=slurm", "cluster.placement=disaggregated"]
     with initialize_config_module("justrl.hydra_conf", version_base=None):
@@ -139,7 +139,7 @@ def test_hydra_submitit_extra_tasks_are_not_learner_ranks():
 
 
 def test_learner_device_follows_the_task_visible_devices():
-    from justrl.placement import learner_device_index
+    from justrl.cluster.placement import learner_device_index
 
     assert learner_device_index(None, 3) == 3                       # nothing set: every GPU
     assert learner_device_index(["0", "1", "2", "3"], 3) == 3       # the node's GPUs: the local rank's
@@ -149,8 +149,8 @@ def test_learner_device_follows_the_task_visible_devices():
 
 
 def test_job_cpus_per_node_and_engine_step_command():
-    from justrl.engines import EngineSpec, engine_srun_command
-    from justrl.placement import job_cpus_per_node
+    from justrl.rollout.engine import EngineSpec, engine_srun_command
+    from justrl.cluster.placement import job_cpus_per_node
 
     assert job_cpus_per_node("72(x2),36", ["a", "b", "c"]) == {"a": 72, "b": 72, "c": 36}
     assert job_cpus_per_node("8", ["a"]) == {"a": 8}
@@ -165,7 +165,7 @@ def test_job_cpus_per_node_and_engine_step_command():
 
 
 def test_engine_launcher_narrows_the_step_gpus_to_the_planned_ones():
-    from justrl.engine_launch import CPU_ENGINE_ARGS, PlacementError, plan_command
+    from justrl.rollout.launch import CPU_ENGINE_ARGS, PlacementError, plan_command
 
     base = ["--model", "m", "--tensor-parallel-size", "2"]
     # the step holds the node's GPUs as Slurm numbered them; planned indices pick among those
@@ -194,14 +194,14 @@ def test_engine_launcher_narrows_the_step_gpus_to_the_planned_ones():
 
 
 def test_one_core_cpu_engines_run_the_worker_in_the_engine_core_process():
-    """A CPU engine whose worker justrl bound to one core runs justrl.vllm_cpu_server (vLLM's
+    """A CPU engine whose worker justrl bound to one core runs justrl.rollout.vllm_cpu_server (vLLM's
     uniprocess executor); several worker cores, GPU engines and unbound (remote) CPU engines run
     vLLM's own server, whose multiprocess executor sets the worker's OpenMP environment."""
-    from justrl.engine_launch import SERVER_MODULE, plan_command
+    from justrl.rollout.launch import SERVER_MODULE, plan_command
 
     base = ["--model", "m"]
     assert plan_command([], base, {"VLLM_CPU_OMP_THREADS_BIND": "0"}, cuda=False)[2]["server"] == \
-        "justrl.vllm_cpu_server"
+        "justrl.rollout.vllm_cpu_server"
     assert plan_command([], base, {"VLLM_CPU_OMP_THREADS_BIND": "0,1,2"}, cuda=False)[2]["server"] == SERVER_MODULE
     assert plan_command([], base, {}, cuda=False)[2]["server"] == SERVER_MODULE
     assert plan_command([0], base, {"VLLM_CPU_OMP_THREADS_BIND": "3"}, cuda=True)[2]["server"] == SERVER_MODULE
@@ -210,7 +210,7 @@ def test_one_core_cpu_engines_run_the_worker_in_the_engine_core_process():
 def test_cpu_engines_run_without_torch_compile():
     """A CPU engine (local, or standing in for GPUs) gets TORCHDYNAMO_DISABLE=1 unless the user set
     it; a GPU engine keeps vLLM's compilation."""
-    from justrl.engine_launch import plan_command
+    from justrl.rollout.launch import plan_command
 
     base = ["--model", "m"]
     assert plan_command([], base, {}, cuda=False)[1]["TORCHDYNAMO_DISABLE"] == "1"
@@ -222,7 +222,7 @@ def test_cpu_engines_run_without_torch_compile():
 
 @pytest.mark.slow
 def test_one_core_cpu_server_uses_the_uniprocess_executor_and_forks_its_engine_core(random_tiny_model_dir):
-    """justrl.vllm_cpu_server's patch, on vLLM's own config code: the uniprocess executor (vLLM's
+    """justrl.rollout.vllm_cpu_server's patch, on vLLM's own config code: the uniprocess executor (vLLM's
     CPU platform would switch it to "mp") and a forked engine core (it would set "spawn", which
     re-imports vLLM in the engine core: about 9 s of start-up)."""
     import os
@@ -231,7 +231,7 @@ def test_one_core_cpu_server_uses_the_uniprocess_executor_and_forks_its_engine_c
 
     script = ("import os\n"
               "from vllm.engine.arg_utils import EngineArgs\n"
-              "import justrl.vllm_cpu_server\n"
+              "import justrl.rollout.vllm_cpu_server\n"
               f"c = EngineArgs(model={str(random_tiny_model_dir)!r}, enforce_eager=True, max_model_len=128,"
               " enable_chunked_prefill=False).create_engine_config()\n"
               "print('RESULT', c.parallel_config.distributed_executor_backend,"
@@ -249,7 +249,7 @@ def test_engine_client_ignores_the_environment_proxies(monkeypatch):
     import http.server
     import threading
 
-    from justrl.engines import EngineClient
+    from justrl.rollout.client import EngineClient
 
     class Health(http.server.BaseHTTPRequestHandler):
         def do_GET(self):  # noqa: N802
@@ -281,7 +281,7 @@ def _wait_past_timeout(rank: int, port: int, result_file: str) -> None:
 
     import torch.distributed as dist
 
-    from justrl import dist_groups
+    from justrl.cluster import dist_groups
     from justrl.trainer import _broadcast
 
     dist_groups.init_process_groups("gloo", control_timeout_s=120, data_timeout_s=2,
@@ -316,7 +316,7 @@ def test_control_plane_waits_longer_than_the_data_plane_timeout(tmp_path):
 
     import torch.multiprocessing as mp
 
-    from justrl.placement import free_port
+    from justrl.cluster.placement import free_port
 
     result = tmp_path / "rank1.json"
     mp.spawn(_wait_past_timeout, args=(free_port(), str(result)), nprocs=2)

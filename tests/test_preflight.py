@@ -1,4 +1,4 @@
-"""justrl.preflight: each node's checks, the exchange through the shared output directory, the
+"""justrl.cluster.preflight: each node's checks, the exchange through the shared output directory, the
 table, and failures that name the node and the check. The Slurm tests run it as a job step on the
 single-node Slurm (slurm/setup_local_slurm.sh): alone, and at the start of a train.sbatch job and
 of a submitit job, where a failed check ends the job before any learner starts."""
@@ -15,7 +15,9 @@ from pathlib import Path
 import pytest
 from safetensors import safe_open
 
-from justrl import node_checks, preflight
+from justrl.cluster import node_checks
+
+from justrl.cluster import preflight
 from justrl.config import compose
 
 REPO = Path(__file__).resolve().parents[1]
@@ -56,14 +58,14 @@ def test_one_node_passes_and_prints_the_table(random_tiny_model_dir, tmp_path, c
 
 
 def test_an_engine_guard_that_does_not_load_fails(random_tiny_model_dir, tmp_path, capsys, monkeypatch):
-    from justrl import engine_auth
+    from justrl.rollout import auth as engine_auth
 
-    monkeypatch.setattr(engine_auth, "MIDDLEWARE", "justrl.engine_auth.NoSuchMiddleware")
+    monkeypatch.setattr(engine_auth, "MIDDLEWARE", "justrl.rollout.auth.NoSuchMiddleware")
     assert preflight.run_here(_cfg(tmp_path, random_tiny_model_dir)) == 1
     out = capsys.readouterr().out
     assert f"preflight FAILED on node {socket.gethostname()}: check engine_guard: " \
-           "justrl.engine_auth.NoSuchMiddleware does not load: AttributeError" in out
-    assert "guard FAIL: justrl.engine_auth.NoSuchMiddleware does not load" in out
+           "justrl.rollout.auth.NoSuchMiddleware does not load: AttributeError" in out
+    assert "guard FAIL: justrl.rollout.auth.NoSuchMiddleware does not load" in out
 
 
 def _numel(shape) -> int:
@@ -134,7 +136,7 @@ def test_a_node_that_does_not_share_the_directory_is_named(random_tiny_model_dir
 
 
 def test_busy_rendezvous_and_engine_ports_fail(random_tiny_model_dir, tmp_path, capsys, monkeypatch):
-    from justrl.placement import ENGINE_PORT_BASE
+    from justrl.cluster.placement import ENGINE_PORT_BASE
 
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1,2,3")
     monkeypatch.setattr(node_checks, "PORT_GRACE_S", 2.0)  # a port that stays busy is retried, then fails
@@ -177,7 +179,7 @@ def test_a_gpu_allocation_without_cuda_fails_unless_emulated(random_tiny_model_d
     cluster's JUSTRL_EMULATED_GPUS=1 the same node passes, saying it computes on the CPU."""
     import torch
 
-    from justrl.placement import EMULATED_ENV
+    from justrl.cluster.placement import EMULATED_ENV
 
     assert not torch.cuda.is_available()
     here = socket.gethostname()
@@ -186,7 +188,7 @@ def test_a_gpu_allocation_without_cuda_fails_unless_emulated(random_tiny_model_d
     base = _free_port()  # the two engines' ports: free ones (other runs on this machine hold 8100...)
     while not node_checks.port_free(base + 1):
         base = _free_port()
-    monkeypatch.setattr("justrl.placement.ENGINE_PORT_BASE", base)
+    monkeypatch.setattr("justrl.cluster.placement.ENGINE_PORT_BASE", base)
     cfg = _cfg(tmp_path, random_tiny_model_dir, "cluster.gpus_per_node=4", "cluster.learner_gpus=2")
     assert preflight.run_here(cfg) == 1
     out = capsys.readouterr().out
@@ -265,7 +267,7 @@ def test_preflight_step_in_a_slurm_job(slurm, random_tiny_model_dir, tmp_path):
     """Run by hand in an allocation (here: a batch job): one srun step, the table, exit 0."""
     out = tmp_path / "job.out"
     job = _sbatch(tmp_path, "-J", "justrl-preflight", "-c1", f"--output={out}", "--wrap",
-                  f"{sys.executable} -m justrl.preflight {' '.join(TINY)} cluster=slurm cluster.gpus_per_node=0 "
+                  f"{sys.executable} -m justrl.cluster.preflight {' '.join(TINY)} cluster=slurm cluster.gpus_per_node=0 "
                   f"cluster.learner_gpus=0 model.path={random_tiny_model_dir} trainer.output_dir={tmp_path / 'run'}")
     assert _wait(job) == "COMPLETED", out.read_text()
     text = out.read_text()

@@ -1,4 +1,4 @@
-"""The learner's rendezvous (justrl.dist_groups.rendezvous_store): rank 0's TCPStore listens on
+"""The learner's rendezvous (justrl.cluster.dist_groups.rendezvous_store): rank 0's TCPStore listens on
 MASTER_ADDR's address only, not on every interface as torch's env:// would, and two ranks still
 form their groups over it; with GLOO_SOCKET_IFNAME set (as justrl sets it in a job) every socket
 rank 0 listens on is on that interface; a MASTER_ADDR that is not this machine's is refused
@@ -28,9 +28,9 @@ def _listeners(port: int) -> list[str]:
 def _rank(rank: int, port: int, out: str) -> None:
     import torch
 
-    from justrl import dist_groups
+    from justrl.cluster import dist_groups
 
-    # GLOO_SOCKET_IFNAME as justrl.placement.pin_socket_interfaces sets it in a job (there: the
+    # GLOO_SOCKET_IFNAME as justrl.cluster.placement.pin_socket_interfaces sets it in a job (there: the
     # interface of the node's announced address)
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE="2",
                       GLOO_SOCKET_IFNAME="lo")
@@ -51,7 +51,7 @@ def _rank(rank: int, port: int, out: str) -> None:
 def test_rank_0_listens_on_master_addr_only_and_the_ranks_meet(tmp_path):
     import torch.multiprocessing as mp
 
-    from justrl.placement import free_port
+    from justrl.cluster.placement import free_port
 
     port, out = free_port(), tmp_path / "rank0.json"
     mp.spawn(_rank, args=(port, str(out)), nprocs=2)
@@ -65,7 +65,7 @@ def test_rank_0_listens_on_master_addr_only_and_the_ranks_meet(tmp_path):
 
 def test_a_master_addr_of_another_machine_is_refused_naming_it():
     from justrl.config import ConfigError
-    from justrl.dist_groups import rendezvous_store
+    from justrl.cluster.dist_groups import rendezvous_store
 
     env = {"MASTER_ADDR": "192.0.2.7", "MASTER_PORT": "29999", "RANK": "0", "WORLD_SIZE": "2"}  # TEST-NET-1
     with pytest.raises(ConfigError, match=r"rank 0 cannot listen for the rendezvous on MASTER_ADDR=192\.0\.2\.7:29999"):

@@ -1,4 +1,4 @@
-"""A failed learner step: requeue for a lost node, not for an error (justrl.requeue), against the
+"""A failed learner step: requeue for a lost node, not for an error (justrl.cluster.requeue), against the
 local Slurm (`bash slurm/setup_local_slurm.sh`): real sinfo states, real one-task probe steps of a
 running job, a real `scontrol requeue` bounded by SLURM_RESTART_COUNT. Losing a node itself
 cannot happen on one machine: where a test needs a lost node, it names it and says so."""
@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from justrl.requeue import after_learner_failure, lost_nodes, node_states, probe, requeue_job, state_says_failed
+from justrl.cluster.requeue import after_learner_failure, lost_nodes, node_states, probe, requeue_job, state_says_failed
 
 
 def _slurm_up() -> bool:
@@ -84,7 +84,7 @@ def test_a_lost_node_requeues_the_job_until_the_bound(tmp_path):
     script = tmp_path / "fail.py"
     script.write_text(textwrap.dedent(f"""
         import os, sys
-        from justrl.requeue import after_learner_failure
+        from justrl.cluster.requeue import after_learner_failure
         print("start", os.environ.get("SLURM_RESTART_COUNT", "0"), flush=True)
         sys.exit(after_learner_failure(3, max_requeues=1, nodes=["n2"], confirmed=lambda nodes: list(nodes),
                                        find_lost=lambda nodes, job: {{"n2": "the test says so"}}))
@@ -112,7 +112,7 @@ def test_a_lost_node_requeues_the_job_until_the_bound(tmp_path):
 def test_one_node_marked_by_slurm_is_enough():
     """Once a node of the job is gone, Slurm 22.05 refuses the resized job's steps on the others
     too (their probes fail, seen on the emulated cluster): the node Slurm marks is the lost one."""
-    from justrl.requeue import wait_until_marked
+    from justrl.cluster.requeue import wait_until_marked
 
     states = {"a": "down* (Not responding)", "b": "allocated"}
     assert wait_until_marked(["b", "a"], 5, states=lambda nodes: states, poll_s=0) == ["a"]

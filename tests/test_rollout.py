@@ -1,5 +1,5 @@
 """Real vLLM (CPU build) rollout engines: token-in/token-out, seeded sampling, in-place weight sync,
-a dead engine restarted mid-step, and the guard on every route (justrl.engine_auth). One engine is
+a dead engine restarted mid-step, and the guard on every route (justrl.rollout.auth). One engine is
 started for the module (about 30 s)."""
 import math
 import os
@@ -10,8 +10,9 @@ import time
 import pytest
 import requests
 
-from justrl.engines import SERVED_MODEL_NAME, EngineError, EngineSpec, EngineProcess, SamplingSettings
-from justrl.rollout import RolloutFleet
+from justrl.rollout.client import SERVED_MODEL_NAME, EngineError, SamplingSettings
+from justrl.rollout.engine import EngineSpec, EngineProcess
+from justrl.rollout.fleet import RolloutFleet
 
 pytestmark = pytest.mark.slow
 
@@ -52,7 +53,7 @@ def test_token_in_token_out_is_seeded(fleet, random_tiny_model_dir):
 
 
 def _engine_processes(engine: EngineProcess) -> list[int]:
-    from justrl.engine_guard import group_members
+    from justrl.rollout.guard import group_members
 
     return group_members(engine.process.pid)
 
@@ -62,7 +63,7 @@ def test_every_route_of_the_engine_asks_for_its_secret(fleet):
     /openapi.json, with the secret) refuses a request without the secret (401) and with a wrong
     or another engine's (403); with it, the engine serves; the secret is on no command line of
     the engine's processes and not in its log."""
-    from justrl.engine_auth import auth_headers, new_secret
+    from justrl.rollout.auth import auth_headers, new_secret
 
     engine = fleet.engines[0]
     url, secret = engine.client.url, engine.secret
@@ -93,7 +94,7 @@ def test_every_route_of_the_engine_asks_for_its_secret(fleet):
         with open(f"/proc/{pid}/cmdline", "rb") as f:
             assert secret.encode() not in f.read()
     assert secret not in engine.log_path.read_text()
-    assert "--middleware justrl.engine_auth.EngineAuthMiddleware" in engine.log_path.read_text()
+    assert "--middleware justrl.rollout.auth.EngineAuthMiddleware" in engine.log_path.read_text()
 
 
 def test_weight_sync_reloads_in_place(fleet, random_tiny_model_dir, tmp_path):

@@ -1,4 +1,4 @@
-"""One job per run directory (justrl.run_lock): a live holder is refused by name, a gone one taken
+"""One job per run directory (justrl.cluster.run_lock): a live holder is refused by name, a gone one taken
 over; with real processes and, where it runs, the real local Slurm's squeue."""
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from justrl.run_lock import LOCK_NAME, RunLock, RunLocked, _process_start, check_free, holder_here, slurm_job_state
+from justrl.cluster.run_lock import LOCK_NAME, RunLock, RunLocked, _process_start, check_free, holder_here, slurm_job_state
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -85,7 +85,7 @@ def _job_log(tmp_path: Path) -> str:
 
 def test_sbatch_train_that_fails_with_an_error_is_not_requeued_and_says_why(slurm, tmp_path):
     """A learner that fails with an error (here a training file that does not exist), not a lost
-    node: train.sbatch asks `python -m justrl.requeue`, which probes the job's node (it answers)
+    node: train.sbatch asks `python -m justrl.cluster.requeue`, which probes the job's node (it answers)
     and does not requeue; the job fails with the learner's status and its log names the cause in
     one line before any traceback."""
     missing = tmp_path / "no-such-problems.parquet"

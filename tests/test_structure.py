@@ -1,5 +1,6 @@
-"""The package's structure as the README states it: no import cycles between justrl's modules
-(imports inside functions included), read from the source with `ast`."""
+"""The package's structure as docs/architecture.md states it: no import cycles between justrl's
+modules (imports inside functions included), the layers (the recipe's math, rewards and data know
+nothing of engines, clusters or learners); read with `ast`."""
 import ast
 from pathlib import Path
 
@@ -53,9 +54,31 @@ def cycle_from(graph: dict[str, set[str]]) -> list[str] | None:
 
 def test_no_import_cycles():
     graph = import_graph()
-    assert "justrl.trainer" in graph and "justrl.placement" in graph["justrl.slurm"]  # the graph is read
+    assert "justrl.trainer" in graph and "justrl.cluster.placement" in graph["justrl.cluster.slurm"]  # the graph is read
     assert cycle_from(graph) is None, " -> ".join(cycle_from(graph))
 
 
 def test_a_cycle_is_found():
     assert cycle_from({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
+
+
+# The lower layers and what they may not import (the package's own rule; docs/architecture.md).
+LOWER_LAYERS = ("justrl.grpo", "justrl.reward", "justrl.data")
+UPPER_LAYERS = ("justrl.rollout", "justrl.cluster", "justrl.learner", "justrl.weight_sync", "justrl.trainer",
+                "justrl.controller", "justrl.launch")
+
+
+def layer_violations(graph: dict[str, set[str]]) -> list[str]:
+    def within(module, packages):
+        return any(module == p or module.startswith(p + ".") for p in packages)
+
+    return sorted(f"{m} -> {t}" for m, targets in graph.items() if within(m, LOWER_LAYERS)
+                  for t in targets if within(t, UPPER_LAYERS))
+
+
+def test_math_rewards_and_data_import_nothing_from_engines_clusters_or_learners():
+    graph = import_graph()
+    assert "justrl.reward.dapo" in graph["justrl.data.benchmarks"]  # lower layers are read too
+    assert layer_violations(graph) == []
+    assert layer_violations({"justrl.data.x": {"justrl.rollout.fleet"}}) == ["justrl.data.x -> justrl.rollout.fleet"]
+

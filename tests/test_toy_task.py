@@ -8,9 +8,9 @@ import pytest
 
 from justrl.data import load_problems, toy_problems
 from justrl.data.toy import ANSWER_FORMS, MAX_SCRATCHPAD_GUESSES, scratchpad, write_answer
-from justrl.grading import grade
+from justrl.eval.grading import grade
 from justrl.reward import score
-from justrl.tiny_model import WARM_START_FORM_SHARES, warm_start_target
+from justrl.model.tiny import WARM_START_FORM_SHARES, warm_start_target
 from justrl.controller import verifier_metrics
 
 # form -> (dapo, lenient) verdicts on the right value: what the two ablations need
@@ -23,7 +23,7 @@ VERDICTS = {
     "unboxed": (False, True),
 }
 # what the evaluation grader (validation of every run) accepts, of the forms whose verdict does
-# not hang on its normalisation rules (those follow the authors' grader, justrl/grading.py)
+# not hang on its normalisation rules (those follow the authors' grader, justrl/eval/grading.py)
 GRADER_ACCEPTS = {"strict": True, "unboxed": False}
 
 

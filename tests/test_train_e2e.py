@@ -157,7 +157,7 @@ def test_killed_run_resumes_and_matches_an_uninterrupted_one(straight, tmp_path)
         torch.testing.assert_close(wb[key], wa[key], rtol=0, atol=1e-6, msg=key)
 
 
-# An engine's own access log, the calls of a colocated step (justrl.engine_phases) in order.
+# An engine's own access log, the calls of a colocated step (justrl.rollout.phases) in order.
 PHASE_CALLS = {"POST /sleep?level=1 ": "sleep", "POST /wake_up?tags=weights ": "wake weights",
                "POST /collective_rpc ": "reload", "POST /reset_prefix_cache ": "reset cache",
                "POST /wake_up?tags=kv_cache ": "wake kv_cache"}
@@ -186,7 +186,7 @@ def test_colocated_run_sleeps_and_wakes_in_order_and_trains_the_same_weights(str
     step = ["sleep", "wake weights", "reload", "reset cache", "wake kv_cache"]
     assert phase_calls(log) == step * STEPS
     assert "sleep mode is not supported on CPU" in log  # the CPU worker's own word: memory kept
-    assert '"sleep_mode": "the CPU build has none' in log  # justrl.engine_launch dropped --enable-sleep-mode
+    assert '"sleep_mode": "the CPU build has none' in log  # justrl.rollout.launch dropped --enable-sleep-mode
     assert "--enable-sleep-mode" in log.split("starting engine0", 1)[1].splitlines()[0]  # asked for
     # the straight run made none of these calls, and both trained the same weights
     assert phase_calls((straight_run / "engines" / "engine0.log").read_text()) == ["reload", "reset cache"] * STEPS

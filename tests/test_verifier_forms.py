@@ -9,7 +9,7 @@ stands for. The README's table of forms is this one.
 """
 import pytest
 
-from justrl.grading import grade
+from justrl.eval.grading import grade
 from justrl.reward import score
 
 PAD = "We think hard. " * 30  # reasoning text before the ending; keeps dapo's 100-char window honest

@@ -1,4 +1,4 @@
-"""Weight sync through its one owner (justrl.weight_sync.WeightSync) with a real vLLM (CPU build)
+"""Weight sync through its one owner (justrl.weight_sync.sync.WeightSync) with a real vLLM (CPU build)
 engine and the real hf learner: the file transport, retention of versions, the probe check, and a
 stale engine (one that was not reloaded) caught with its name. One engine for the module (~40 s).
 The NCCL transport needs GPUs: its test skips here, saying why."""
@@ -9,10 +9,12 @@ import torch
 
 from justrl.config import compose
 from justrl.learner import build_learner
-from justrl.engines import EngineSpec, EngineProcess
-from justrl.rollout import RolloutFleet
-from justrl.weight_sync import (DEFAULT_TOLERANCE, FileTransport, WeightSync, WeightSyncError, compare_probe,
-                                engine_probe_logprobs, learner_probe_logprobs)
+from justrl.rollout.engine import EngineSpec, EngineProcess
+from justrl.rollout.fleet import RolloutFleet
+from justrl.weight_sync.probe import DEFAULT_TOLERANCE, compare_probe, engine_probe_logprobs, learner_probe_logprobs
+from justrl.weight_sync.files import FileTransport
+from justrl.weight_sync.sync import WeightSync
+from justrl.weight_sync.base import WeightSyncError
 
 SPEC = EngineSpec(max_model_len=256, dtype="float32", seed=0, gpu_memory_utilization=0.3, startup_timeout_s=300,
                   request_timeout_s=300)
@@ -89,7 +91,7 @@ def test_stale_engine_is_caught_and_named(setup):
 @pytest.mark.slow
 def test_moved_tied_embedding_is_served(setup):
     """vLLM's CPU build (0.32) packs the tied output layer into a oneDNN copy that its own
-    reload_weights never rebuilds: before justrl.vllm_worker the engine served the new input
+    reload_weights never rebuilds: before justrl.rollout.vllm_worker the engine served the new input
     embedding with the old output layer (probe difference ~0.5). Only the embedding moves here."""
     root, learner, tokenizer, fleet = setup
     sync = WeightSync(root / "weights_tied", learner, tokenizer, "float32", fleet)
@@ -106,7 +108,7 @@ def test_moved_tied_embedding_is_served(setup):
 
 
 def test_unknown_transport_is_refused():
-    from justrl.weight_sync import make_transport
+    from justrl.weight_sync.sync import make_transport
 
     with pytest.raises(ValueError, match=r"rollout.weight_sync must be one of \['files', 'nccl'\], got 'rdma'"):
         make_transport("rdma")
@@ -119,7 +121,7 @@ def test_nccl_transport_matches_the_file_transport(random_tiny_model_dir, tmp_pa
     check must pass, and the engine must serve what a file reload of the same weights serves."""
     from transformers import AutoTokenizer
 
-    from justrl.weight_sync import engine_args_for
+    from justrl.weight_sync.sync import engine_args_for
 
     cfg = compose(["experiment=tiny", f"model.path={random_tiny_model_dir}", "rollout.weight_sync=nccl"])
     learner = build_learner(cfg, random_tiny_model_dir)
@@ -143,7 +145,7 @@ def test_nccl_transport_matches_the_file_transport(random_tiny_model_dir, tmp_pa
 
 def test_config_keys_are_checked_at_start_up():
     from justrl.config import WEIGHT_SYNC_TRANSPORTS, ConfigError
-    from justrl.weight_sync import TRANSPORTS
+    from justrl.weight_sync.sync import TRANSPORTS
 
     assert WEIGHT_SYNC_TRANSPORTS == TRANSPORTS
     with pytest.raises(ConfigError) as error:
@@ -169,8 +171,9 @@ import http.server  # noqa: E402
 import threading  # noqa: E402
 import time  # noqa: E402
 
-from justrl.engines import EngineClient  # noqa: E402
-from justrl.weight_sync import EnginePushError, NcclTransport  # noqa: E402
+from justrl.rollout.client import EngineClient
+from justrl.weight_sync.base import EnginePushError
+from justrl.weight_sync.nccl import NcclTransport
 
 
 class _Routes(http.server.BaseHTTPRequestHandler):

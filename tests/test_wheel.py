@@ -98,7 +98,7 @@ def test_wheel_installs_trains_and_evaluates_outside_the_repository(tmp_path):
 
     out = tmp_path / "eval"
     evaluate = subprocess.run(
-        [python, "-m", "justrl.evaluate", f"model_path={run}", "benchmarks=[AIME24,MATH-500]", "samples=1", "limit=2",
+        [python, "-m", "justrl.eval", f"model_path={run}", "benchmarks=[AIME24,MATH-500]", "samples=1", "limit=2",
          "max_new_tokens=16", "max_prompt_length=768", "engine.dtype=float32", "engine.gpu_memory_utilization=0.3",
          "engine.cpu_kv_cache_gb=1", f"output_dir={out}"],
         cwd=work, env=_env(), capture_output=True, text=True, timeout=900)

@@ -49,7 +49,7 @@ def compare(results: dict, paper: str) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("results", type=Path, help="results.json written by python -m justrl.evaluate")
+    parser.add_argument("results", type=Path, help="results.json written by python -m justrl.eval")
     parser.add_argument("--paper", choices=sorted(PAPER), default="deepseek")
     args = parser.parse_args(argv)
     try:

@@ -18,7 +18,7 @@ torch 2.11 CUDA, transformers 5.17; megatron-core if it travelled as a wheel). R
                     same GPU, as cluster.placement=colocated runs them: the memory the engine's
                     sleep(1) frees, a learner step in it (time, peak), the wake(weights), reload of
                     the learner's export and wake(kv_cache) times, and the engine's probe
-                    log-probs against the learner's (justrl.weight_sync's check); it fails when they
+                    log-probs against the learner's (justrl.weight_sync.sync's check); it fails when they
                     differ beyond the bf16 tolerance or the engine is still asleep
 
 MFU = 6 * N * tokens / step time / the GPU's peak dense bf16 FLOP/s (`PEAK_BF16_FLOPS`, by
@@ -67,7 +67,7 @@ QWEN2_1_5B = dict(hidden_size=1536, intermediate_size=8960, num_hidden_layers=28
 TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
             vocab_size=512, max_position_embeddings=4096, rope_theta=10000.0, rms_norm_eps=1e-6,
             tie_word_embeddings=False)
-# The colocated row's tiny model where an engine serves it (justrl.tiny_model's shape: head dim 64).
+# The colocated row's tiny model where an engine serves it (justrl.model.tiny's shape: head dim 64).
 TINY_ENGINE = dict(hidden_size=128, intermediate_size=256, num_attention_heads=2, num_key_value_heads=1)
 ROW_TOKENS, ROWS = 16384, 2
 TINY_ROW_TOKENS = 96
@@ -322,18 +322,17 @@ def run(device: torch.device, tiny: bool, megatron: bool, emit=lambda row: None,
 
     def colocated_step():
         """An engine and a learner on one device, as cluster.placement=colocated runs them
-        (justrl.engine_phases): the engine serves, sleeps (level 1), the learner trains in the memory
+        (justrl.rollout.phases): the engine serves, sleeps (level 1), the learner trains in the memory
         it gave back, the engine wakes for the weights, reloads the learner's export, wakes for its KV
         cache, and its probe log-probs are checked against the learner's."""
         try:
             import vllm  # noqa: F401
         except ImportError as e:
             return {"skipped": f"vllm does not import ({e})"}
-        from justrl.engine_launch import SLEEP_MODE_ARGS
-        from justrl.engines import EngineProcess, EngineSpec
-        from justrl.tiny_model import build_tokenizer
-        from justrl.weight_sync import (DEFAULT_TOLERANCE, PROBE_TEXT, compare_probe, engine_probe_logprobs,
-                                        learner_probe_logprobs)
+        from justrl.rollout.launch import SLEEP_MODE_ARGS
+        from justrl.rollout.engine import EngineProcess, EngineSpec
+        from justrl.model.tiny import build_tokenizer
+        from justrl.weight_sync.probe import (DEFAULT_TOLERANCE, PROBE_TEXT, compare_probe, engine_probe_logprobs, learner_probe_logprobs)
 
         state.pop("hf", None)
         _reset_peak(device)

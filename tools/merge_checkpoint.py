@@ -5,7 +5,7 @@
     python tools/merge_checkpoint.py <checkpoint> <out_dir> --dtype bfloat16
 
 The output holds config.json, model.safetensors and the tokenizer: transformers and vLLM load it
-as it is (and `python -m justrl.evaluate model_path=<out_dir>` evaluates it). The weights are the
+as it is (and `python -m justrl.eval model_path=<out_dir>` evaluates it). The weights are the
 model's own (bf16 when trained in bf16), unless --dtype says otherwise. Refuses, naming the
 problem, a path that is not a complete Megatron checkpoint.
 """

@@ -1,7 +1,7 @@
 """The nine evaluation benchmarks of the paper, shipped with justrl: <NAME>/test.parquet here.
 
 This directory is the default of `data.benchmark_dir` (training validation) and of
-`benchmark_dir` (`python -m justrl.evaluate`); an explicit override or JUSTRL_BENCHMARK_DIR wins.
+`benchmark_dir` (`python -m justrl.eval`); an explicit override or JUSTRL_BENCHMARK_DIR wins.
 It is a package only so that setuptools ships it and `DIR` finds it in a clone, an editable
 install and a wheel alike. Source and row counts: README.md beside this file.
 """

@@ -23,11 +23,11 @@ def _show(title: str, tokenizer, token_ids) -> str:
 
 
 def evaluation_template(model_path: str) -> str:
-    """The evaluation's prompt template, from the evaluation config as `justrl.evaluate` composes it."""
+    """The evaluation's prompt template, from the evaluation config as `justrl.eval.command` composes it."""
     from hydra import compose, initialize_config_module
     from hydra.core.global_hydra import GlobalHydra
 
-    import justrl.evaluate  # noqa: F401  (registers the evaluation schema)
+    import justrl.eval.command  # noqa: F401  (registers the evaluation schema)
 
     GlobalHydra.instance().clear()
     with initialize_config_module(config_module="justrl.hydra_conf", version_base=None):
@@ -40,8 +40,8 @@ def preview(overrides: list[str], prompts: int = 3) -> str:
     from justrl.config import compose
     from justrl.data import (BENCHMARKS, PromptSampler, encode_prompt, load_benchmark, load_training_set,
                              validation_sets)
-    from justrl.evaluate import eval_problem
-    from justrl.models import resolve_model_path
+    from justrl.eval.command import eval_problem
+    from justrl.model.sources import resolve_model_path
 
     cfg = compose(overrides)
     tokenizer = AutoTokenizer.from_pretrained(resolve_model_path(cfg.model))

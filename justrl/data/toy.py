@@ -8,7 +8,7 @@ same seed gives the same split, and the train and validation splits never share 
   GRPO in a minute or two on a CPU; nothing in it for the paper's ablations to act on (answers of
   ~6 tokens, one surface form).
 - "toy_scratchpad" (experiment=tiny's task): ("Think it over: which number is larger, 7 or 3?",
-  "7"). The tiny model's warm start (justrl/tiny_model.py) teaches it to answer with a scratchpad
+  "7"). The tiny model's warm start (justrl/model/tiny.py) teaches it to answer with a scratchpad
   of guesses whose length it chooses (`7? 3? 3? ` = 3 tokens a guess) and then the answer in one
   of the surface forms below, so that
   * the length penalty has something to shorten: a scratchpad of 0 to MAX_SCRATCHPAD_GUESSES

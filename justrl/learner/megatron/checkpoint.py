@@ -24,7 +24,7 @@ import torch.distributed as dist
 
 from justrl.checkpoint import COMPLETE
 from justrl.config import ConfigError
-from justrl.hf_io import EXTRA_FILES
+from justrl.model.hf_io import EXTRA_FILES
 from justrl.learner.megatron.adapter import Qwen2Shape, mcore_to_hf
 
 MEGATRON_DIR = "megatron"
@@ -115,7 +115,7 @@ def merge_checkpoint(checkpoint: str | Path, out_dir: str | Path, dtype: str | N
     tokenizer); `dtype` None keeps the stored dtype."""
     from transformers import AutoTokenizer
 
-    from justrl.hf_io import write_hf_dir
+    from justrl.model.hf_io import write_hf_dir
 
     state, config, hf_config = merged_hf_state(checkpoint)
     if dtype is not None:

@@ -49,7 +49,7 @@ from justrl.learner.step import (NonFiniteCounter, UpdateSettings, chunked_logpr
 
 def _init_single_process_group(on_cpu: bool) -> None:
     """Megatron needs torch.distributed even for one rank."""
-    from justrl.placement import free_port
+    from justrl.cluster.placement import free_port
 
     # an explicit address: a MASTER_PORT inherited from the environment may be taken
     dist.init_process_group("gloo" if on_cpu else "nccl", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0,
@@ -315,7 +315,7 @@ class MegatronLearner:
     def export_hf(self, out_dir: str | Path | None, tokenizer, dtype: str = "float32") -> Path | None:
         """Write the weights as an HF directory (config.json, safetensors, tokenizer) atomically.
         Every rank must call; only rank 0 writes (the others may pass None)."""
-        from justrl.hf_io import write_hf_dir
+        from justrl.model.hf_io import write_hf_dir
 
         state = self.gather_hf_state()
         out = Path(out_dir) if out_dir is not None else None

@@ -1,4 +1,4 @@
-"""Rollouts over several vLLM engines (justrl.engines): `RolloutFleet` sends each prompt's request
+"""Rollouts over several vLLM engines (justrl.rollout.engine): `RolloutFleet` sends each prompt's request
 to the least-loaded live engine, restarts an engine that died mid-step and retries only the
 requests it had outstanding, a bounded number of times, and reloads the weights of all of them.
 """
@@ -13,8 +13,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from justrl.engines import (MAX_IN_FLIGHT_PER_ENGINE, Completion, EngineError, EngineProcess, EngineRequestError,
-                            SamplingSettings)
+from justrl.rollout.client import (MAX_IN_FLIGHT_PER_ENGINE, Completion, EngineError, EngineRequestError, SamplingSettings)
+from justrl.rollout.engine import EngineProcess
 
 log = logging.getLogger(__name__)
 
@@ -342,7 +342,7 @@ class RolloutFleet:
 
     def sleep(self, level: int = 1) -> None:
         """Every live engine goes to sleep (colocated, while the learner trains: vLLM's sleep mode
-        frees its GPU memory; justrl.engine_phases)."""
+        frees its GPU memory; justrl.rollout.phases)."""
         self.each(lambda c: c.sleep(level))
 
     def wake(self, tags: tuple[str, ...] = ()) -> None:

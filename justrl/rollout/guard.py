@@ -1,6 +1,6 @@
 """Run a command (a vLLM server) and take it down when the process that started it dies.
 
-    python -m justrl.engine_guard <watched pid> -- <command...>
+    python -m justrl.rollout.guard <watched pid> -- <command...>
 
 A controller killed with SIGKILL runs no cleanup, and a vLLM server started in a session of its
 own would outlive it, holding memory and a port. The guard leads the server's process group
@@ -62,7 +62,7 @@ def _alive(pid: int) -> bool:
 
 def main(argv: list[str]) -> int:
     if len(argv) < 3 or argv[1] != "--":
-        print("usage: python -m justrl.engine_guard <pid> -- <command...>", file=sys.stderr)
+        print("usage: python -m justrl.rollout.guard <pid> -- <command...>", file=sys.stderr)
         return 2
     watched, command = int(argv[0]), argv[2:]
     child = subprocess.Popen(command)  # same process group as the guard

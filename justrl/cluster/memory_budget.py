@@ -8,7 +8,7 @@ Two phases, each must fit the GPU:
                 that at start, weights + activations + KV cache: vllm/v1/worker/utils.py
                 request_memory, which also refuses to start with less free)
                 + the learner's resident state (weights, gradient buffer, optimizer shard: kept on
-                the GPU; its activations were returned by torch.cuda.empty_cache, justrl.engine_phases)
+                the GPU; its activations were returned by torch.cuda.empty_cache, justrl.rollout.phases)
                 + the learner process's CUDA context
     training    the learner's peak (resident state + one micro-batch's activations + one logit
                 chunk) + its CUDA context

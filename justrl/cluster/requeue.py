@@ -1,8 +1,8 @@
 """Requeue a Slurm job that cannot go on where it is, and tell a lost node from an error.
 
 Two callers:
-- the trainer's job when every rollout engine is lost (`justrl.slurm.run_in_allocation`);
-- `slurm/train.sbatch` after the learner's step failed: `python -m justrl.requeue --status N
+- the trainer's job when every rollout engine is lost (`justrl.cluster.slurm.run_in_allocation`);
+- `slurm/train.sbatch` after the learner's step failed: `python -m justrl.cluster.requeue --status N
   <overrides>` asks whether a node of the job failed. If one did, the job is requeued (at most
   `cluster.max_requeues` times, counted by Slurm's SLURM_RESTART_COUNT) and the next start
   resumes in the same run directory from the latest complete checkpoint. If none did (a Python
@@ -137,7 +137,7 @@ def after_learner_failure(status: int, max_requeues: int, env: Mapping[str, str]
     (`confirmed`: those of the suspects Slurm marks; default: wait up to SlurmdTimeout + 60 s for
     one's state to say so): a probe that fails for another reason must not requeue a job that
     fails the same way each time."""
-    from justrl.placement import allocation_nodes
+    from justrl.cluster.placement import allocation_nodes
 
     job = env["SLURM_JOB_ID"]
     nodes = allocation_nodes() if nodes is None else nodes

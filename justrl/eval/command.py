@@ -1,8 +1,8 @@
-"""Evaluate a model the way the paper does: `python -m justrl.evaluate model_path=<path>`.
+"""Evaluate a model the way the paper does: `python -m justrl.eval model_path=<path>`.
 
-    python -m justrl.evaluate model_path=outputs/justrl-tiny-none                        # a run's latest checkpoint
-    python -m justrl.evaluate model_path=deepseek-ai/DeepSeek-R1-Distill-Qwen-1.5B engine.gpus=8
-    python -m justrl.evaluate model_path=models/tiny benchmarks=[AIME24,AMC23] samples=2 max_new_tokens=64
+    python -m justrl.eval model_path=outputs/justrl-tiny-none                        # a run's latest checkpoint
+    python -m justrl.eval model_path=deepseek-ai/DeepSeek-R1-Distill-Qwen-1.5B engine.gpus=8
+    python -m justrl.eval model_path=models/tiny benchmarks=[AIME24,AMC23] samples=2 max_new_tokens=64
 
 Writes into `output_dir` (default outputs/eval/<name>): one `<BENCHMARK>.jsonl` per benchmark (a
 line per sample: problem id, sample index and seed, response, extracted answer, correct, length in
@@ -26,7 +26,7 @@ from omegaconf import DictConfig, OmegaConf
 from justrl.config import (ENGINE_KEYS, ConfigError, Key, at_least, in_unit_interval, key_errors, nonempty,
                            positive, schema_dataclass, typed)
 
-log = logging.getLogger("justrl.evaluate")
+log = logging.getLogger("justrl.eval")
 
 RESULTS_JSON, RESULTS_MD = "results.json", "results.md"
 
@@ -96,7 +96,7 @@ def default_name(model: str, model_dir: Path) -> str:
 def read_done(path: Path, samples: int) -> dict[str, list]:
     """Complete problems already in a jsonl file (all `samples` samples present); the file is
     rewritten without anything else (a half-written line or a half-finished problem)."""
-    from justrl.evaluation import SampleRecord
+    from justrl.eval.sampling import SampleRecord
 
     if not path.exists():
         return {}
@@ -152,12 +152,13 @@ def run_evaluation(cfg: DictConfig) -> dict:
     from transformers import AutoTokenizer
 
     from justrl.data import BENCHMARKS, build_prompts, load_benchmark, render_prompt
-    from justrl.evaluation import EvalItem, problem_seed, sample_and_grade, summarize
+    from justrl.eval.sampling import EvalItem, problem_seed, sample_and_grade, summarize
     from justrl.reward import ScorerPool
-    from justrl.engines import EngineSpec, SamplingSettings, build_engines
-    from justrl.models import resolve_eval_model
-    from justrl.placement import EnginePlacement, gpu_groups
-    from justrl.rollout import RolloutFleet
+    from justrl.rollout.engine import EngineSpec, build_engines
+    from justrl.rollout.client import SamplingSettings
+    from justrl.model.sources import resolve_eval_model
+    from justrl.cluster.placement import EnginePlacement, gpu_groups
+    from justrl.rollout.fleet import RolloutFleet
 
     transformers.utils.logging.disable_progress_bar()
     check(cfg)
@@ -220,7 +221,7 @@ def run_evaluation(cfg: DictConfig) -> dict:
         fleet.stop()
         grader.close()
 
-    from justrl.judge import judge_enabled, judge_rejected
+    from justrl.eval.judge import judge_enabled, judge_rejected
 
     judge_name = None
     run_judge, judge_status = judge_enabled(cfg.judge.enable, cfg.engine.gpus, cfg.judge.model)
@@ -237,7 +238,7 @@ def run_evaluation(cfg: DictConfig) -> dict:
     averages = [r["avg"] for r in per_bench.values() if r.get("problems")]
     results = {
         "name": name, "model": str(model_dir),
-        "grader": "rules (justrl.grading)" + (f" + judge {judge_name}" if judge_name else ""),
+        "grader": "rules (justrl.eval.grading)" + (f" + judge {judge_name}" if judge_name else ""),
         "judge": judge_name,
         "judge_status": judge_status,
         "prompt_template": cfg.prompt_template,
@@ -259,7 +260,7 @@ def run_evaluation(cfg: DictConfig) -> dict:
 
 @hydra.main(config_path="pkg://justrl.hydra_conf", config_name="evaluate", version_base=None)
 def main(cfg: DictConfig) -> None:
-    from justrl.engines import EngineError
+    from justrl.rollout.client import EngineError
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     OmegaConf.resolve(cfg)
@@ -267,7 +268,7 @@ def main(cfg: DictConfig) -> None:
         run_evaluation(cfg)
     except (ConfigError, EngineError, FileNotFoundError) as exc:
         log.error("%s", exc)
-        sys.exit(f"justrl.evaluate: {exc}")
+        sys.exit(f"justrl.eval: {exc}")
 
 
 if __name__ == "__main__":

@@ -29,7 +29,7 @@ def init_process_groups(backend: str, control_timeout_s: float, data_timeout_s: 
     """`dist.init_process_group(backend)` with an explicit timeout (the data plane), then the
     gloo control group with `control_timeout_s`."""
     global _control_group
-    from justrl.placement import pin_socket_interfaces
+    from justrl.cluster.placement import pin_socket_interfaces
 
     # gloo (both groups on CPU, the control group always) and NCCL listen on the interface of the
     # address this node announces, not on what the hostname resolves to (127.0.1.1, a management

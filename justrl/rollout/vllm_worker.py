@@ -1,6 +1,6 @@
 """justrl's vLLM worker extension: the in-place reload the file weight sync calls.
 
-Engines are started with `--worker-extension-cls justrl.vllm_worker.ReloadExtension`; vLLM mixes
+Engines are started with `--worker-extension-cls justrl.rollout.vllm_worker.ReloadExtension`; vLLM mixes
 this class into its worker, so `POST /collective_rpc {"method": "justrl_reload_weights"}` runs
 `justrl_reload_weights` in every worker process of the engine.
 
@@ -11,7 +11,7 @@ new values into the shared tensor but never re-runs the output layer's
 `process_weights_after_loading`. On GPU that is harmless (the layer reads the shared tensor). On
 the CPU build it is not: that step packs the weight into a oneDNN (or sgl) copy that the logits
 are computed from, so the engine kept sampling with the initial model's output layer and the new
-input embedding (found by the probe check in justrl.weight_sync; a resumed run, whose engines load
+input embedding (found by the probe check in justrl.weight_sync.sync; a resumed run, whose engines load
 the checkpoint fresh, then diverged from an uninterrupted one). After the reload, this re-runs that
 step for every output layer whose weight is an input embedding's, which rebuilds the packed copy.
 

@@ -88,10 +88,11 @@ def judge_rejected(cfg: DictConfig, records: dict[str, list[list]], questions: d
     """Set `judge` on every rejected, not yet judged sample that fits the judge's context."""
     from transformers import AutoTokenizer
 
-    from justrl.engines import EngineSpec, SamplingSettings, build_engines
-    from justrl.models import resolve_eval_model
-    from justrl.placement import EnginePlacement
-    from justrl.rollout import RolloutFleet
+    from justrl.rollout.engine import EngineSpec, build_engines
+    from justrl.rollout.client import SamplingSettings
+    from justrl.model.sources import resolve_eval_model
+    from justrl.cluster.placement import EnginePlacement
+    from justrl.rollout.fleet import RolloutFleet
 
     count = JudgeCount()
     pending = [(bench, r) for bench, groups in records.items() for g in groups for r in g

@@ -1,4 +1,4 @@
-"""What one node checks by itself before training (`justrl.preflight` runs these on every node
+"""What one node checks by itself before training (`justrl.cluster.preflight` runs these on every node
 of the allocation, exchanges the results and prints the table): its GPUs, the installed versions,
 its engine ports, the model and tokenizer, and the disk. Each check returns `passed(text)` or
 `failed(text)`.
@@ -16,7 +16,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
-from justrl.placement import EMULATED_ENV, cuda_facts, emulated_gpus, no_cuda_message, port_free
+from justrl.cluster.placement import EMULATED_ENV, cuda_facts, emulated_gpus, no_cuda_message, port_free
 
 # One checkpoint per model parameter: the float32 weights (4 bytes: the hf learner's HF export, or
 # Megatron's fp32 main params) + Adam's two float32 moments (8) + margin for a bf16 model copy and
@@ -186,7 +186,7 @@ def _existing_parent(path: Path) -> Path:
 
 def engine_ports_here(cfg: DictConfig, nodes: list[str], here: str) -> list[int]:
     """Ports of the GPU engines planned on `here` (CPU engines pick free ports themselves)."""
-    from justrl.placement import ENGINE_PORT_BASE, plan_engines
+    from justrl.cluster.placement import ENGINE_PORT_BASE, plan_engines
 
     if not cfg.cluster.gpus_per_node:
         return []

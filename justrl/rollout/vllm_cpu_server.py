@@ -1,9 +1,9 @@
 """vLLM's OpenAI server for a CPU engine whose worker computes on one core, with the worker in the
 engine-core process (vLLM's uniprocess executor) instead of a process of its own.
 
-    python -m justrl.vllm_cpu_server <vLLM server arguments...>
+    python -m justrl.rollout.vllm_cpu_server <vLLM server arguments...>
 
-justrl.engine_launch runs this instead of `vllm.entrypoints.openai.api_server` for such engines
+justrl.rollout.launch runs this instead of `vllm.entrypoints.openai.api_server` for such engines
 (a local CPU engine whose share of the machine is one worker core: the embedded default on a
 2-core machine). Why: vLLM's CPU platform (0.32, `CpuPlatform.check_and_update_config`) always
 switches the uniprocess executor to its multiprocess one, so that it can set each worker's OpenMP

@@ -11,7 +11,7 @@ sleep, wake, freeze and thaw calls.
   memory and frees its KV cache (gpu_worker.sleep, through the cumem allocator that
   `--enable-sleep-mode` turns on), so the learner rank on the same GPU trains in that memory.
   vLLM's CPU build takes the call and does nothing (CPUWorker.sleep logs "sleep mode is not
-  supported on CPU"; its `--enable-sleep-mode` is refused, so justrl.engine_launch drops it there):
+  supported on CPU"; its `--enable-sleep-mode` is refused, so justrl.rollout.launch drops it there):
   on a CPU the order and the errors are real, the memory release is not.
 - wake(weights) before the push, wake(kv_cache) after it: the weights are resident for the reload
   while the KV cache (most of the engine's memory) is not yet, the order of veRL's sharding
@@ -20,11 +20,11 @@ sleep, wake, freeze and thaw calls.
   Unlike veRL, whose actor and rollout live in one process, the learner rank and the engine are
   separate processes here, so every learner rank returns its cached blocks to the driver
   (`torch.cuda.empty_cache`) and waits for the others before any engine wakes.
-- freeze/thaw (SIGSTOP/SIGCONT): only this machine's CPU engines (justrl.engines.EngineProcess.
+- freeze/thaw (SIGSTOP/SIGCONT): only this machine's CPU engines (justrl.rollout.engine.EngineProcess.
   freeze: a CPU engine's idle worker spins and takes the learner's cores); a no-op elsewhere.
 
 A failed call (an engine that dies asleep, or does not wake) restarts that engine as a failed
-request does (justrl.rollout.RolloutFleet.wake): it comes back awake with the version it served,
+request does (justrl.rollout.fleet.RolloutFleet.wake): it comes back awake with the version it served,
 and the push that follows replaces it. The learner's own failure ends the step as always.
 """
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Start one vLLM server on the devices the placement planned, from inside its own process.
 
-    python -m justrl.engine_launch [--gpus 2,3] [--cpu-kv-cache-gb N] -- <vLLM server arguments...>
+    python -m justrl.rollout.launch [--gpus 2,3] [--cpu-kv-cache-gb N] -- <vLLM server arguments...>
 
 Why a launcher: an engine on another node runs as an `srun --overlap` step of the training job,
 and slurmstepd writes the step's own `CUDA_VISIBLE_DEVICES` (every GPU of the step's GRES) over
@@ -16,7 +16,7 @@ devices the step gave and the ones the server will use, and the compute: vLLM on
 torch sees CUDA; otherwise (CPU nodes, or the emulated GPU cluster of slurm/setup_emulated_cluster.sh)
 vLLM's CPU build on this node's CPUs, with the CPU-only arguments and tensor parallel size 1 (the
 GPUs stay "held" in CUDA_VISIBLE_DEVICES, so placement is checked all the same). Then it execs
-the server: the process (and its pid, which justrl.engine_guard and srun signal) becomes vLLM.
+the server: the process (and its pid, which justrl.rollout.guard and srun signal) becomes vLLM.
 """
 from __future__ import annotations
 
@@ -27,7 +27,7 @@ import signal
 import socket
 import sys
 
-from justrl.placement import cuda_facts, emulated_gpus, no_cuda_message
+from justrl.cluster.placement import cuda_facts, emulated_gpus, no_cuda_message
 
 # The line tests and people grep for in an engine's log.
 LOG_PREFIX = "justrl-engine: "
@@ -122,11 +122,11 @@ def plan_command(planned: list[int], vllm_args: list[str], env: dict, cuda: bool
 
 
 def server_module(compute: str, env: dict) -> str:
-    """The module that runs the server: justrl.vllm_cpu_server (the worker inside the engine-core
+    """The module that runs the server: justrl.rollout.vllm_cpu_server (the worker inside the engine-core
     process) for a CPU engine whose worker justrl bound to one core, vLLM's own server otherwise."""
     bind = env.get("VLLM_CPU_OMP_THREADS_BIND", "")
     one_core = bind.strip().isdigit()
-    return "justrl.vllm_cpu_server" if compute == "cpu" and one_core else SERVER_MODULE
+    return "justrl.rollout.vllm_cpu_server" if compute == "cpu" and one_core else SERVER_MODULE
 
 
 def _cuda_available() -> bool:
@@ -137,11 +137,11 @@ def _cuda_available() -> bool:
 
 def main(argv: list[str]) -> int:
     if "--" not in argv:
-        print("usage: python -m justrl.engine_launch [--gpus 0,1] [--cpu-kv-cache-gb N] -- <vLLM args...>",
+        print("usage: python -m justrl.rollout.launch [--gpus 0,1] [--cpu-kv-cache-gb N] -- <vLLM args...>",
               file=sys.stderr)
         return 2
     split = argv.index("--")
-    parser = argparse.ArgumentParser(prog="python -m justrl.engine_launch")
+    parser = argparse.ArgumentParser(prog="python -m justrl.rollout.launch")
     parser.add_argument("--gpus", default="", help="planned GPU indices on this node, comma-separated")
     parser.add_argument("--cpu-kv-cache-gb", type=int, default=1)
     opts = parser.parse_args(argv[:split])
@@ -151,7 +151,7 @@ def main(argv: list[str]) -> int:
                                          cuda=bool(planned) and _cuda_available(),
                                          cpu_kv_cache_gb=opts.cpu_kv_cache_gb)
     except PlacementError as exc:
-        print(f"justrl.engine_launch: {exc}", file=sys.stderr, flush=True)
+        print(f"justrl.rollout.launch: {exc}", file=sys.stderr, flush=True)
         return 3
     print(LOG_PREFIX + json.dumps(report, sort_keys=True), flush=True)
     # Slurm signals every step of a job, not only the learner's: submitit's --signal=USR2@...,

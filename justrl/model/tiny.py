@@ -1,6 +1,6 @@
 """The embedded default's model: a tiny Qwen2-architecture model and a locally trained tokenizer.
 
-    python tools/make_tiny_model.py models/tiny     (or: python -m justrl.tiny_model models/tiny)
+    python tools/make_tiny_model.py models/tiny     (or: python -m justrl.model.tiny models/tiny)
 
 The directory holds config.json, model.safetensors, generation_config.json and a fast tokenizer
 with a Qwen-style chat template; `transformers` and vLLM load it. Nothing is downloaded: the

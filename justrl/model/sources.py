@@ -27,7 +27,7 @@ def resolve_model_path(model, build: bool = True) -> Path:
         return path.absolute()
     if model.build_tiny_if_missing:
         if build:
-            from justrl.tiny_model import make_tiny_model
+            from justrl.model.tiny import make_tiny_model
 
             log.info("model.path=%s does not exist: building the tiny model there", model.path)
             make_tiny_model(path)

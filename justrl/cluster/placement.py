@@ -1,7 +1,7 @@
 """Placement: where each process of a run goes, and the ports they meet on. The one owner.
 
 - `EnginePlacement`: one vLLM engine's node and CUDA devices, from the plan to the process that
-  starts it (`justrl.engines.build_engines`); `plan_engines` cuts a Slurm allocation's GPUs into
+  starts it (`justrl.rollout.engine.build_engines`); `plan_engines` cuts a Slurm allocation's GPUs into
   engines, `local_placements` this machine's, `gpu_groups` the GPUs of an evaluation.
 - The learner in an allocation: its tasks, ranks, world size and device of each task.
 - What the running job is: its nodes (`allocation_nodes`), its CPUs per node, whether this
@@ -107,7 +107,7 @@ def in_slurm_task() -> bool:
 
 
 def rendezvous_port(job_id: str) -> int:
-    """The learner's torch.distributed port on the job's first node (justrl.preflight checks it)."""
+    """The learner's torch.distributed port on the job's first node (justrl.cluster.preflight checks it)."""
     return MASTER_PORT_BASE + int(job_id) % 1000
 
 
@@ -342,7 +342,7 @@ def pin_socket_interfaces(env=None) -> dict[str, str]:
 
 
 def main(argv: list[str]) -> int:
-    """`python -m justrl.placement <overrides>`: the learner's srun shape for slurm/train.sbatch,
+    """`python -m justrl.cluster.placement <overrides>`: the learner's srun shape for slurm/train.sbatch,
     `<nodes> <tasks per node>`, from the composed config (an invalid one: its error, exit 2)."""
     import sys
 

@@ -5,13 +5,13 @@ Why: justrl's engines run vLLM's server with its development routes on (`VLLM_SE
 `/update_weights`, `/sleep`, `/shutdown...` change or stop the run. vLLM's own `--api-key` does
 not cover them: its `AuthenticationMiddleware` guards only paths under `/v1`, `/v2`, `/inference`
 and `/cohere` (vllm/entrypoints/serve/middleware/authenticate.py, `GUARDED_PREFIX`, vLLM 0.32).
-So every engine gets `--middleware justrl.engine_auth.EngineAuthMiddleware`: vLLM imports it and
+So every engine gets `--middleware justrl.rollout.auth.EngineAuthMiddleware`: vLLM imports it and
 `app.add_middleware(cls)`s it after its own (vllm/entrypoints/serve/middleware/register.py,
 `for middleware in args.middleware`), which makes it the outermost user middleware: it sees every
 HTTP request and websocket of the app (every route, `/health`, `/metrics`, `/docs` included) before
 any route or CORS handler does. The secret reaches the server in its environment (`SECRET_ENV`),
 never on its command line (which `ps` shows to every user of the node); the client sends it as
-`Authorization: Bearer <secret>` on every request (justrl.engines.EngineClient's session).
+`Authorization: Bearer <secret>` on every request (justrl.rollout.client.EngineClient's session).
 
 The secret of a run lives in `<run dir>/engine_secret` (mode 0600, only the job's user reads it):
 `job_secret` creates it at the run's start, and a requeued Slurm job (same job id) reads the same
@@ -31,7 +31,7 @@ from pathlib import Path
 # warns about unknown VLLM_ variables, naming them, in its log).
 SECRET_ENV = "JUSTRL_ENGINE_SECRET"
 # What `--middleware` imports.
-MIDDLEWARE = "justrl.engine_auth.EngineAuthMiddleware"
+MIDDLEWARE = "justrl.rollout.auth.EngineAuthMiddleware"
 SECRET_FILE = "engine_secret"
 # 256 bits from the OS's CSPRNG (secrets.token_hex).
 SECRET_BYTES = 32

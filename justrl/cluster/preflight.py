@@ -1,8 +1,8 @@
-"""Check an allocation before any training: `python -m justrl.preflight <the launch's overrides>`.
+"""Check an allocation before any training: `python -m justrl.cluster.preflight <the launch's overrides>`.
 
     salloc --nodes=4 --gpus-per-node=8 --exclusive      # then, in that shell:
-    python -m justrl.preflight model=openmath_nemotron_1.5b
-    python -m justrl.preflight experiment=tiny          # outside Slurm: this machine only
+    python -m justrl.cluster.preflight model=openmath_nemotron_1.5b
+    python -m justrl.cluster.preflight experiment=tiny          # outside Slurm: this machine only
 
 Inside an allocation (a batch script or an salloc shell) it starts itself as one srun step with
 one task per node; inside a job step it is that task. Every Slurm job of justrl runs it first
@@ -18,14 +18,14 @@ Each node checks, and the first node prints one table (a row per node):
   torch's CUDA, a CPU torch) the check fails naming the node, the driver, torch's CUDA version and
   torch.cuda.device_count(), unless the allocation says its GPUs are emulated
   (JUSTRL_EMULATED_GPUS=1, exported only by the emulated cluster's TaskProlog);
-- rendezvous_port: the learner's torch.distributed port (justrl.placement.rendezvous_port) on the first
+- rendezvous_port: the learner's torch.distributed port (justrl.cluster.placement.rendezvous_port) on the first
   node is free there and reachable from every node at the learner's MASTER_ADDR
   (placement.rendezvous_host: the user's MASTER_ADDR or the first node's Slurm NodeAddr), when the
   learner has more than one rank;
 - address: the address this node announces for rendezvous (placement.announced_address: the
   GLOO_SOCKET_IFNAME / NCCL_SOCKET_IFNAME interface, else its Slurm NodeAddr) is one it can listen
   on, and every other node reaches it there;
-- engine_ports: each GPU engine's port (justrl.placement.ENGINE_PORT_BASE + i) is free on its node;
+- engine_ports: each GPU engine's port (justrl.cluster.placement.ENGINE_PORT_BASE + i) is free on its node;
 - output_dir: trainer.output_dir is writable from every node, and shared_dir: a file written on
   one node is seen on all the others (the node results are exchanged through it);
 - disk: room in the output directory for trainer.keep_checkpoints + 1 checkpoints (the one being
@@ -33,10 +33,10 @@ Each node checks, and the first node prints one table (a row per node):
 - model and tokenizer: model.path readable (config, every weight file) and its tokenizer loads;
 - engine guard: a line per node under the table: the address its engines will listen on (its
   name as the first node resolves it; 127.0.0.1 for CPU engines beside the learner) and that the
-  engines' guard (justrl.engine_auth, every route asks for the job's secret) loads there;
+  engines' guard (justrl.rollout.auth, every route asks for the job's secret) loads there;
 - memory (cluster.placement=colocated on GPUs): one line with each GPU's budget, the engine's
   share and the learner rank's state while generating, the learner's peak and the sleeping
-  engine while training (justrl.memory_budget: an estimate, said to be one; not a failed check).
+  engine while training (justrl.cluster.memory_budget: an estimate, said to be one; not a failed check).
 A failed check exits non-zero naming the node and the check, before any training starts.
 """
 from __future__ import annotations
@@ -53,7 +53,7 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 
 from justrl.config import ConfigError
-from justrl.node_checks import CHECKS, PACKAGES, failed, local_checks, package_versions, passed
+from justrl.cluster.node_checks import CHECKS, PACKAGES, failed, local_checks, package_versions, passed
 
 # The composed config handed from the launching process to the step's tasks.
 CONFIG_ENV = "JUSTRL_PREFLIGHT_CONFIG"
@@ -161,7 +161,7 @@ def run_node(cfg: DictConfig, nodes: list[str], here: str, exchange: Path, rende
     """One node's part; the first node (nodes[0]) also gathers, prints the table and decides.
     `address`: what this node announces (placement.announced_address() when None).
     Returns the exit status: non-zero when a check failed (on the first node: on any node)."""
-    from justrl.placement import announced_address
+    from justrl.cluster.placement import announced_address
 
     first = here == nodes[0]
     report = {"hostname": socket.gethostname(), "versions": package_versions(), **local_checks(cfg, nodes, here),
@@ -279,7 +279,7 @@ def _guard_loads() -> dict:
     """Whether the engines' `--middleware` imports on this node (as vLLM will import it)."""
     import importlib
 
-    from justrl.engine_auth import MIDDLEWARE
+    from justrl.rollout.auth import MIDDLEWARE
 
     module, _, name = MIDDLEWARE.rpartition(".")
     try:
@@ -291,7 +291,7 @@ def _guard_loads() -> dict:
 
 def _engine_lines(cfg: DictConfig, nodes: list[str], reports: dict[str, dict]) -> list[str]:
     """One line per node: where its engines listen and whether their guard is on."""
-    from justrl.placement import engine_bind_address, plan_engines
+    from justrl.cluster.placement import engine_bind_address, plan_engines
 
     try:
         placements = plan_engines(cfg.cluster, cfg.rollout, nodes)
@@ -317,12 +317,12 @@ def _engine_lines(cfg: DictConfig, nodes: list[str], reports: dict[str, dict]) -
 
 
 def _memory_lines(cfg: DictConfig) -> list[str]:
-    """Colocated GPUs: the memory budget of each GPU (learner rank + engine; justrl.memory_budget),
+    """Colocated GPUs: the memory budget of each GPU (learner rank + engine; justrl.cluster.memory_budget),
     an estimate from the model's config.json; a line that says so when it does not fit."""
     cl = cfg.cluster
     if cl.placement != "colocated" or not cl.gpus_per_node:
         return []
-    from justrl.memory_budget import ModelShape, colocated_budget
+    from justrl.cluster.memory_budget import ModelShape, colocated_budget
 
     try:
         shape = ModelShape.from_hf_config(_model_config(cfg.model.path))
@@ -355,7 +355,7 @@ def _wait_s() -> float:
 
 def run_in_step(cfg: DictConfig) -> int:
     """This task's part in the preflight step (one task per node)."""
-    from justrl.placement import allocation_nodes, learner_world_size, rendezvous_host, rendezvous_port
+    from justrl.cluster.placement import allocation_nodes, learner_world_size, rendezvous_host, rendezvous_port
 
     if os.environ.get("SLURM_LOCALID", "0") != "0":
         return 0  # one task per node does the checks (srun asked for one; be safe if given more)
@@ -385,7 +385,7 @@ def srun_command(cfg: DictConfig, nodes: int) -> list[str]:
            "--mem=0", "--cpu-bind=none", "--kill-on-bad-exit=0", "--cpus-per-task=1"]
     if cfg.cluster.gpus_per_node:
         cmd.append(f"--gres=gpu:{cfg.cluster.gpus_per_node}")
-    return [*cmd, sys.executable, "-m", "justrl.preflight"]
+    return [*cmd, sys.executable, "-m", "justrl.cluster.preflight"]
 
 
 def run_as_step(cfg: DictConfig) -> int:
@@ -397,7 +397,7 @@ def run_as_step(cfg: DictConfig) -> int:
 
 
 def run_in_job(cfg: DictConfig) -> None:
-    """At the start of a Slurm job's learner tasks (justrl.slurm.run_in_allocation): rank 0's task
+    """At the start of a Slurm job's learner tasks (justrl.cluster.slurm.run_in_allocation): rank 0's task
     runs the preflight step, and every task stops with PreflightError when it failed. Skipped with
     cluster.preflight=false, or when the batch script already ran it (slurm/train.sbatch)."""
     job = os.environ["SLURM_JOB_ID"]
@@ -428,7 +428,7 @@ def run_in_job(cfg: DictConfig) -> None:
 
 def main(argv: list[str]) -> int:
     from justrl.config import compose, validate
-    from justrl.placement import in_slurm_task
+    from justrl.cluster.placement import in_slurm_task
 
     if os.environ.get(CONFIG_ENV):
         cfg = OmegaConf.create(os.environ[CONFIG_ENV])
@@ -446,4 +446,4 @@ if __name__ == "__main__":
     try:
         sys.exit(main(sys.argv[1:]))
     except ConfigError as exc:
-        sys.exit(f"justrl.preflight: {exc}")
+        sys.exit(f"justrl.cluster.preflight: {exc}")

@@ -1,6 +1,6 @@
 """Running the controller loop inside a Slurm allocation, and submitting it with submitit.
 
-Placement (computed in justrl.placement): one allocation holds everything (`cluster.nodes` x
+Placement (computed in justrl.cluster.placement): one allocation holds everything (`cluster.nodes` x
 `cluster.gpus_per_node`). The learner ranks are the allocation's first `cluster.learner_gpus` GPUs
 (whole nodes, or part of the first node), one task per GPU, started by srun (by
 `slurm/train.sbatch`, by submitit, or by hydra-submitit-launcher, whose srun starts nodes x
@@ -8,7 +8,7 @@ tasks-per-node tasks: the tasks past the learner's world size exit at once, see 
 Each learner task sees its node's GPUs and takes the one of its local rank
 (`learner_device_index`). The remaining GPUs serve vLLM engines of `rollout.tensor_parallel_size`
 GPUs each; rank 0 starts each engine on its node as an `srun --overlap` step of the same job
-holding all of the node's GPUs, and justrl.engine_launch, inside the step, narrows them to the
+holding all of the node's GPUs, and justrl.rollout.launch, inside the step, narrows them to the
 planned ones. The rendezvous address is the first node's Slurm NodeAddr (or the user's MASTER_ADDR),
 and gloo/NCCL are pinned to the interface of the node's announced address (placement.
 pin_socket_interfaces), never what `socket.gethostname()` resolves to. On a CPU allocation
@@ -35,7 +35,7 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 
 from justrl.config import ConfigError, allocation_parameters
-from justrl.placement import (EnginePlacement, allocation_nodes, colocated_partner, cuda_facts, emulated_gpus,
+from justrl.cluster.placement import (EnginePlacement, allocation_nodes, colocated_partner, cuda_facts, emulated_gpus,
                               learner_device_index,
                               learner_rank, learner_tasks, learner_world_size, no_cuda_message, plan_engines,
                               rendezvous_host, rendezvous_port)
@@ -63,7 +63,7 @@ def report_learner_rank(rank: int, world_size: int, local_rank: int, compute: st
 def learner_gpu(cluster, rollout, local_rank: int) -> tuple[str | None, str | None]:
     """(the CUDA_VISIBLE_DEVICES entry this learner task trains on, the engine planned on it when
     colocated), from this task's own environment; (None, None) on a CPU allocation."""
-    from justrl.engine_launch import visible_devices
+    from justrl.rollout.launch import visible_devices
 
     if not cluster.gpus_per_node:
         return None, None
@@ -73,7 +73,7 @@ def learner_gpu(cluster, rollout, local_rank: int) -> tuple[str | None, str | No
     partner = None
     if cluster.placement == "colocated":
         here = os.environ.get("SLURMD_NODENAME")
-        # planned indices count the node's GPUs as the step sees them (justrl.engine_launch)
+        # planned indices count the node's GPUs as the step sees them (justrl.rollout.launch)
         partner = colocated_partner(plan_engines(cluster, rollout, allocation_nodes()), here, index)
     return gpu, partner
 
@@ -83,8 +83,8 @@ def init_distributed_from_slurm(cluster, rollout) -> int | None:
     task's learner rank, None for a task that is not a learner (it should exit)."""
     import torch
 
-    from justrl.dist_groups import init_process_groups
-    from justrl.engine_launch import visible_devices
+    from justrl.cluster.dist_groups import init_process_groups
+    from justrl.rollout.launch import visible_devices
 
     procid, ntasks = int(os.environ["SLURM_PROCID"]), int(os.environ["SLURM_NTASKS"])
     local_rank = int(os.environ["SLURM_LOCALID"])
@@ -119,7 +119,7 @@ def init_distributed_from_slurm(cluster, rollout) -> int | None:
 
 
 BATCH_SCRIPT_HANDLES_FAILURE = "JUSTRL_BATCH_SCRIPT_REQUEUES"
-"""Set to 1 by slurm/train.sbatch, which asks `python -m justrl.requeue` after the learner's step."""
+"""Set to 1 by slurm/train.sbatch, which asks `python -m justrl.cluster.requeue` after the learner's step."""
 
 
 def run_in_allocation(cfg: DictConfig) -> None:
@@ -127,9 +127,9 @@ def run_in_allocation(cfg: DictConfig) -> None:
     from justrl.trainer import train
 
     # -- the job starts here, on every task: the one place for checks before any training -------
-    from justrl.preflight import run_in_job
+    from justrl.cluster.preflight import run_in_job
 
-    run_in_job(cfg)  # rank 0 runs justrl.preflight on every node; all tasks stop if it failed
+    run_in_job(cfg)  # rank 0 runs justrl.cluster.preflight on every node; all tasks stop if it failed
     rank = init_distributed_from_slurm(cfg.cluster, cfg.rollout)
     if rank is None:
         return
@@ -140,8 +140,8 @@ def run_in_allocation(cfg: DictConfig) -> None:
              learner_world_size(cfg.cluster), [f"{p.node}:{list(p.gpu_ids)}" for p in placements])
     # GPU engines always run as srun steps of their node (also on this node): the step holds the
     # node's GPUs whatever this task was bound to. CPU engines run here, beside the learner.
-    from justrl.requeue import requeue_job
-    from justrl.rollout import AllEnginesLost
+    from justrl.cluster.requeue import requeue_job
+    from justrl.rollout.fleet import AllEnginesLost
 
     try:
         train(cfg, engine_placements=[EnginePlacement(None, ()) if (p.node == here and not p.gpu_ids) else p
@@ -154,7 +154,7 @@ def run_in_allocation(cfg: DictConfig) -> None:
         # Under submitit (no batch script of ours to ask after the step): a learner rank's error
         # because a node of the job failed requeues the job; any other error does not.
         if rank == 0 and os.environ.get(BATCH_SCRIPT_HANDLES_FAILURE) != "1":
-            from justrl.requeue import lost_nodes
+            from justrl.cluster.requeue import lost_nodes
 
             lost = lost_nodes(nodes, os.environ["SLURM_JOB_ID"])
             if lost:
@@ -206,7 +206,7 @@ def submit(cfg: DictConfig) -> str:
     if shutil.which("sbatch") is None:
         raise ConfigError("cluster.name='slurm' (the recipe's default) but there is no Slurm here (no sbatch on "
                           "PATH); on this machine use cluster=local, or experiment=tiny for the CPU default")
-    from justrl.run_lock import check_free
+    from justrl.cluster.run_lock import check_free
 
     run_dir = Path(cfg.trainer.output_dir).absolute()
     check_free(run_dir)  # a run still going there: refused here, not after a wait in the queue

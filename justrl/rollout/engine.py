@@ -1,31 +1,14 @@
-"""vLLM engines: how one is started, stopped and talked to. The one owner of engine construction.
+"""vLLM engines: how one is started and stopped. The one owner of engine construction.
 
-Every engine is vLLM's OpenAI-compatible server (`vllm.entrypoints.openai.api_server`) with its
-development endpoints on (`VLLM_SERVER_DEV_MODE=1`). `EngineClient` talks to it with three calls:
+`EngineProcess` is one server (vLLM's OpenAI-compatible server with its development endpoints on,
+`VLLM_SERVER_DEV_MODE=1`): a subprocess here, or an srun step on another node of the job; only how
+it is started differs. `build_engines` turns a run's placements (justrl.cluster.placement) into
+engines, for training, evaluation and the judge alike. The HTTP calls are justrl.rollout.client's;
+dispatch over several engines is justrl.rollout.fleet's.
 
-- `POST /v1/completions` with `prompt` = token ids and `return_token_ids` = true: one request per
-  prompt asking for n samples with a per-prompt seed; back come the response token ids (the EOS
-  token included when the model stopped) and `finish_reason` ("length": cut at the limit).
-- `POST /collective_rpc` `justrl_reload_weights(weights_path=<dir of safetensors>)`: vLLM's
-  `reload_weights` plus the repair of tied output layers (justrl.vllm_worker): the weights in place
-  (no restart, no re-allocation of the KV cache), then `POST /reset_prefix_cache`
-  so that no KV block computed with the old weights is reused. This is the portable weight sync:
-  the learner writes HF safetensors to the run directory on a filesystem every engine sees.
-  vLLM's NCCL weight transfer (justrl.weight_sync) is the fast path on GPUs.
-- `GET /health`.
-- colocated (cluster.placement): `POST /sleep?level=1` after a step's rollouts, `POST
-  /wake_up?tags=weights` before its weights are pushed, `POST /wake_up?tags=kv_cache` after
-  (justrl.engine_phases owns the order).
-
-Every route of every engine asks for the run's secret (justrl.engine_auth): the server gets it in
-its environment and checks it in its `--middleware`; `EngineClient`'s session sends it with every
-request. A remote engine listens on its node's cluster address (the one its client connects to),
-a local one on 127.0.0.1.
-
-`EngineProcess` is one server: a subprocess here, or an srun step on another node of the job;
-only how it is started differs. `build_engines` turns a run's placements (justrl.placement) into
-engines, for training, evaluation and the judge alike. Dispatch over several engines is
-justrl.rollout's.
+Every route of every engine asks for the run's secret (justrl.rollout.auth): the server gets it in
+its environment and checks it in its `--middleware`. A remote engine listens on its node's cluster
+address (the one its client connects to), a local one on 127.0.0.1.
 """
 from __future__ import annotations
 
@@ -35,23 +18,18 @@ import signal
 import subprocess
 import sys
 import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-import requests
-
-from justrl.engine_auth import MIDDLEWARE, SECRET_ENV, auth_headers, new_secret
-from justrl.engine_guard import group_members, wait_for_group_exit
-from justrl.placement import ENGINE_PORT_BASE, EnginePlacement, engine_bind_address, engine_step_cpus, free_port
+from justrl.rollout.auth import MIDDLEWARE, SECRET_ENV, new_secret
+from justrl.rollout.client import SERVED_MODEL_NAME, EngineClient, EngineError
+from justrl.rollout.guard import group_members, wait_for_group_exit
+from justrl.cluster.placement import ENGINE_PORT_BASE, EnginePlacement, engine_bind_address, engine_step_cpus, free_port
 
 log = logging.getLogger(__name__)
 
-SERVED_MODEL_NAME = "policy"
 # Mixed into every engine's vLLM worker; the file weight sync calls its justrl_reload_weights.
-WORKER_EXTENSION = "justrl.vllm_worker.ReloadExtension"
-# Concurrent HTTP requests per engine: enough to keep vLLM's scheduler full (it batches them).
-MAX_IN_FLIGHT_PER_ENGINE = 256
+WORKER_EXTENSION = "justrl.rollout.vllm_worker.ReloadExtension"
 # Lines of an engine's log quoted in an error message.
 LOG_TAIL_LINES = 30
 # How long a stopped engine may take to exit (server, then the rest of its group) before SIGKILL.
@@ -61,139 +39,6 @@ STOP_TIMEOUT_S = 20.0
 # closing just as the next step's request went out failed as "Remote end closed connection without
 # response" (seen on a 256-token benchmark run, 2026-12-02), and the engine was restarted for it.
 HTTP_KEEP_ALIVE_S = 24 * 3600
-
-
-class EngineError(RuntimeError):
-    """An engine could not start, died, or answered with an error."""
-
-
-class EngineRequestError(EngineError):
-    """The engine refused a request (HTTP 4xx): a bug in the request, not a dead engine, so it
-    is raised at once instead of restarting the engine."""
-
-
-@dataclass(frozen=True)
-class SamplingSettings:
-    """What one generation call asks of vLLM (training rollouts or validation)."""
-
-    n: int
-    temperature: float
-    top_p: float
-    top_k: int
-    max_tokens: int
-
-
-@dataclass(frozen=True)
-class Completion:
-    """One sampled response."""
-
-    token_ids: tuple[int, ...]
-    """Response token ids, ending with the EOS token when the model stopped by itself."""
-    truncated: bool
-    """True when the response was cut at the token limit (finish_reason "length")."""
-
-
-class EngineClient:
-    """HTTP client of one running vLLM server. `secret`: the engine's (justrl.engine_auth), sent
-    on every request of `session`; anything else that talks to the engine uses this session."""
-
-    def __init__(self, url: str, request_timeout_s: float = 3600.0, secret: str | None = None):
-        self.url = url.rstrip("/")
-        self.request_timeout_s = request_timeout_s
-        # Engine traffic stays inside the cluster: clusters often export http_proxy, and requests
-        # would send `node:8100` through it. trust_env=False ignores the environment's proxies
-        # (and netrc); the pool holds as many connections as requests in flight.
-        self.session = requests.Session()
-        self.session.trust_env = False
-        adapter = requests.adapters.HTTPAdapter(pool_connections=1, pool_maxsize=MAX_IN_FLIGHT_PER_ENGINE)
-        self.session.mount("http://", adapter)
-        if secret:
-            self.session.headers.update(auth_headers(secret))
-
-    def health_status(self) -> int | None:
-        """The HTTP status of `/health`; None when nothing answers."""
-        try:
-            return self.session.get(f"{self.url}/health", timeout=5).status_code
-        except requests.RequestException:
-            return None
-
-    def healthy(self) -> bool:
-        return self.health_status() == 200
-
-    def _post(self, path: str, payload: dict | None = None) -> dict:
-        """POST `payload`; a connection that fails while the server is healthy (a pooled connection
-        it had closed) is retried once on a new one. Every justrl request may run twice: seeded
-        sampling gives the same samples, and a reload or a cache reset is idempotent."""
-        url = f"{self.url}{path}"
-        for attempt in range(2):
-            try:
-                response = self.session.post(url, json=payload, timeout=self.request_timeout_s)
-                break
-            except requests.RequestException as exc:
-                dropped = isinstance(exc, requests.ConnectionError) and attempt == 0
-                if not (dropped and self.healthy()):
-                    raise EngineError(f"{url}: {type(exc).__name__}: {exc}") from exc
-                log.warning("%s: %s on a healthy server; retrying once", url, exc)
-        if response.status_code != 200:
-            kind = EngineRequestError if 400 <= response.status_code < 500 else EngineError
-            raise kind(f"{url}: HTTP {response.status_code}: {response.text[:500]}")
-        return response.json() if response.content else {}
-
-    def complete(self, prompt_ids: list[int], settings: SamplingSettings, seed: int) -> list[Completion]:
-        """`settings.n` responses to one prompt; sample i uses seed `seed + i` (vLLM's rule)."""
-        body = self._post("/v1/completions", {
-            "model": SERVED_MODEL_NAME,
-            "prompt": [list(prompt_ids)],
-            "n": settings.n,
-            "max_tokens": settings.max_tokens,
-            "temperature": settings.temperature,
-            "top_p": settings.top_p,
-            "top_k": settings.top_k,
-            "seed": seed,
-            "return_token_ids": True,
-            "skip_special_tokens": False,
-        })
-        choices = sorted(body["choices"], key=lambda c: c["index"])
-        if len(choices) != settings.n or any(c.get("token_ids") is None for c in choices):
-            raise EngineError(f"{self.url}: asked for {settings.n} responses with token ids, got "
-                              f"{len(choices)} ({[sorted(c) for c in choices[:1]]})")
-        return [Completion(tuple(c["token_ids"]), c["finish_reason"] == "length") for c in choices]
-
-    def complete_many(self, prompts: list[list[int]], settings: SamplingSettings,
-                      seeds: list[int]) -> list[list[Completion]]:
-        """Many prompts at once (concurrent requests; vLLM batches them)."""
-        workers = max(1, min(MAX_IN_FLIGHT_PER_ENGINE, len(prompts)))
-        with ThreadPoolExecutor(max_workers=workers) as pool:
-            return list(pool.map(lambda args: self.complete(args[0], settings, args[1]), zip(prompts, seeds)))
-
-    def sleep(self, level: int = 1) -> None:
-        """vLLM's sleep mode (`POST /sleep?level=`, a dev-mode route; vLLM 0.32's
-        entrypoints/serve/dev/sleep/api_router.py): the scheduler pauses (requests in flight are
-        aborted: call it between steps), and level 1 offloads the weights to host memory and
-        frees the KV cache (gpu_worker.sleep; the CPU worker logs "not supported" and keeps both)."""
-        self._post(f"/sleep?level={level}")
-
-    def wake_up(self, tags: tuple[str, ...] = ()) -> bool:
-        """`POST /wake_up?tags=...` (no tags: everything); True when the engine is fully awake
-        (every tag resident again: the scheduler resumes then, not before)."""
-        query = "&".join(f"tags={t}" for t in tags)
-        return self._post("/wake_up" + (f"?{query}" if query else "")).get("status") == "awake"
-
-    def is_sleeping(self) -> bool:
-        """`GET /is_sleeping`: asleep at any level (the scheduler paused, or memory released)."""
-        try:
-            response = self.session.get(f"{self.url}/is_sleeping", timeout=self.request_timeout_s)
-        except requests.RequestException as exc:
-            raise EngineError(f"{self.url}/is_sleeping: {type(exc).__name__}: {exc}") from exc
-        if response.status_code != 200:
-            raise EngineError(f"{self.url}/is_sleeping: HTTP {response.status_code}: {response.text[:300]}")
-        return bool(response.json()["is_sleeping"])
-
-    def load_weights(self, weights_dir: str | Path) -> None:
-        """Reload the model's weights in place from a directory of HF safetensors."""
-        self._post("/collective_rpc", {"method": "justrl_reload_weights",
-                                       "kwargs": {"weights_path": str(Path(weights_dir).resolve())}})
-        self._post("/reset_prefix_cache")
 
 
 def _ignore_preemption_signals() -> None:
@@ -295,7 +140,7 @@ class EngineSpec:
     """Extra srun arguments for remote engines."""
     node_gpus: int = 0
     """GPUs the job holds on `node`: the engine's srun step asks for all of them (--overlap steps
-    share them) and justrl.engine_launch narrows them to `gpu_ids` inside the step."""
+    share them) and justrl.rollout.launch narrows them to `gpu_ids` inside the step."""
     node_cpus: int = 0
     """CPUs the job holds on `node`, all of them given to the (overlapping) engine step; 0: srun's default."""
     startup_timeout_s: float = 600.0
@@ -317,7 +162,7 @@ class EngineProcess:
         self.name = name
         self.spec = spec
         self.log_path = Path(log_path)
-        # The run's engine secret (justrl.engine_auth.job_secret); None: one of this engine's own.
+        # The run's engine secret (justrl.rollout.auth.job_secret); None: one of this engine's own.
         # A restart keeps it.
         self.secret = secret or new_secret()
         self.process: subprocess.Popen | None = None
@@ -328,11 +173,11 @@ class EngineProcess:
         spec = self.spec
         port = spec.port or free_port()
         host = engine_bind_address(spec.node)
-        # justrl.engine_launch runs where the server runs (inside the srun step for a remote
+        # justrl.rollout.launch runs where the server runs (inside the srun step for a remote
         # engine): it sets CUDA_VISIBLE_DEVICES to the planned GPUs there, because slurmstepd
         # overwrites what we export with the step's GRES; it picks CPU or GPU vLLM arguments,
         # logs the hostname and devices the server sees, and execs the server.
-        cmd = [sys.executable, "-m", "justrl.engine_launch", "--gpus", ",".join(map(str, spec.gpu_ids)),
+        cmd = [sys.executable, "-m", "justrl.rollout.launch", "--gpus", ",".join(map(str, spec.gpu_ids)),
                "--cpu-kv-cache-gb", str(spec.cpu_kv_cache_gb), "--",
                "--model", str(model_dir), "--served-model-name", SERVED_MODEL_NAME,
                "--host", host, "--port", str(port), "--dtype", spec.dtype,
@@ -346,7 +191,7 @@ class EngineProcess:
         if spec.node:
             cmd = [*engine_srun_command(spec), *cmd]
         # The guard takes the server down if this process dies without cleaning up (kill -9).
-        cmd = [sys.executable, "-m", "justrl.engine_guard", str(os.getpid()), "--", *cmd]
+        cmd = [sys.executable, "-m", "justrl.rollout.guard", str(os.getpid()), "--", *cmd]
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         with open(self.log_path, "ab") as out:
             out.write(f"\n=== justrl: starting {self.name}: {' '.join(cmd)}\n".encode())
@@ -386,7 +231,7 @@ class EngineProcess:
         scheduler, while the worker keeps spinning on its shared-memory queue for
         `busy_loop_s` = 1 s after each read (vllm/distributed/device_communicators/shm_broadcast.py,
         SpinCondition) and the API server's event loop keeps running. The guard process (the group
-        leader, see justrl.engine_guard) is left running, so that it still takes the engine down if
+        leader, see justrl.rollout.guard) is left running, so that it still takes the engine down if
         this process dies; SIGKILL ends stopped processes too."""
         if self.can_freeze() and self.alive():
             for pid in group_members(self.process.pid):
@@ -438,7 +283,7 @@ def build_engines(placements: list[EnginePlacement], spec: EngineSpec, log_dir: 
                   node_gpus: int = 0, names: list[str] | None = None, secret: str | None = None) -> list[EngineProcess]:
     """The engines of `placements`, all started with `spec` (its placement fields are filled in
     here): engine i is named `names[i]` (default `engine<i>`) and logs to `<log_dir>/<name>.log`.
-    All of them check `secret` (default: a fresh one of this process, justrl.engine_auth).
+    All of them check `secret` (default: a fresh one of this process, justrl.rollout.auth).
     An engine on a node (an srun step of the job) listens on ENGINE_PORT_BASE + i, holds the
     node's `node_gpus` GPUs and all the job's CPUs there; CPU engines on this machine get disjoint
     shares of its cores (`engine_cpu_shares`)."""

@@ -1,6 +1,6 @@
 """Sampling and grading a set of problems, and the avg@N summary of the paper's table.
 
-Shared by `python -m justrl.evaluate` and the training loop's validation, so that a number in
+Shared by `python -m justrl.eval` and the training loop's validation, so that a number in
 TensorBoard and a number in a results table mean the same thing.
 """
 from __future__ import annotations
@@ -8,9 +8,9 @@ from __future__ import annotations
 import random
 from dataclasses import asdict, dataclass
 
-from justrl.grading import extract_answer
-from justrl.engines import SamplingSettings
-from justrl.rollout import RolloutFleet
+from justrl.eval.grading import extract_answer
+from justrl.rollout.client import SamplingSettings
+from justrl.rollout.fleet import RolloutFleet
 
 
 @dataclass

@@ -2,7 +2,7 @@
 
 The paper's table was graded by `grade_answer_verl` in the authors' `evals/utils.py`
 (thunlp/JustRL; it descends from Hendrycks' MATH grader through DeepScaleR/POLARIS), then a judge
-model for what the rules reject (justrl.judge). This module is written from what that function
+model for what the rules reject (justrl.eval.judge). This module is written from what that function
 does, so that `tools/compare_results.py` compares like with like; a grader more lenient than
 theirs would inflate every figure. Their behaviour, quirks included:
 
@@ -22,7 +22,7 @@ theirs would inflate every figure. Their behaviour, quirks included:
 
 justrl adds, around it: the sympy step can run for minutes, so the evaluation runs `grader_score`
 in justrl.reward.ScorerPool workers (verifier name "grader"), which kills one that passes its
-timeout and scores the answer wrong; and the optional judge pass (justrl.judge).
+timeout and scores the answer wrong; and the optional judge pass (justrl.eval.judge).
 """
 from __future__ import annotations
 

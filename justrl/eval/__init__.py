@@ -1,0 +1,1 @@
+"""Evaluation: `python -m justrl.eval model_path=<path>`; sampling, the grader, the judge."""

@@ -1,0 +1,4 @@
+"""`python -m justrl.eval model_path=<path> ...`: the paper's evaluation (justrl.eval.command)."""
+from justrl.eval.command import main
+
+main()

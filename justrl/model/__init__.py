@@ -1,0 +1,1 @@
+"""Model sources: where a model's weights come from, the embedded tiny model, writing HF directories."""
