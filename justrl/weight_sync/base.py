@@ -2,6 +2,7 @@
 (files.py, nccl.py); justrl.weight_sync.sync owns the order of a sync and picks the transport."""
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from pathlib import Path
 
 
@@ -18,7 +19,7 @@ class EnginePushError(WeightSyncError):
         self.engines = engines
 
 
-class Transport:
+class Transport(ABC):
     """How a new version reaches the engines. `push` is called on learner rank 0 after the version's
     directory is written; `state` is the learner's HF-named weights on rank 0 when
     `uses_learner_state` (else None). `engine_args` are the extra vLLM server arguments it needs."""
@@ -27,8 +28,9 @@ class Transport:
     uses_learner_state = False
     engine_args: tuple[str, ...] = ()
 
+    @abstractmethod
     def push(self, fleet, weights_dir: Path, step: int, state=None) -> None:
-        raise NotImplementedError
+        """Make every live engine of `fleet` serve the version in `weights_dir` (or `state`)."""
 
     def close(self, fleet) -> None:
         """Release what the transport holds (called once, at the end of the run)."""
