@@ -5,15 +5,13 @@ requests it had outstanding, a bounded number of times, and reloads the weights 
 from __future__ import annotations
 
 import logging
-import queue
 import threading
 import time
-from collections import deque
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
 from pathlib import Path
 
 from justrl.rollout.client import (MAX_IN_FLIGHT_PER_ENGINE, Completion, EngineError, EngineRequestError, SamplingSettings)
+from justrl.rollout.dispatch import Dispatch, DispatchRecord
 from justrl.rollout.engine import EngineProcess
 
 log = logging.getLogger(__name__)
@@ -182,157 +180,9 @@ class RolloutFleet:
         per_prompt = list(settings) if isinstance(settings, (list, tuple)) else [settings] * len(prompts)
         if len(per_prompt) != len(prompts):
             raise ValueError(f"{len(prompts)} prompts but {len(per_prompt)} sampling settings")
-        engines, cap = self.engines, self.max_requests_per_engine
-        results: list[list[Completion] | None] = [None] * len(prompts)
-        record = DispatchRecord([[] for _ in prompts], [None] * len(prompts), [], [])
-        self.last_dispatch = record
-        queue_ = deque(range(len(prompts)))
-        outstanding: list[set[int]] = [set() for _ in engines]
-        restarting = [False] * len(engines)
-        failures = self._failures  # in a row, across calls: a completed request resets it
-        # Bumped when an engine is marked failed: a request sent to the engine before that
-        # (its process is gone) is requeued when its error arrives, without counting again.
-        generation = [0] * len(engines)
-        done: queue.Queue = queue.Queue()  # (kind, engine index, request index, payload)
-        remaining = len(prompts)
-        # Per engine: when it last completed a request or took one while holding none (stall clock).
-        progress_at = [time.monotonic()] * len(engines)
-        completed = [0] * len(engines)
-        poll_s = None if self.stall_timeout_s is None else min(1.0, self.stall_timeout_s / 4)
-        pool = ThreadPoolExecutor(max_workers=cap * len(engines) + len(engines),
-                                  thread_name_prefix="justrl-rollout")
-
-        def request(e: int, i: int, gen: int) -> None:
-            try:
-                done.put(("done", e, i, (gen, engines[e].client.complete(prompts[i], per_prompt[i], seeds[i]))))
-            except BaseException as exc:  # noqa: BLE001 - handed to the dispatcher thread
-                done.put(("error", e, i, (gen, exc)))
-
-        def restart(e: int, error: Exception) -> None:
-            try:
-                self._restart(engines[e], error)
-                done.put(("restarted", e, None, None))
-            except BaseException as exc:  # noqa: BLE001
-                done.put(("restart_failed", e, None, exc))
-
-        def engine_failed(e: int, error: Exception) -> None:
-            """Mark engine e down (once per failure), send its outstanding requests back to the
-            front of the queue, and restart it, or give up."""
-            if restarting[e]:
-                return
-            failures[e] += 1
-            generation[e] += 1
-            record.failures.append(engines[e].name)
-            for i in sorted(outstanding[e], reverse=True):
-                record.retried.append(i)
-                queue_.appendleft(i)
-            outstanding[e].clear()
-            if failures[e] > self.max_restarts:
-                self._drop(engines[e], failures[e], error)  # raises AllEnginesLost if it was the last
-                return
-            restarting[e] = True
-            pool.submit(restart, e, error)
-
-        try:
-            while remaining:
-                # Dispatch while a live engine has room.
-                while queue_:
-                    for e, engine in enumerate(engines):
-                        if not restarting[e] and engine.name not in self.lost and not engine.alive():
-                            engine_failed(e, EngineError(
-                                f"{engine.name} is not running (exit code "
-                                f"{engine.process.returncode if engine.process else None})"))
-                    live = [e for e in range(len(engines)) if not restarting[e] and engines[e].name not in self.lost
-                            and len(outstanding[e]) < cap]
-                    if not live:
-                        break
-                    e = min(live, key=lambda e: (len(outstanding[e]), e))
-                    i = queue_.popleft()
-                    if not outstanding[e]:
-                        progress_at[e] = time.monotonic()
-                    outstanding[e].add(i)
-                    record.attempts[i].append(engines[e].name)
-                    self._set_busy(e, True)
-                    pool.submit(request, e, i, generation[e])
-                try:
-                    kind, e, i, payload = done.get(timeout=poll_s)
-                except queue.Empty:
-                    kind = None
-                if kind in ("done", "error") and payload[0] != generation[e]:
-                    # From before the engine was marked failed: the request went back to the queue then.
-                    kind = None
-                if kind is not None:
-                    remaining -= self._handle(kind, e, i, payload, outstanding, results, record, failures,
-                                              completed, progress_at, restarting, engine_failed)
-                for h in self._stalled(outstanding, restarting, progress_at):
-                    error = self._hung_error(h, len(outstanding[h]), time.monotonic() - progress_at[h],
-                                             [(engines[o].name, completed[o]) for o in range(len(engines)) if o != h])
-                    log.warning("%s", error)
-                    self.hung += 1
-                    record.hung.append(engines[h].name)
-                    engine_failed(h, error)
-                    self._set_busy(h, False)
-        finally:
-            for e in range(len(engines)):
-                self._set_busy(e, False)
-            # On an error, do not wait for requests still running on other engines.
-            pool.shutdown(wait=not remaining, cancel_futures=True)
-        # The step ended while an engine was restarting: a restart that failed counts now, so that
-        # an engine that cannot come back (its node is gone) is dropped within the step it failed.
-        while not done.empty():
-            kind, e, _, payload = done.get()
-            if kind == "restart_failed" and engines[e].name not in self.lost:
-                failures[e] += 1
-                record.failures.append(engines[e].name)
-                if failures[e] > self.max_restarts and len(self.live_engines) > 1:
-                    self._drop(engines[e], failures[e], payload)
-        return results
-
-    def _handle(self, kind, e, i, payload, outstanding, results, record, failures, completed, progress_at,
-                restarting, engine_failed) -> int:
-        """Apply one message of a `generate` call's workers; returns the requests it completed (0 or 1)."""
-        finished = 0
-        if kind == "done":
-            outstanding[e].discard(i)
-            results[i] = payload[1]
-            record.engine_of[i] = self.engines[e].name
-            failures[e] = 0
-            completed[e] += 1
-            progress_at[e] = time.monotonic()
-            finished = 1
-        elif kind == "error":
-            error = payload[1]
-            if isinstance(error, EngineRequestError) or not isinstance(error, EngineError):
-                raise error
-            engine_failed(e, error)
-        elif kind == "restarted":
-            restarting[e] = False
-        else:  # restart_failed: the start itself failed; count it and try again
-            if isinstance(payload, EngineRequestError) or not isinstance(payload, EngineError):
-                raise payload
-            restarting[e] = False
-            engine_failed(e, payload)
-        if not outstanding[e]:
-            self._set_busy(e, False)
-        return finished
-
-    def _stalled(self, outstanding: list[set[int]], restarting: list[bool], progress_at: list[float]) -> list[int]:
-        """Engines that hold requests and have completed none for `stall_timeout_s`."""
-        if self.stall_timeout_s is None:
-            return []
-        now = time.monotonic()
-        return [e for e in range(len(self.engines)) if outstanding[e] and not restarting[e]
-                and self.engines[e].name not in self.lost
-                and now - progress_at[e] > self.stall_timeout_s]
-
-    def _hung_error(self, e: int, held: int, idle_s: float, others: list[tuple[str, int]]) -> EngineError:
-        engine = self.engines[e]
-        node = engine.spec.node or "this machine"
-        meanwhile = (", ".join(f"{name} completed {n} this step" for name, n in others) if others
-                     else "it is the only engine")
-        return EngineError(f"{engine.name} on {node} is hung: it holds {held} request(s) and completed none "
-                           f"for {idle_s:.0f} s (rollout.stall_timeout_s={self.stall_timeout_s:g}; {meanwhile}); "
-                           f"its requests go to the other engines, and it is killed and restarted")
+        dispatch = Dispatch(self, prompts, per_prompt, seeds)
+        self.last_dispatch = dispatch.record
+        return dispatch.run()
 
     def load_weights(self, weights_dir: str | Path, engines: list[EngineProcess] | None = None) -> None:
         """Every live engine (or those given) reloads its weights from `weights_dir` (in place); one
@@ -371,19 +221,3 @@ class RolloutFleet:
         for engine, error in zip(targets, errors):
             if error is not None:
                 self._drop(engine, self.max_restarts + 1, error)
-
-
-@dataclass
-class DispatchRecord:
-    """Where the requests of one `generate` call ran (request i = prompt i)."""
-
-    attempts: list[list[str]]
-    """Engines request i was sent to, in order (more than one: it was retried)."""
-    engine_of: list[str | None]
-    """The engine whose answer was kept."""
-    retried: list[int]
-    """Request indices sent back to the queue because their engine failed (with repeats)."""
-    failures: list[str]
-    """Engine names, once per failure seen (each one restarted)."""
-    hung: list[str] = field(default_factory=list)
-    """Engine names, once per time one was declared hung (also in `failures`)."""
