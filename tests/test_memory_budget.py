@@ -44,7 +44,7 @@ def test_what_does_not_fit_names_the_key():
 
 
 def test_preflight_prints_the_budget_when_colocated_on_gpus(tmp_path):
-    from justrl.cluster.preflight import _memory_lines
+    from justrl.cluster.preflight_report import memory_lines as _memory_lines
 
     (tmp_path / "config.json").write_text(json.dumps(DEEPSEEK))
     cfg = compose(["cluster=slurm", f"model.path={tmp_path}"])

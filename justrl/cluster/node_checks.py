@@ -211,3 +211,17 @@ def local_checks(cfg: DictConfig, nodes: list[str], here: str) -> dict:
     return {"gpus": check_gpus(cfg.cluster.gpus_per_node, node=here), "engine_ports": engine_ports, "model": model,
             "tokenizer": check_tokenizer(model_dir, model),
             "disk": check_disk(Path(cfg.trainer.output_dir), model_dir, cfg.trainer)}
+
+
+def guard_loads() -> dict:
+    """Whether the engines' `--middleware` imports on this node (as vLLM will import it)."""
+    import importlib
+
+    from justrl.rollout.auth import MIDDLEWARE
+
+    module, _, name = MIDDLEWARE.rpartition(".")
+    try:
+        getattr(importlib.import_module(module), name)
+        return passed("on")
+    except Exception as exc:  # noqa: BLE001 - whatever stops the import stops the engine
+        return failed(f"{MIDDLEWARE} does not load: {type(exc).__name__}: {exc}")

@@ -53,7 +53,8 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 
 from justrl.config import ConfigError
-from justrl.cluster.node_checks import CHECKS, PACKAGES, failed, local_checks, package_versions, passed
+from justrl.cluster.node_checks import CHECKS, failed, guard_loads, local_checks, package_versions, passed
+from justrl.cluster.preflight_report import check_result, engine_lines, memory_lines, table
 
 # The composed config handed from the launching process to the step's tasks.
 CONFIG_ENV = "JUSTRL_PREFLIGHT_CONFIG"
@@ -165,7 +166,7 @@ def run_node(cfg: DictConfig, nodes: list[str], here: str, exchange: Path, rende
 
     first = here == nodes[0]
     report = {"hostname": socket.gethostname(), "versions": package_versions(), **local_checks(cfg, nodes, here),
-              "engine_guard": _guard_loads()}
+              "engine_guard": guard_loads()}
     try:
         report["announce"], announcer = _announce(address or announced_address())
     except ConfigError as exc:
@@ -210,9 +211,9 @@ def run_node(cfg: DictConfig, nodes: list[str], here: str, exchange: Path, rende
 def _own_failures(here: str, report: dict) -> int:
     """A node other than the first says what failed on it (in the step's output, also when the
     first node never gets its result) and exits non-zero."""
-    failed = [check for check in CHECKS if not _result(report, check)["ok"]]
+    failed = [check for check in CHECKS if not check_result(report, check)["ok"]]
     for check in failed:
-        print(f"preflight FAILED on node {here}: check {check}: {_result(report, check)['text']}", file=sys.stderr,
+        print(f"preflight FAILED on node {here}: check {check}: {check_result(report, check)['text']}", file=sys.stderr,
               flush=True)
     return 1 if failed else 0
 
@@ -227,15 +228,14 @@ def _finish(cfg: DictConfig, nodes: list[str], reports: dict[str, dict], exchang
         differ = [f"{p} {v} != {reference.get(p)} on {nodes[0]}" for p, v in versions.items() if v != reference.get(p)]
         report["versions"] = {**versions, "check": failed("; ".join([f"{p} not installed" for p in missing] + differ))
                               if missing or differ else passed("")}
-    failures = [(node, check, _result(reports[node], check)["text"])
-                for node in nodes if node in reports for check in CHECKS if not _result(reports[node], check)["ok"]]
+    failures = [(node, check, check_result(reports[node], check)["text"])
+                for node in nodes if node in reports for check in CHECKS if not check_result(reports[node], check)["ok"]]
     failures += [(node, "shared_dir", f"no result from this node in {exchange} within {wait_s:.0f} s (not "
                                       f"writable or not shared there, or the task did not start: see its output)")
                  for node in nodes if node not in reports]
     failures += [(node, "engine_guard", reports[node]["engine_guard"]["text"]) for node in nodes
                  if node in reports and not reports[node].get("engine_guard", passed(""))["ok"]]
-    table = _table(cfg, nodes, reports)
-    lines = [table, *_engine_lines(cfg, nodes, reports), *_memory_lines(cfg)]
+    lines = [table(cfg, nodes, reports), *engine_lines(cfg, nodes, reports), *memory_lines(cfg)]
     if failures:
         lines += [f"preflight FAILED on node {node}: check {check}: {text}" for node, check, text in failures]
     else:
@@ -247,104 +247,6 @@ def _finish(cfg: DictConfig, nodes: list[str], reports: dict[str, dict], exchang
     except OSError:
         pass
     return 1 if failures else 0
-
-
-def _result(report: dict, check: str) -> dict:
-    if check == "versions":
-        return report["versions"].get("check", passed(""))
-    return report.get(check, passed("not run"))  # after an earlier failure (reported itself)
-
-
-def _table(cfg: DictConfig, nodes: list[str], reports: dict[str, dict]) -> str:
-    head = ["node", "hostname", "GPUs", *PACKAGES, "rendezvous port", "address", "engine ports", "output dir", "shared",
-            "disk", "model", "tokenizer"]
-    rows = []
-    for node in nodes:
-        r = reports.get(node)
-        if r is None:
-            rows.append([node, "?", *["(no result)"] * (len(head) - 2)])
-            continue
-        versions_ok = _result(r, "versions")["ok"]
-        cells = [node, r["hostname"], _cell(r, "gpus")]
-        cells += [(v or "none") + ("" if versions_ok else " (FAIL)") for p, v in r["versions"].items() if p in PACKAGES]
-        cells += [_cell(r, c) for c in ("rendezvous_port", "address", "engine_ports", "output_dir", "shared_dir", "disk", "model",
-                                         "tokenizer")]
-        rows.append(cells)
-    out = [f"justrl preflight: {len(nodes)} node(s), output {cfg.trainer.output_dir}",
-           "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    return "\n".join(out + ["| " + " | ".join(c.replace("|", "/") for c in row) + " |" for row in rows])
-
-
-def _guard_loads() -> dict:
-    """Whether the engines' `--middleware` imports on this node (as vLLM will import it)."""
-    import importlib
-
-    from justrl.rollout.auth import MIDDLEWARE
-
-    module, _, name = MIDDLEWARE.rpartition(".")
-    try:
-        getattr(importlib.import_module(module), name)
-        return passed("on")
-    except Exception as exc:  # noqa: BLE001 - whatever stops the import stops the engine
-        return failed(f"{MIDDLEWARE} does not load: {type(exc).__name__}: {exc}")
-
-
-def _engine_lines(cfg: DictConfig, nodes: list[str], reports: dict[str, dict]) -> list[str]:
-    """One line per node: where its engines listen and whether their guard is on."""
-    from justrl.cluster.placement import engine_bind_address, plan_engines
-
-    try:
-        placements = plan_engines(cfg.cluster, cfg.rollout, nodes)
-    except ConfigError as exc:
-        return [f"engines: not planned ({exc})"]
-    lines = []
-    for node in nodes:
-        here = [p for p in placements if p.node == node]
-        if not here:
-            lines.append(f"engines on {node}: none")
-            continue
-        # outside Slurm every engine is local; in a job, CPU engines run beside the learner
-        local = "SLURM_JOB_ID" not in os.environ or (node == nodes[0] and not here[0].gpu_ids)
-        try:
-            address = "127.0.0.1" if local else engine_bind_address(node)
-        except ConfigError as exc:
-            address = f"FAIL: {exc}"
-        guard = reports.get(node, {}).get("engine_guard", failed("no result"))
-        lines.append(f"engines on {node}: {len(here)}, listening on {address}, guard "
-                     f"{guard['text'] if guard['ok'] else 'FAIL: ' + guard['text']} (every route asks for the "
-                     f"job's secret)")
-    return lines
-
-
-def _memory_lines(cfg: DictConfig) -> list[str]:
-    """Colocated GPUs: the memory budget of each GPU (learner rank + engine; justrl.cluster.memory_budget),
-    an estimate from the model's config.json; a line that says so when it does not fit."""
-    cl = cfg.cluster
-    if cl.placement != "colocated" or not cl.gpus_per_node:
-        return []
-    from justrl.cluster.memory_budget import ModelShape, colocated_budget
-
-    try:
-        shape = ModelShape.from_hf_config(_model_config(cfg.model.path))
-    except (OSError, ValueError, KeyError) as exc:
-        return [f"memory per GPU (colocated): not estimated, the model's config.json is not readable here ({exc})"]
-    budget = colocated_budget(shape, cl, cfg.rollout, cfg.learner)
-    return [f"each of the {cl.nodes * cl.gpus_per_node} GPUs: one learner rank and its engine's share; " + budget.line()]
-
-
-def _model_config(path: str) -> dict:
-    """The model's config.json: in its directory, or in the local Hugging Face cache for a hub id."""
-    local = Path(path) / "config.json"
-    if local.is_file():
-        return json.loads(local.read_text())
-    from huggingface_hub import hf_hub_download
-
-    return json.loads(Path(hf_hub_download(path, "config.json", local_files_only=True)).read_text())
-
-
-def _cell(report: dict, check: str) -> str:
-    result = _result(report, check)
-    return result["text"] if result["ok"] else f"FAIL: {result['text']}"
 
 
 # -- where it runs --------------------------------------------------------------------------------
