@@ -24,15 +24,19 @@ from __future__ import annotations
 import json
 import logging
 import os
+import random
 import re
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 log = logging.getLogger(__name__)
 
 COMPLETE = "COMPLETE"
 LATEST = "latest"
+TRAINER_STATE = "trainer_state.pt"
+RUN_CONFIG = "config.yaml"
 _STEP_DIR = re.compile(r"^step_(\d+)$")
 
 
@@ -120,3 +124,103 @@ def latest_checkpoint(checkpoint_root: str | Path) -> Path | None:
 
 def checkpoint_step(path: str | Path) -> int:
     return json.loads((Path(path) / COMPLETE).read_text())["step"]
+
+
+# -- the run directory and the trainer's part of a checkpoint -------------------------------------
+
+@dataclass(frozen=True)
+class RunDir:
+    """Where a run's files go; one directory per run, shared by every rank and restart."""
+
+    root: Path
+
+    @property
+    def checkpoints(self) -> Path:
+        return self.root / "checkpoints"
+
+    @property
+    def tensorboard(self) -> Path:
+        """Where the event file goes: the run directory itself. TensorBoard names a run by the
+        directory that holds its event file, relative to `--logdir`: `justrl-tiny-none` under
+        `--logdir outputs/`, `0-length_penalty` under `--logdir <sweep dir>`."""
+        return self.root
+
+    @property
+    def engine_logs(self) -> Path:
+        return self.root / "engines"
+
+    @property
+    def weights(self) -> Path:
+        return self.root / "weights"
+
+    def adopt_legacy_event_file(self, name: str) -> None:
+        """Runs before 2026-11-22 logged to <run>/tensorboard/: move that event file to where it
+        goes now, so that a resumed old run keeps one history."""
+        legacy = self.root / "tensorboard" / name
+        if legacy.is_file() and not (self.tensorboard / name).exists():
+            os.replace(legacy, self.tensorboard / name)
+
+
+@dataclass
+class TrainerState:
+    """Rank 0's part of a checkpoint (`trainer_state.pt`): what the learner's files do not hold."""
+
+    sampler: dict
+    """The prompt sampler's position (justrl.data.PromptSampler.state_dict)."""
+    rng: dict
+    """Python's and torch's RNG states."""
+    counters: dict
+    """total_tokens, and the run's fault counts (justrl.run_summary.RunFaults.state)."""
+    rollout_ahead: Any = None
+    """rollout.max_policy_lag=1: the next step's batch, generated before the checkpoint."""
+
+    def save(self, checkpoint_dir: Path, cfg) -> None:
+        """Write trainer_state.pt and the run's config.yaml into `checkpoint_dir`."""
+        import torch
+        from omegaconf import OmegaConf
+
+        torch.save({"sampler": self.sampler, "rng": self.rng, "state": self.counters,
+                    "rollout_ahead": self.rollout_ahead}, Path(checkpoint_dir) / TRAINER_STATE)
+        OmegaConf.save(cfg, Path(checkpoint_dir) / RUN_CONFIG)
+
+    @classmethod
+    def load(cls, checkpoint_dir: Path) -> "TrainerState":
+        import torch
+
+        saved = torch.load(Path(checkpoint_dir) / TRAINER_STATE, weights_only=False)
+        return cls(saved["sampler"], saved["rng"], saved["state"], saved.get("rollout_ahead"))
+
+
+def rng_state() -> dict:
+    import torch
+
+    return {"python": random.getstate(), "torch": torch.get_rng_state()}
+
+
+def set_rng_state(state: dict) -> None:
+    import torch
+
+    random.setstate(state["python"])
+    torch.set_rng_state(state["torch"])
+
+
+def record_run_config(run: RunDir, cfg, resume: Path | None) -> None:
+    """A fresh run writes its config.yaml; a resumed one keeps its checkpoint's state and says
+    which settings differ from the checkpoint's config."""
+    from omegaconf import OmegaConf
+
+    if resume is None:
+        OmegaConf.save(cfg, run.root / RUN_CONFIG)
+        return
+
+    def flat(node, prefix=""):
+        out = {}
+        for key, value in node.items():
+            out.update(flat(value, f"{prefix}{key}.") if isinstance(value, dict) else {f"{prefix}{key}": value})
+        return out
+    old = flat(OmegaConf.to_container(OmegaConf.load(resume / RUN_CONFIG)))
+    new = flat(OmegaConf.to_container(cfg))
+    changed = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k))
+    if changed:
+        log.warning("resuming with settings that differ from the checkpoint's: %s",
+                    ", ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in changed))

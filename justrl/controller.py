@@ -13,14 +13,14 @@ import torch
 from omegaconf import DictConfig
 
 from justrl.rollout.launch import SLEEP_MODE_ARGS
-from justrl.rollout.engine import EngineSpec, build_engines
+from justrl.rollout.engine import build_engines, engine_spec
 from justrl.rollout.client import SamplingSettings
 from justrl.eval.sampling import EvalItem, problem_seed, sample_and_grade, summarize
 from justrl.grpo import Sequence, group_advantages
 from justrl.cluster.placement import EnginePlacement
 from justrl.reward import ScorerPool, overlong_penalty
 from justrl.rollout.fleet import RolloutFleet
-from justrl.weight_sync.sync import engine_args_for
+from justrl.weight_sync.registry import engine_args_for
 
 log = logging.getLogger("justrl")
 
@@ -36,16 +36,13 @@ class Controller:
     """Rank 0's side of the loop: engines, reward workers, metrics."""
 
     def __init__(self, cfg: DictConfig, tokenizer, serve_dir: Path, placements: list[EnginePlacement],
-                 engine_logs: Path, weights_root: Path, secret: str | None = None):
-        self.cfg, self.tokenizer, self.weights_root = cfg, tokenizer, weights_root
+                 engine_logs: Path, secret: str | None = None):
+        self.cfg, self.tokenizer = cfg, tokenizer
         r = cfg.rollout
-        spec = EngineSpec(max_model_len=cfg.data.max_prompt_length + max(r.max_response_length, r.val_max_new_tokens),
-                          dtype=r.dtype, seed=cfg.trainer.seed, tensor_parallel_size=r.tensor_parallel_size,
-                          gpu_memory_utilization=r.gpu_memory_utilization, cpu_kv_cache_gb=r.cpu_kv_cache_gb,
-                          extra_args=tuple(r.engine_args) + engine_args_for(r.weight_sync)
-                          + (SLEEP_MODE_ARGS if cfg.cluster.placement == "colocated" else ()),
-                          startup_timeout_s=r.startup_timeout_s, request_timeout_s=r.request_timeout_s,
-                          srun_args=tuple(cfg.cluster.engine_srun_args))
+        spec = engine_spec(r, max_model_len=cfg.data.max_prompt_length + max(r.max_response_length, r.val_max_new_tokens),
+                           seed=cfg.trainer.seed, srun_args=tuple(cfg.cluster.engine_srun_args),
+                           extra_args=tuple(r.engine_args) + engine_args_for(r.weight_sync)
+                           + (SLEEP_MODE_ARGS if cfg.cluster.placement == "colocated" else ()))
         engines = build_engines(placements, spec, engine_logs, node_gpus=cfg.cluster.gpus_per_node, secret=secret)
         self.fleet = RolloutFleet(engines, serve_dir, max_restarts=r.max_restarts,
                                   max_requests_per_engine=r.max_requests_per_engine,
@@ -78,13 +75,12 @@ class Controller:
         self.shadow_scorer.close()
         self.grader.close()
 
-    def rollout(self, prompts: list, step: int) -> tuple[list[Sequence], dict[str, float]]:
-        """One step's batch: generate, score, penalise, advantages; and the step's rollout metrics."""
+    def training_batch(self, prompts: list, step: int, weights_step: int) -> tuple[list[Sequence], dict[str, float]]:
+        """One step's batch for the learner: generate, score, penalise, advantages; and the
+        step's rollout metrics. `weights_step`: the step whose weights the engines serve
+        (justrl.weight_sync.WeightSync.served_step, set once the sync's push is done)."""
         t0 = time.perf_counter()
         restarts_before = self.fleet.restarts
-        # Which step's weights generate this batch: read from what the engines serve now (the
-        # sync's check has verified they serve it), not from the loop's bookkeeping.
-        weights_step = _served_step(self.fleet.weights_dir, self.weights_root)
         flat = self.generate(prompts, step)
         t1 = time.perf_counter()
         scores, shadow, stats = self.score(flat)
@@ -185,15 +181,6 @@ class Controller:
             metrics[f"val/{name}/accuracy_grader"] = summary["avg"] / 100.0
             metrics[f"val/{name}/response_length"] = summary["mean_response_tokens"]
         return metrics
-
-
-def _served_step(weights_dir: Path, versions_root: Path) -> int:
-    """The training step whose weights `weights_dir` holds: N for <run>/weights/step_N, 0 for the
-    initial model."""
-    path = Path(weights_dir)
-    if path.parent == versions_root and path.name.startswith("step_") and path.name[5:].isdigit():
-        return int(path.name[5:])
-    return 0
 
 
 OTHER_VERIFIER = {"dapo": "lenient", "lenient": "dapo"}

@@ -26,65 +26,33 @@ Where this departs from the authors' veRL setup, on purpose (the math itself is 
 from __future__ import annotations
 
 import logging
-import os
-import random
 import signal
-import time
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import ExitStack
 from pathlib import Path
 
-import torch
 import torch.distributed as dist
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from justrl import checkpoint as ckpt
+from justrl.batches import BatchSchedule
+from justrl.checkpoint import RunDir, TrainerState, record_run_config, rng_state, set_rng_state
+from justrl.cluster.dist_groups import control_group
+from justrl.cluster.placement import EnginePlacement
+from justrl.cluster.run_lock import RunLock, RunLocked
 from justrl.controller import Controller
 from justrl.data import PromptSampler, load_training_set, validation_sets
-from justrl.cluster.dist_groups import control_group
-from justrl.rollout.auth import job_secret
-from justrl.rollout.phases import EnginePhases
 from justrl.learner import build_learner
 from justrl.model.sources import resolve_model_path
-from justrl.cluster.placement import EnginePlacement
+from justrl.rollout.auth import job_secret
 from justrl.rollout.fleet import AllEnginesLost
-from justrl.cluster.run_lock import RunLock, RunLocked
-from justrl.run_summary import RunFaults, summary
-from justrl.tb import EVENT_FILE_NAME, ScalarLog
-from justrl.weight_sync.sync import WeightSync
+from justrl.rollout.phases import EnginePhases
+from justrl.run_summary import summary
+from justrl.step_log import STEP_LOGGER, StepLog, StepTimer
+from justrl.tb import EVENT_FILE_NAME
+from justrl.weight_sync.sync import WeightSync, version_dir
 
 log = logging.getLogger("justrl")
-STEP_LOGGER = "justrl.steps"
-step_log = logging.getLogger(STEP_LOGGER)
-
-TRAINER_STATE = "trainer_state.pt"
-RUN_CONFIG = "config.yaml"
-
-
-@dataclass(frozen=True)
-class RunDir:
-    """Where a run's files go; one directory per run, shared by every rank and restart."""
-
-    root: Path
-
-    @property
-    def checkpoints(self) -> Path:
-        return self.root / "checkpoints"
-
-    @property
-    def tensorboard(self) -> Path:
-        """Where the event file goes: the run directory itself. TensorBoard names a run by the
-        directory that holds its event file, relative to `--logdir`: `justrl-tiny-none` under
-        `--logdir outputs/`, `0-length_penalty` under `--logdir <sweep dir>`."""
-        return self.root
-
-    @property
-    def engine_logs(self) -> Path:
-        return self.root / "engines"
-
-    @property
-    def weights(self) -> Path:
-        return self.root / "weights"
 
 
 class StopRequested:
@@ -122,29 +90,6 @@ def _broadcast(obj):
 def _barrier() -> None:
     if dist.is_initialized():
         dist.barrier(group=control_group())
-
-
-def _rng_state() -> dict:
-    return {"python": random.getstate(), "torch": torch.get_rng_state()}
-
-
-def _set_rng_state(state: dict) -> None:
-    random.setstate(state["python"])
-    torch.set_rng_state(state["torch"])
-
-
-def _warn_config_changes(saved: DictConfig, current: DictConfig) -> None:
-    """A resumed run keeps its checkpoint's state; say which settings differ from its start."""
-    def flat(node, prefix=""):
-        out = {}
-        for key, value in node.items():
-            out.update(flat(value, f"{prefix}{key}.") if isinstance(value, dict) else {f"{prefix}{key}": value})
-        return out
-    old, new = flat(OmegaConf.to_container(saved)), flat(OmegaConf.to_container(current))
-    changed = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k))
-    if changed:
-        log.warning("resuming with settings that differ from the checkpoint's: %s",
-                    ", ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in changed))
 
 
 def _setup_logging(run: RunDir, rank: int) -> None:
@@ -196,6 +141,33 @@ def train(cfg: DictConfig, engine_placements: list[EnginePlacement] | None = Non
         lock.release()
 
 
+class _Checkpoints:
+    """Saves a step's checkpoint from every rank: the learner's part from each, the trainer's
+    (`trainer_state()`, rank 0's) and the config from rank 0 (justrl.checkpoint)."""
+
+    def __init__(self, run: RunDir, cfg, learner, tokenizer, rank: int, saved_step: int, trainer_state):
+        self.run, self.cfg, self.learner, self.tokenizer, self.rank = run, cfg, learner, tokenizer, rank
+        self.saved_step, self.trainer_state = saved_step, trainer_state
+
+    def save(self, step: int) -> None:
+        self.saved_step = step
+        tmp = _broadcast(ckpt.begin_checkpoint(self.run.checkpoints, step) if self.rank == 0 else None)
+        self.learner.save_checkpoint(tmp, self.tokenizer)
+        if self.rank == 0:
+            self.trainer_state().save(tmp, self.cfg)
+            path = ckpt.finish_checkpoint(self.run.checkpoints, step, self.cfg.trainer.keep_checkpoints)
+            log.info("checkpoint %s", path)
+        _barrier()
+
+
+def _in_background(work) -> Future:
+    pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="justrl-start")
+    try:
+        return pool.submit(work)
+    finally:
+        pool.shutdown(wait=False)
+
+
 def _train(cfg: DictConfig, engine_placements: list[EnginePlacement] | None) -> Path:
     import transformers
     from transformers import AutoTokenizer
@@ -205,251 +177,138 @@ def _train(cfg: DictConfig, engine_placements: list[EnginePlacement] | None) -> 
     run = RunDir(Path(cfg.trainer.output_dir).absolute())
     _setup_logging(run, rank)
     stop = StopRequested()
+    t = cfg.trainer
 
-    # -- model, data, resume point ----------------------------------------------------------------
+    # -- model and resume point ---------------------------------------------------------------------
     model_path = resolve_model_path(cfg.model, build=rank == 0)
     _barrier()
     tokenizer = AutoTokenizer.from_pretrained(model_path)
     resume = ckpt.latest_checkpoint(run.checkpoints)
     start_step = ckpt.checkpoint_step(resume) if resume else 0
-    if resume and cfg.trainer.total_steps is not None and start_step >= cfg.trainer.total_steps:
+    if resume and t.total_steps is not None and start_step >= t.total_steps:
         log.info("%s already holds step %d of trainer.total_steps=%d: nothing to do (raise "
-                 "trainer.total_steps to train on)", resume, start_step, cfg.trainer.total_steps)
+                 "trainer.total_steps to train on)", resume, start_step, t.total_steps)
         if rank == 0:
-            _log_summary(run, cfg.trainer.total_steps)
+            _log_summary(run, t.total_steps)
         return run.root
-    # Start-up overlap: a fresh run's engines serve the model directory itself, so rank 0 starts
-    # them (vLLM's server takes ~35 s on a CPU) while the learner builds and the data loads; a
-    # resumed run's engines wait for the learner's export of the checkpoint. Colocated, the
-    # engines start after the learner is built, never beside it: vLLM sizes its KV cache from
-    # the GPU memory it sees while it profiles (vllm/v1/worker/utils.py request_memory), which
-    # the learner rank on the same GPU would be allocating at the same time.
-    colocated = cfg.cluster.placement == "colocated"
-    controller = engines_starting = None
-    placements = engine_placements or [EnginePlacement(None) for _ in range(cfg.rollout.engines)]
-    # The engines' secret: created here, at the run's start, read back by a requeued job (justrl.rollout.auth).
-    secret = job_secret(run.root) if rank == 0 else None
-    if rank == 0 and not resume and not colocated:
-        controller = Controller(cfg, tokenizer, Path(model_path), placements, run.engine_logs, run.weights, secret)
-        engines_starting = ThreadPoolExecutor(max_workers=1, thread_name_prefix="justrl-start")
-        engines_started = engines_starting.submit(controller.start)
-    try:
+
+    with ExitStack() as cleanup:  # closed in reverse: the schedule, the step log, the sync, the engines
+        # -- the engines (rank 0), the learner, the weight sync ----------------------------------------
+        # Start-up overlap: a fresh run's engines serve the model directory itself, so rank 0 starts
+        # them (vLLM's server takes ~35 s on a CPU) while the learner builds and the data loads; a
+        # resumed run's engines wait for the learner's export of the checkpoint. Colocated, the
+        # engines start after the learner is built, never beside it: vLLM sizes its KV cache from
+        # the GPU memory it sees while it profiles (vllm/v1/worker/utils.py request_memory), which
+        # the learner rank on the same GPU would be allocating at the same time.
+        colocated = cfg.cluster.placement == "colocated"
+        controller = starting = None
+        if rank == 0:
+            placements = engine_placements or [EnginePlacement(None) for _ in range(cfg.rollout.engines)]
+            serve_dir = version_dir(run.weights, start_step) if resume else Path(model_path)  # what the engines load first
+            # The engines' secret: created at the run's start, read back by a requeued job (justrl.rollout.auth).
+            controller = Controller(cfg, tokenizer, serve_dir, placements, run.engine_logs, job_secret(run.root))
+            cleanup.callback(controller.close)
+            if not resume and not colocated:
+                starting = _in_background(controller.start)
+                cleanup.callback(starting.exception)  # a start under way finishes before the engines close
         learner = build_learner(cfg, model_path, resume)
-    except BaseException:
-        if controller is not None:
-            engines_started.exception()  # let the start finish, then take the engines down
-            controller.close()
-        raise
-    if colocated:
-        _barrier()  # every rank's learner built (and allocated) before any engine starts on its GPU
-    r = cfg.rollout
-    # The one owner of weight versions and the engines' copy of them (justrl/weight_sync/sync.py).
-    weight_sync = WeightSync(run.weights, learner, tokenizer, r.dtype, transport=r.weight_sync,
-                             check=r.weight_check, tolerance=r.weight_check_tol, rank=rank)
-    serve_dir = Path(model_path)  # what the engines load first
-    if resume:
-        learner.load_checkpoint(resume)
-        serve_dir = weight_sync.export(start_step)
-    total_steps = cfg.trainer.total_steps
-
-    sampler = tb = None
-    if rank == 0:
-        train_set = load_training_set(cfg.data, tokenizer)
-        val_sets = validation_sets(cfg.data, tokenizer)
-        sampler = PromptSampler(len(train_set), cfg.data.seed)
-        log.info("training data: %s", train_set.summary(cfg.algorithm.prompts_per_step, total_steps))
-        if total_steps is None:
-            total_steps = train_set.steps_per_pass(cfg.algorithm.prompts_per_step)
-        state = {"total_tokens": 0}
-        saved = {}
+        if colocated:
+            _barrier()  # every rank's learner built (and allocated) before any engine starts on its GPU
+        r = cfg.rollout
+        # The one owner of weight versions and the engines' copy of them (justrl/weight_sync/sync.py).
+        weight_sync = WeightSync(run.weights, learner, tokenizer, r.dtype, fleet=controller and controller.fleet,
+                                 transport=r.weight_sync, check=r.weight_check, tolerance=r.weight_check_tol,
+                                 rank=rank)
+        cleanup.callback(weight_sync.close)
         if resume:
-            saved = torch.load(resume / TRAINER_STATE, weights_only=False)
-            sampler.load_state_dict(saved["sampler"])
-            _set_rng_state(saved["rng"])
-            state = saved["state"]
-            log.info("resuming from %s (step %d)", resume, start_step)
-            _warn_config_changes(OmegaConf.load(resume / RUN_CONFIG), cfg)
-        else:
-            OmegaConf.save(cfg, run.root / RUN_CONFIG)
-        legacy = run.root / "tensorboard" / EVENT_FILE_NAME  # where runs before 2026-11-22 logged
-        if legacy.is_file() and not (run.tensorboard / EVENT_FILE_NAME).exists():
-            os.replace(legacy, run.tensorboard / EVENT_FILE_NAME)
-        tb = ScalarLog(run.tensorboard, resume_step=start_step if resume else None)
-        faults = RunFaults.from_state(state.get("faults"))
-        if resume:
-            faults.resumed(start_step, tb.last_step_before)
-            if tb.last_step_before and tb.last_step_before > start_step:
-                log.warning("the run had reached step %d; steps %d-%d since the checkpoint are trained again",
-                            tb.last_step_before, start_step + 1, tb.last_step_before)
-        if controller is None:
-            controller = Controller(cfg, tokenizer, serve_dir, placements, run.engine_logs, run.weights, secret)
-            controller.start()
-        else:
-            try:
-                engines_started.result()
-            except BaseException:
-                controller.close()
-                raise
-            finally:
-                engines_starting.shutdown()
-        weight_sync.fleet = controller.fleet
-    total_steps = _broadcast(total_steps)
-    phases = EnginePhases(controller.fleet if rank == 0 else None, colocated, _barrier)
+            learner.load_checkpoint(resume)
+            weight_sync.resume_from(start_step)
+        if controller is not None and starting is None:
+            starting = _in_background(controller.start)
+            cleanup.callback(starting.exception)
 
-    saved_step = start_step
-
-    def save(step: int) -> None:
-        nonlocal saved_step
-        saved_step = step
-        tmp = _broadcast(ckpt.begin_checkpoint(run.checkpoints, step) if rank == 0 else None)
-        learner.save_checkpoint(tmp, tokenizer)  # every rank: the learner's part
+        # -- data, counters and the event file (rank 0) ----------------------------------------------
+        total_steps, sampler = t.total_steps, None
+        train_set = val_sets = steps = state = None
         if rank == 0:
-            torch.save({"sampler": sampler.state_dict(), "rng": _rng_state(), "state": state,
-                        "rollout_ahead": ahead}, tmp / TRAINER_STATE)
-            OmegaConf.save(cfg, tmp / RUN_CONFIG)
-            path = ckpt.finish_checkpoint(run.checkpoints, step, cfg.trainer.keep_checkpoints)
-            log.info("checkpoint %s", path)
-        _barrier()
+            train_set, val_sets = load_training_set(cfg.data, tokenizer), validation_sets(cfg.data, tokenizer)
+            sampler = PromptSampler(len(train_set), cfg.data.seed)
+            log.info("training data: %s", train_set.summary(cfg.algorithm.prompts_per_step, total_steps))
+            if total_steps is None:
+                total_steps = train_set.steps_per_pass(cfg.algorithm.prompts_per_step)
+            state = TrainerState(sampler.state_dict(), rng_state(), {"total_tokens": 0})
+            if resume:
+                state = TrainerState.load(resume)
+                sampler.load_state_dict(state.sampler)
+                set_rng_state(state.rng)
+                log.info("resuming from %s (step %d)", resume, start_step)
+            record_run_config(run, cfg, resume)
+            run.adopt_legacy_event_file(EVENT_FILE_NAME)
+            steps = StepLog(run.tensorboard, t.run_name, start_step, total_steps, state.counters,
+                            resumed=resume is not None, fleet=controller.fleet)
+            cleanup.callback(steps.close)
+            starting.result()  # the engines serve
+        total_steps = _broadcast(total_steps)
+        if rank == 0 and t.val_before_train and start_step == 0 and t.val_every:
+            steps.scalars(0, controller.validate(val_sets))
 
-    # -- the loop -----------------------------------------------------------------------------------
-    # rollout.max_policy_lag=1 (rank 0): while the learner trains step k, a thread generates and
-    # scores step k+1's batch with the weights the engines serve (those of step k-1); the sync of
-    # step k waits for it. `ahead` holds that batch until its step; a checkpoint stores it, so a
-    # resumed run trains on the same batch (generated by the same older weights) as an
-    # uninterrupted one. The idea is veRL's one-step-off-policy and NeMo-RL's async GRPO; the
-    # learner recomputes the old log-probs either way, so the clipped ratio is taken against the
-    # weights that train, as in those.
-    lag = cfg.rollout.max_policy_lag
-    ahead = saved.get("rollout_ahead") if rank == 0 and resume else None
-    pending = None
-    ahead_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="justrl-ahead") if lag and rank == 0 else None
-    progress = None
-    try:
-        if rank == 0:
-            if cfg.trainer.val_before_train and start_step == 0 and cfg.trainer.val_every:
-                tb.scalars(0, controller.validate(val_sets))
-            from tqdm import tqdm
-            progress = tqdm(total=total_steps, initial=start_step, desc=cfg.trainer.run_name, unit="step",
-                            dynamic_ncols=True)
-            idle_mark = (time.perf_counter(), controller.fleet.busy_seconds())
+        timer = StepTimer(controller.fleet.busy_seconds if rank == 0 else None)
+        schedule = BatchSchedule(EnginePhases(controller and controller.fleet, colocated, _barrier),
+                                 r.max_policy_lag, total_steps, cfg.algorithm.prompts_per_step, timer,
+                                 controller, sampler, train_set, served_step=lambda: weight_sync.served_step,
+                                 ahead=state.rollout_ahead if rank == 0 else None)
+        cleanup.callback(schedule.close)
+        checkpoints = _Checkpoints(run, cfg, learner, tokenizer, rank, start_step, lambda: TrainerState(
+            sampler.state_dict(), rng_state(), state.counters, schedule.ahead))
+
+        # -- the loop -------------------------------------------------------------------------------
         for step in range(start_step + 1, total_steps + 1):
-            t_step = time.perf_counter()
-            sequences = metrics = None
-            learner_wait = 0.0
-            lost = None  # every rollout engine lost during this step's rollout: why
-            if rank == 0:
-                before = (sampler.state_dict(), _rng_state())
-                try:
-                    if ahead is not None:  # generated while the previous step trained
-                        sequences, metrics = ahead
-                        ahead = None
-                    else:
-                        batch = [train_set.prompt(i) for i in sampler.next_batch(cfg.algorithm.prompts_per_step)]
-                        sequences, metrics = controller.rollout(batch, step)
-                        learner_wait = time.perf_counter() - t_step
-                except AllEnginesLost as exc:
-                    lost = str(exc)
-                    # back to the end of the previous step, so that its checkpoint redraws this batch
-                    sampler.load_state_dict(before[0])
-                    _set_rng_state(before[1])
-                    state["faults"] = faults.totals(controller.fleet.restarts, controller.fleet.hung,
-                                                    len(controller.fleet.lost)).state()
-                if lost is None and lag and step < total_steps:
-                    batch = [train_set.prompt(i) for i in sampler.next_batch(cfg.algorithm.prompts_per_step)]
-                    pending = ahead_pool.submit(controller.rollout, batch, step + 1)
+            timer.start()
+            sequences, metrics, lost = schedule.next_batch(step) if rank == 0 else (None, None, None)
             sequences, lost = _broadcast((sequences, lost))
             if lost is not None:
                 # Nothing can generate: keep every finished step (a checkpoint of the previous one,
                 # unless it has one), then stop; in a Slurm job, justrl.cluster.slurm requeues it.
-                if step - 1 > saved_step:
-                    save(step - 1)
+                if rank == 0:
+                    steps.count_faults()
+                if step - 1 > checkpoints.saved_step:
+                    checkpoints.save(step - 1)
                 raise AllEnginesLost(lost)
-
-            t0 = time.perf_counter()
-            # On-policy (nothing generating meanwhile) the engines rest while the learner trains and
-            # writes the new version (justrl.rollout.phases): colocated, they sleep and give the GPU's
-            # memory to the learner rank beside them; this machine's CPU engines are frozen so
-            # that they take none of its cores (a thawed engine's worker spins on its queue for up
-            # to a second: beside it, the learner's probe forward took 0.22 s instead of 3 ms on
-            # a 2-core machine). They wake for the new weights, then for the next rollouts.
-            phases.rest(generating=pending is not None)
-
-            def before_push() -> None:
-                """After the export and before the engines are touched: lag 1 waits (rank 0) for the
-                next step's batch (generated with the old weights); on-policy wakes the engines."""
-                nonlocal ahead, pending, learner_wait
-                if pending is not None:
-                    t = time.perf_counter()
-                    ahead = pending.result()
-                    pending = None
-                    learner_wait += time.perf_counter() - t
-                phases.wake_for_weights()
-
-            try:
-                train_metrics = learner.train_step(sequences)
-                t1 = time.perf_counter()
-                sync_metrics = weight_sync.sync(step, before_push=before_push, after_push=phases.wake_for_rollouts)
-            except BaseException:
-                phases.abort()
-                raise
-            t2 = time.perf_counter()
-
+            update_metrics = _update(step, sequences, learner, weight_sync, schedule, timer)
             if rank == 0:
-                step_tokens = sum(len(s) for s in sequences)
-                state["total_tokens"] += step_tokens
-                metrics.update(train_metrics)
-                metrics.update(sync_metrics)
-                run_faults = faults.totals(controller.fleet.restarts, controller.fleet.hung,
-                                           len(controller.fleet.lost))
-                state["faults"] = run_faults.state()  # saved with the next checkpoint
-                metrics.update(run_faults.scalars())
-                now, busy = time.perf_counter(), controller.fleet.busy_seconds()
-                window = now - idle_mark[0]
-                busy_share = sum(b - a for a, b in zip(idle_mark[1], busy)) / (len(busy) * window)
-                idle_mark = (now, busy)
-                metrics.update({
-                    "perf/time_train": t1 - t0,
-                    "perf/time_sync": t2 - t1,
-                    "perf/time_step": t2 - t_step,
-                    "perf/tokens_per_second": step_tokens / (t2 - t_step),
-                    "perf/total_tokens": float(state["total_tokens"]),
-                    # seconds the learner waited for rollouts this step (lag 1: only what the
-                    # overlap did not hide), and the share of the step the engines had nothing to do
-                    "perf/learner_wait_s": learner_wait,
-                    "perf/engine_idle_fraction": min(1.0, max(0.0, 1.0 - busy_share)),
-                    # how many steps older than the learner's the generating weights were
-                    "rollout/policy_lag": float(step - 1 - metrics["rollout/weights_step"]),
-                })
-                if cfg.trainer.val_every and (step % cfg.trainer.val_every == 0 or step == total_steps):
+                tokens = sum(len(s) for s in sequences)
+                metrics.update(update_metrics)
+                metrics.update(timer.metrics(tokens))
+                if t.val_every and (step % t.val_every == 0 or step == total_steps):
                     metrics.update(controller.validate(val_sets))
-                tb.scalars(step, metrics)
-                step_log.info("step %d/%d %s", step, total_steps, " ".join(
-                    f"{k}={v:.4g}" for k, v in sorted(metrics.items())))
-                progress.set_postfix(reward=f"{metrics['reward/mean']:+.3f}", acc=f"{metrics['reward/accuracy']:.2f}",
-                                     len=f"{metrics['response_length/mean']:.0f}",
-                                     ent=f"{metrics['actor/entropy']:.2f}", refresh=False)
-                progress.update(1)
+                steps.step(step, tokens, metrics)
             stop_now = _broadcast(stop.signal is not None)
-            if step % cfg.trainer.save_every == 0 or step == total_steps or stop_now:
-                save(step)
+            if step % t.save_every == 0 or step == total_steps or stop_now:
+                checkpoints.save(step)
             if stop_now:
                 log.warning("stopped at step %d on signal %s; relaunch (or requeue) to resume", step, stop.signal)
                 break
-    finally:
-        if progress is not None:
-            progress.close()
-        if ahead_pool is not None:
-            ahead_pool.shutdown(wait=False, cancel_futures=True)
-        weight_sync.close()
-        if controller is not None:
-            controller.close()
-        if tb is not None:
-            tb.close()
     if rank == 0:
         _log_summary(run, total_steps, stopped=f"signal {stop.signal}" if stop.signal is not None else None)
     if stop.signal is not None:
         stop.forward()  # under submitit: requeue the job now that the checkpoint is written
     return run.root
+
+
+def _update(step: int, sequences, learner, weight_sync: WeightSync, schedule: BatchSchedule, timer: StepTimer) -> dict:
+    """The learner's update on the step's batch, then the sync of its weights into the engines,
+    with the engines resting meanwhile and woken around the push (justrl.batches); every rank."""
+    timer.mark("update")
+    schedule.rest()
+    try:
+        train_metrics = learner.train_step(sequences)
+        timer.mark("trained")
+        sync_metrics = weight_sync.sync(step, before_push=schedule.before_push, after_push=schedule.after_push)
+    except BaseException:
+        schedule.abort()
+        raise
+    timer.mark("synced")
+    return {**train_metrics, **sync_metrics}
 
 
 def _log_summary(run: RunDir, total_steps: int | None, stopped: str | None = None) -> None:

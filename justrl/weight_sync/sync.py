@@ -42,9 +42,9 @@ from pathlib import Path
 
 import torch
 
-from justrl.weight_sync.base import EnginePushError, Transport, WeightSyncError
+from justrl.weight_sync.base import EnginePushError, WeightSyncError
 from justrl.weight_sync.files import FileTransport
-from justrl.weight_sync.nccl import NcclTransport
+from justrl.weight_sync.registry import make_transport
 from justrl.weight_sync.probe import (DEFAULT_TOLERANCE, PROBE_TEXT, compare_probe, engine_probe_logprobs,
                                       learner_probe_logprobs)
 
@@ -55,21 +55,6 @@ def version_dir(root: Path, step: int) -> Path:
     from justrl.checkpoint import step_dir_name
 
     return Path(root) / step_dir_name(step)
-
-
-TRANSPORT_CLASSES = {cls.name: cls for cls in (FileTransport, NcclTransport)}
-TRANSPORTS = tuple(TRANSPORT_CLASSES)  # rollout.weight_sync's values
-
-
-def make_transport(name: str) -> Transport:
-    if name not in TRANSPORTS:
-        raise ValueError(f"rollout.weight_sync must be one of {list(TRANSPORTS)}, got {name!r}")
-    return TRANSPORT_CLASSES[name]()
-
-
-def engine_args_for(name: str) -> tuple[str, ...]:
-    """Extra vLLM server arguments a transport needs."""
-    return TRANSPORT_CLASSES[name].engine_args
 
 
 def _learner_hf_state(learner, dtype: str) -> dict[str, torch.Tensor] | None:
@@ -86,7 +71,8 @@ def _learner_hf_state(learner, dtype: str) -> dict[str, torch.Tensor] | None:
 class WeightSync:
     """Owns the weight versions of a run and the engines' copy of them (see the module docstring).
 
-    Call `sync(step)` on every learner rank; `fleet` is the rollout fleet on rank 0, None elsewhere.
+    Call `sync(step)` on every learner rank; `fleet` is the rollout fleet on rank 0, None elsewhere,
+    given when the sync is built (the fleet need not have started).
     """
 
     def __init__(self, root: str | Path, learner, tokenizer, dtype: str, fleet=None, transport: str = "files",
@@ -101,11 +87,21 @@ class WeightSync:
         self.tolerance = DEFAULT_TOLERANCE[dtype] if tolerance is None else tolerance
         self.probe_ids = list(tokenizer(PROBE_TEXT, add_special_tokens=False)["input_ids"])
         self.last_probe_diff: dict[str, float] = {}
+        self.served_step = 0
+        """The training step whose weights the engines serve (0: the initial model); set here
+        only, once a push is done (what the controller reports as rollout/weights_step)."""
 
     def export(self, step: int) -> Path | None:
-        """Write version `step` (every rank; rank 0 gets the path). For a resume, before the engines start."""
+        """Write version `step` (every rank; rank 0 gets the path)."""
         out = version_dir(self.root, step) if self.rank == 0 else None
         return self.learner.export_hf(out, self.tokenizer, self.dtype)
+
+    def resume_from(self, step: int) -> Path | None:
+        """A resumed run: write the checkpoint's version `step`, the one the engines start from
+        (every rank, before the engines start; rank 0 gets the path)."""
+        path = self.export(step)
+        self.served_step = step
+        return path
 
     def sync(self, step: int, before_push=None, after_push=None) -> dict[str, float]:
         """Write version `step`, move it into every engine, check, retire old versions.
@@ -131,6 +127,7 @@ class WeightSync:
             except EnginePushError as exc:
                 self._recover(exc, path, step)
             self.fleet.weights_dir = Path(path)
+        self.served_step = step
         if after_push is not None:
             after_push()
         t3 = time.perf_counter()
