@@ -5,7 +5,12 @@ declares, in one table (`SCHEMA`), each key's type and its rule, and nothing els
 come the structured schema Hydra merges the YAML into (so an unknown key or a value of the wrong
 type fails at composition with the key's name) and the per-key checks of `validate` (negative
 learning rate, n = 0, a verifier that does not exist...); `validate` adds the few checks that
-relate two keys. `ENGINE_KEYS` (how a vLLM server is started) are shared by training
+relate two keys. Why two places and not one dataclass per section: a key's value depends on the
+group options chosen (learner=hf|megatron, cluster=local|slurm, experiment=tiny, the ablations),
+which Hydra composes from YAML, and its comment sits beside the value a user overrides; the type
+and the rule do not depend on the options, and Hydra needs them before it composes. So each key's
+value and documentation are written once (in its YAML) and its type and rule once (here); a key
+missing from either fails composition. `ENGINE_KEYS` (how a vLLM server is started) are shared by training
 (`rollout.*`) and evaluation (`engine.*`, justrl/eval/command.py). `compose` composes and validates,
 for tests and scripts; `justrl.launch` does both at start-up.
 """
@@ -17,16 +22,19 @@ from typing import Any, Callable, Optional
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf, open_dict
 
+from justrl.data.problems import PROMPT_FORMS
+from justrl.reward.verifiers import VERIFIERS
+from justrl.weight_sync.names import TRANSPORTS
+
 CONFIG_MODULE = "justrl.hydra_conf"
 SCHEMA_NAME = "justrl_schema"
-VERIFIER_NAMES = ("dapo", "lenient")  # kept in step with justrl.reward.VERIFIERS by a test
+# Names owned elsewhere, imported from their owners (whose modules load no torch: `python -m
+# justrl.launch` on a login node reads this module; a test holds it torch-free).
+VERIFIER_NAMES = tuple(VERIFIERS)
+WEIGHT_SYNC_TRANSPORTS = TRANSPORTS
 LEARNERS = ("hf", "megatron")
 CLUSTERS = ("local", "slurm")
 PLACEMENTS = ("colocated", "disaggregated")
-WEIGHT_SYNC_TRANSPORTS = ("files", "nccl")  # kept in step with justrl.weight_sync.sync.TRANSPORTS by a test
-# Kept in step with justrl.data.PROMPT_FORMS by a test (importing justrl.data would import torch,
-# 3 s on a login node, for every `python -m justrl.launch`).
-PROMPT_FORMS = ("as_released", "stripped")
 
 
 @dataclass(frozen=True)

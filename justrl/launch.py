@@ -15,12 +15,10 @@ cluster=slurm, see justrl/cluster/slurm.py.
 from __future__ import annotations
 
 import logging
-import os
 import sys
 from pathlib import Path
 
 import hydra
-import torch
 from omegaconf import DictConfig, OmegaConf
 
 from justrl.config import ConfigError, validate
@@ -30,19 +28,10 @@ log = logging.getLogger("justrl")
 
 def _rank_main(rank: int, world_size: int, cfg_yaml: str, port: int, placements) -> None:
     from justrl.cluster import dist_groups
-    from justrl.rollout.launch import visible_devices
-    from justrl.cluster.placement import learner_device_index
-    from justrl.cluster.slurm import report_learner_rank
+    from justrl.cluster.startup import start_learner_rank
 
     cfg = OmegaConf.create(cfg_yaml)
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world_size),
-                      LOCAL_RANK=str(rank))
-    cuda = torch.cuda.is_available()
-    if cuda:
-        torch.cuda.set_device(learner_device_index(visible_devices(os.environ), rank))
-    report_learner_rank(rank, world_size, rank, f"cuda:{torch.cuda.current_device()}" if cuda else "the CPU over gloo")
-    dist_groups.init_process_groups("nccl" if cuda else "gloo", cfg.cluster.dist_timeout_s,
-                                    rank=rank, world_size=world_size)
+    start_learner_rank(rank, world_size, rank, "127.0.0.1", port, cfg.cluster.dist_timeout_s)
     try:
         from justrl.trainer import train
 

@@ -157,6 +157,18 @@ def test_verifier_names_match_the_reward_module():
     assert PROMPT_FORMS == DATA_PROMPT_FORMS
 
 
+def test_config_reads_the_owners_names_without_loading_torch():
+    """justrl.config imports its name lists from their owners (the verifiers, the prompt forms,
+    the weight transports) and still loads no torch: `python -m justrl.launch` on a login node."""
+    import subprocess
+    import sys
+
+    code = ("import sys, justrl.config as c; from justrl.reward import VERIFIERS; "
+            "print('torch' in sys.modules, c.VERIFIER_NAMES == tuple(VERIFIERS))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    assert out == ["False", "True"]
+
+
 def test_installed_without_editable_finds_config(tmp_path):
     """A plain (non -e) install ships hydra_conf as justrl.hydra_conf."""
     target = tmp_path / "site"

@@ -82,3 +82,14 @@ def test_math_rewards_and_data_import_nothing_from_engines_clusters_or_learners(
     assert layer_violations(graph) == []
     assert layer_violations({"justrl.data.x": {"justrl.rollout.fleet"}}) == ["justrl.data.x -> justrl.rollout.fleet"]
 
+
+
+MAX_MODULE_LINES = 400
+
+
+def test_no_module_is_over_400_lines():
+    """A module a reader takes in one sitting (the bar docs/architecture.md sets): none of
+    justrl's is over MAX_MODULE_LINES lines."""
+    sizes = {str(p.relative_to(PACKAGE.parent)): len(p.read_text().splitlines()) for p in PACKAGE.rglob("*.py")}
+    assert len(sizes) > 60  # the whole package was read
+    assert {p: n for p, n in sizes.items() if n > MAX_MODULE_LINES} == {}

@@ -108,7 +108,7 @@ def test_moved_tied_embedding_is_served(setup):
 
 
 def test_unknown_transport_is_refused():
-    from justrl.weight_sync.sync import make_transport
+    from justrl.weight_sync.registry import make_transport
 
     with pytest.raises(ValueError, match=r"rollout.weight_sync must be one of \['files', 'nccl'\], got 'rdma'"):
         make_transport("rdma")
@@ -121,7 +121,7 @@ def test_nccl_transport_matches_the_file_transport(random_tiny_model_dir, tmp_pa
     check must pass, and the engine must serve what a file reload of the same weights serves."""
     from transformers import AutoTokenizer
 
-    from justrl.weight_sync.sync import engine_args_for
+    from justrl.weight_sync.registry import engine_args_for
 
     cfg = compose(["experiment=tiny", f"model.path={random_tiny_model_dir}", "rollout.weight_sync=nccl"])
     learner = build_learner(cfg, random_tiny_model_dir)
@@ -145,7 +145,7 @@ def test_nccl_transport_matches_the_file_transport(random_tiny_model_dir, tmp_pa
 
 def test_config_keys_are_checked_at_start_up():
     from justrl.config import WEIGHT_SYNC_TRANSPORTS, ConfigError
-    from justrl.weight_sync.sync import TRANSPORTS
+    from justrl.weight_sync.registry import TRANSPORTS
 
     assert WEIGHT_SYNC_TRANSPORTS == TRANSPORTS
     with pytest.raises(ConfigError) as error:

@@ -26,7 +26,6 @@ that checkpoint because it runs in the same output directory.
 """
 from __future__ import annotations
 
-import json
 import logging
 import os
 import socket
@@ -41,24 +40,6 @@ from justrl.cluster.placement import (EnginePlacement, allocation_nodes, colocat
                               rendezvous_host, rendezvous_port)
 
 log = logging.getLogger(__name__)
-
-# The start-up line of each learner rank (see report_learner_rank).
-LEARNER_LOG_PREFIX = "justrl-learner: "
-
-
-def report_learner_rank(rank: int, world_size: int, local_rank: int, compute: str, gpu: str | None = None,
-                        partner: str | None = None) -> None:
-    """One line per learner rank at start-up, `justrl-learner: {json}` on stdout (the task's
-    log, before any logging is set up): where it runs and the devices it sees, read from its
-    own environment, and what it computes on; `gpu`: the CUDA_VISIBLE_DEVICES entry it trains
-    on; `partner`: colocated, the engine planned on that GPU."""
-    print(LEARNER_LOG_PREFIX + json.dumps({
-        "rank": rank, "world_size": world_size, "local_rank": local_rank, "hostname": socket.gethostname(),
-        "slurm_node": os.environ.get("SLURMD_NODENAME"), "slurm_job": os.environ.get("SLURM_JOB_ID"),
-        "job_nodelist": os.environ.get("SLURM_JOB_NODELIST"),
-        "slurm_step": os.environ.get("SLURM_STEP_ID"), "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),
-        "gpu": gpu, "partner_engine": partner, "compute": compute}, sort_keys=True), flush=True)
-
 
 def learner_gpu(cluster, rollout, local_rank: int) -> tuple[str | None, str | None]:
     """(the CUDA_VISIBLE_DEVICES entry this learner task trains on, the engine planned on it when
@@ -79,12 +60,11 @@ def learner_gpu(cluster, rollout, local_rank: int) -> tuple[str | None, str | No
 
 
 def init_distributed_from_slurm(cluster, rollout) -> int | None:
-    """torch.distributed over the job's learner tasks (env:// with Slurm's ranks); returns this
-    task's learner rank, None for a task that is not a learner (it should exit)."""
+    """torch.distributed over the job's learner tasks (justrl.cluster.startup, with Slurm's ranks);
+    returns this task's learner rank, None for a task that is not a learner (it should exit)."""
     import torch
 
-    from justrl.cluster.dist_groups import init_process_groups
-    from justrl.rollout.launch import visible_devices
+    from justrl.cluster.startup import start_learner_rank
 
     procid, ntasks = int(os.environ["SLURM_PROCID"]), int(os.environ["SLURM_NTASKS"])
     local_rank = int(os.environ["SLURM_LOCALID"])
@@ -94,27 +74,17 @@ def init_distributed_from_slurm(cluster, rollout) -> int | None:
         print(f"justrl: task {procid} of {ntasks} on {socket.gethostname()} is not a learner rank (the learner "
               f"has {learner_world_size(cluster)}): exiting", flush=True)
         return None
-    world_size = learner_world_size(cluster)
-    cuda = torch.cuda.is_available()
-    if cuda:
-        index = learner_device_index(visible_devices(os.environ), local_rank)
-        torch.cuda.set_device(index)
-        compute = f"cuda:{index}"
-    elif visible is not None and cluster.gpus_per_node:
+    cpu_compute = "the CPU over gloo"
+    if not torch.cuda.is_available() and visible is not None and cluster.gpus_per_node:
         if not emulated_gpus():  # the preflight says so first; this guards cluster.preflight=false
             raise ConfigError(no_cuda_message(os.environ.get("SLURMD_NODENAME", socket.gethostname()), cuda_facts(),
                                               len([d for d in visible.split(",") if d.strip()])))
-        compute = "the CPU over gloo (emulated GPUs: JUSTRL_EMULATED_GPUS=1, torch.cuda is unavailable)"
-    else:
-        compute = "the CPU over gloo"
+        cpu_compute = "the CPU over gloo (emulated GPUs: JUSTRL_EMULATED_GPUS=1, torch.cuda is unavailable)"
     gpu, partner = learner_gpu(cluster, rollout, local_rank)
-    report_learner_rank(rank, world_size, local_rank, compute, gpu, partner)
-    if world_size == 1:
-        return rank
-    os.environ.update(MASTER_ADDR=rendezvous_host(allocation_nodes()),
-                      MASTER_PORT=str(rendezvous_port(os.environ["SLURM_JOB_ID"])),
-                      RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(local_rank))
-    init_process_groups("nccl" if cuda else "gloo", cluster.dist_timeout_s)
+    world_size = learner_world_size(cluster)
+    master = ((rendezvous_host(allocation_nodes()), rendezvous_port(os.environ["SLURM_JOB_ID"])) if world_size > 1
+              else ("", 0))  # one rank: no process group
+    start_learner_rank(rank, world_size, local_rank, *master, cluster.dist_timeout_s, cpu_compute, gpu, partner)
     return rank
 
 

@@ -13,8 +13,10 @@ next epoch is a new permutation seeded by (seed, epoch).
 from __future__ import annotations
 
 import logging
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
 log = logging.getLogger(__name__)
 
@@ -30,6 +32,8 @@ class PromptSampler:
         self._order = self._permutation(0)
 
     def _permutation(self, epoch: int) -> torch.Tensor:
+        import torch  # here, not at import: justrl.config reads justrl.data's names on a login node
+
         generator = torch.Generator().manual_seed(self.seed + epoch * 1_000_003)
         return torch.randperm(self.num_items, generator=generator)
 

@@ -154,7 +154,7 @@ def run_evaluation(cfg: DictConfig) -> dict:
     from justrl.data import BENCHMARKS, build_prompts, load_benchmark, render_prompt
     from justrl.eval.sampling import EvalItem, problem_seed, sample_and_grade, summarize
     from justrl.reward import ScorerPool
-    from justrl.rollout.engine import EngineSpec, build_engines
+    from justrl.rollout.engine import build_engines, engine_spec
     from justrl.rollout.client import SamplingSettings
     from justrl.model.sources import resolve_eval_model
     from justrl.cluster.placement import EnginePlacement, gpu_groups
@@ -172,10 +172,8 @@ def run_evaluation(cfg: DictConfig) -> dict:
     tp = cfg.engine.tensor_parallel_size
     placements = ([EnginePlacement(None, g) for g in gpu_groups(list(range(cfg.engine.gpus)), tp)] if cfg.engine.gpus
                   else [EnginePlacement(None) for _ in range(cfg.engine.count)])
-    spec = EngineSpec(max_model_len=cfg.max_prompt_length + cfg.max_new_tokens, dtype=cfg.engine.dtype, seed=cfg.seed,
-                      tensor_parallel_size=tp, gpu_memory_utilization=cfg.engine.gpu_memory_utilization,
-                      cpu_kv_cache_gb=cfg.engine.cpu_kv_cache_gb, extra_args=tuple(cfg.engine.engine_args),
-                      startup_timeout_s=cfg.engine.startup_timeout_s, request_timeout_s=cfg.engine.request_timeout_s)
+    spec = engine_spec(cfg.engine, max_model_len=cfg.max_prompt_length + cfg.max_new_tokens, seed=cfg.seed,
+                       tensor_parallel_size=tp)
     engines = build_engines(placements, spec, out_dir / "engines")
     fleet = RolloutFleet(engines, model_dir)
     grader = ScorerPool("grader", cfg.grader.num_workers, cfg.grader.timeout_s)

@@ -88,7 +88,7 @@ def judge_rejected(cfg: DictConfig, records: dict[str, list[list]], questions: d
     """Set `judge` on every rejected, not yet judged sample that fits the judge's context."""
     from transformers import AutoTokenizer
 
-    from justrl.rollout.engine import EngineSpec, build_engines
+    from justrl.rollout.engine import build_engines, engine_spec
     from justrl.rollout.client import SamplingSettings
     from justrl.model.sources import resolve_eval_model
     from justrl.cluster.placement import EnginePlacement
@@ -123,10 +123,8 @@ def judge_rejected(cfg: DictConfig, records: dict[str, list[list]], questions: d
     if not prompts:
         return count
     longest = max(len(p) for p in prompts)
-    spec = EngineSpec(max_model_len=longest + cfg.judge.max_new_tokens, dtype=cfg.judge.dtype, seed=cfg.seed,
-                      gpu_memory_utilization=cfg.engine.gpu_memory_utilization,
-                      cpu_kv_cache_gb=cfg.engine.cpu_kv_cache_gb, startup_timeout_s=cfg.engine.startup_timeout_s,
-                      request_timeout_s=cfg.engine.request_timeout_s)
+    spec = engine_spec(cfg.engine, max_model_len=longest + cfg.judge.max_new_tokens, seed=cfg.seed,
+                       dtype=cfg.judge.dtype, tensor_parallel_size=1, extra_args=())
     placement = EnginePlacement(None, tuple(range(cfg.engine.gpus and 1)))  # one GPU, or the CPU
     fleet = RolloutFleet(build_engines([placement], spec, out_dir / "engines", names=["judge"]), model_dir)
     greedy = SamplingSettings(n=1, temperature=0.0, top_p=1.0, top_k=-1, max_tokens=cfg.judge.max_new_tokens)

@@ -150,6 +150,18 @@ class EngineSpec:
     `engine_cpu_shares`); empty: vLLM's own choice."""
 
 
+def engine_spec(engine, *, max_model_len: int, seed: int, **overrides) -> EngineSpec:
+    """The one way an `EngineSpec` is made from config: `engine` is the section of
+    justrl.config.ENGINE_KEYS (training's `rollout`, evaluation's `engine`); `overrides` set what
+    the caller decides (dtype for the judge, the extra arguments of a weight transport...)."""
+    fields = dict(dtype=engine.dtype, tensor_parallel_size=engine.tensor_parallel_size,
+                  gpu_memory_utilization=engine.gpu_memory_utilization, cpu_kv_cache_gb=engine.cpu_kv_cache_gb,
+                  extra_args=tuple(engine.engine_args), startup_timeout_s=engine.startup_timeout_s,
+                  request_timeout_s=engine.request_timeout_s)
+    fields.update(overrides)
+    return EngineSpec(max_model_len=max_model_len, seed=seed, **fields)
+
+
 class EngineProcess:
     """One vLLM server process that justrl starts, stops, freezes and restarts: a subprocess of
     this machine, or, when `spec.node` is set, an `srun --overlap` step of the current Slurm job on

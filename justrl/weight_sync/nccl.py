@@ -6,11 +6,14 @@ import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import requests
-import torch
 
 from justrl.weight_sync.base import EnginePushError, Transport, WeightSyncError
+
+if TYPE_CHECKING:
+    import torch
 
 log = logging.getLogger(__name__)
 
@@ -90,10 +93,13 @@ class NcclTransport(Transport):
         """The weights were cast (`_learner_hf_state`, a Megatron gather) on the current stream;
         vLLM's producer packs them on its own streams (packed_tensor.py ~180), which do not wait
         for the current one: without this the broadcast can read half-cast tensors."""
+        import torch
+
         torch.cuda.current_stream().synchronize()
 
     def _send(self, state: dict[str, torch.Tensor], names: list[str]) -> None:
         """The broadcast (learner rank 0 is NCCL rank 0)."""
+        import torch
         from vllm.distributed.weight_transfer.packed_tensor import packed_nccl_broadcast_producer
 
         device = torch.device("cuda", torch.cuda.current_device())
