@@ -3,6 +3,7 @@ event file, the train.log and the progress bar (`StepLog`)."""
 from __future__ import annotations
 
 import logging
+import os
 import time
 from contextlib import contextmanager
 
@@ -62,14 +63,16 @@ class StepLog:
     progress bar, and the counters a checkpoint keeps (total tokens, the run's faults)."""
 
     def __init__(self, run_dir, run_name: str, start_step: int, total_steps: int, counters: dict,
-                 resumed: bool, fleet):
+                 resumed: bool, fleet, faults_path):
         from tqdm import tqdm
 
-        self.fleet, self.counters = fleet, counters
+        self.fleet, self.counters, self.faults_path = fleet, counters, faults_path
         self.tb = ScalarLog(run_dir, resume_step=start_step if resumed else None)
-        self.faults = RunFaults.from_state(counters.get("faults"))
+        self.faults = RunFaults.load(faults_path, counters.get("faults")) if resumed else RunFaults()
         if resumed:
-            self.faults.resumed(start_step, self.tb.last_step_before)
+            # Slurm counts the job's requeues (scontrol's, submitit's); a new job starts at 0
+            requeued = int(os.environ.get("SLURM_RESTART_COUNT") or 0) > 0
+            self.faults.resumed(start_step, self.tb.last_step_before, requeued)
             last = self.tb.last_step_before
             if last and last > start_step:
                 logging.getLogger("justrl").warning(
@@ -83,6 +86,7 @@ class StepLog:
         fleet = self.fleet
         totals = self.faults.totals(fleet.restarts, fleet.hung, len(fleet.lost))
         self.counters["faults"] = totals.state()
+        totals.write(self.faults_path)
         return totals
 
     def scalars(self, step: int, metrics: dict[str, float]) -> None:

@@ -47,7 +47,7 @@ from justrl.model.sources import resolve_model_path
 from justrl.rollout.auth import job_secret
 from justrl.rollout.fleet import AllEnginesLost
 from justrl.rollout.phases import EnginePhases
-from justrl.run_summary import summary
+from justrl.run_summary import FAULTS_FILE, summary
 from justrl.step_log import STEP_LOGGER, StepLog, StepTimer
 from justrl.tb import EVENT_FILE_NAME
 from justrl.weight_sync.sync import WeightSync, version_dir
@@ -245,7 +245,8 @@ def _train(cfg: DictConfig, engine_placements: list[EnginePlacement] | None) -> 
             record_run_config(run, cfg, resume)
             run.adopt_legacy_event_file(EVENT_FILE_NAME)
             steps = StepLog(run.tensorboard, t.run_name, start_step, total_steps, state.counters,
-                            resumed=resume is not None, fleet=controller.fleet)
+                            resumed=resume is not None, fleet=controller.fleet,
+                            faults_path=run.root / FAULTS_FILE)
             cleanup.callback(steps.close)
             starting.result()  # the engines serve
         total_steps = _broadcast(total_steps)

@@ -230,3 +230,4 @@ def test_lost_engines_are_dropped_and_the_last_one_lost_stops_the_fleet(fleet, c
     with pytest.raises(AllEnginesLost, match=r"every rollout engine is lost: engine0 failed 2 times(.|\n)*"
                                               r"engine1 was dropped earlier: 2 failed start"):
         fleet.generate(PROMPTS[:4], KILL_SETTINGS[:4], SEEDS[:4])
+    assert list(fleet.lost) == ["engine1", "engine0"] and fleet.live_engines == []  # both count as lost

@@ -117,3 +117,28 @@ def test_one_node_marked_by_slurm_is_enough():
     states = {"a": "down* (Not responding)", "b": "allocated"}
     assert wait_until_marked(["b", "a"], 5, states=lambda nodes: states, poll_s=0) == ["a"]
     assert wait_until_marked(["b"], 0, states=lambda nodes: states, poll_s=0) == []
+
+
+def test_every_engine_node_lost_waits_for_all_their_marks():
+    """After every engine is lost, rank 0 requeues once Slurm has marked every engine node (a job
+    requeued before the mark can be given the dead node again): `every` waits for the last mark,
+    and gives the marked ones at its bound."""
+    from justrl.cluster.requeue import wait_until_marked
+
+    seen = iter([{"a": "down*", "b": "allocated"}, {"a": "down*", "b": "allocated"}, {"a": "down*", "b": "down*"}])
+    polls = []
+
+    def states(nodes):
+        polls.append(nodes)
+        return next(seen)
+
+    assert wait_until_marked(["a", "b"], 30, states=states, poll_s=0, every=True) == ["a", "b"] and len(polls) == 3
+    still = {"a": "down*", "b": "allocated"}
+    assert wait_until_marked(["a", "b"], 0, states=lambda nodes: still, poll_s=0, every=True) == ["a"]
+    # not responding (`*`) is not yet down: Slurm has not removed the node from the job then
+    from justrl.cluster.requeue import state_says_down
+
+    late = {"a": "allocated*", "b": "down* (Not responding)"}
+    assert wait_until_marked(["a", "b"], 0, states=lambda nodes: late, poll_s=0, failed=state_says_down) == ["b"]
+    assert [s for s in ("down*", "down", "fail", "idle*", "mixed*", "allocated") if state_says_down(s)] == \
+        ["down*", "down", "fail"]

@@ -23,7 +23,7 @@ REQUIRED_TAGS = [
     "val/toy_scratchpad/accuracy", "val/toy_scratchpad/accuracy_grader", "reward/verifier_disagreement", "reward/strict_format",
     "perf/time_rollout", "perf/time_reward", "perf/time_train", "perf/time_sync", "perf/tokens_per_second",
     "perf/total_tokens", "faults/engine_restarts", "faults/hung_engines", "faults/resumes", "faults/steps_redone",
-    "faults/engines_lost", "rollout/engines_alive",
+    "faults/engines_lost", "faults/requeues", "rollout/engines_alive",
 ]
 
 

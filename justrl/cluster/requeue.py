@@ -52,6 +52,12 @@ def state_says_failed(state: str) -> bool:
     return word.endswith("*") or word.rstrip("*~#!%$@^-") in ("down", "fail", "failing", "unknown")
 
 
+def state_says_down(state: str) -> bool:
+    """Slurm has set the node down (not only "not responding", `*`): with --no-kill it has then
+    removed the node from the job and killed the job's steps there."""
+    return state.split(" ")[0].lower().rstrip("*~#!%$@^-") in ("down", "fail", "failing")
+
+
 def probe(node: str, job: str, timeout_s: float = PROBE_TIMEOUT_S) -> str | None:
     """None if `node` runs a one-task step of `job`; else what went wrong (one line)."""
     cmd = ["srun", f"--jobid={job}", "--overlap", "--nodes=1", "--ntasks=1", f"--nodelist={node}", "--mem=0",
@@ -103,16 +109,17 @@ def requeue_job(reason: str, max_requeues: int, env: Mapping[str, str] = os.envi
 
 
 def wait_until_marked(nodes: list[str], timeout_s: float,
-                      states: Callable[[list[str]], dict[str, str]] = node_states, poll_s: float = 5.0) -> list[str]:
-    """The nodes of `nodes` whose Slurm state says failed, as soon as one does (or none after
-    `timeout_s`). Not all of them: once a node of the job is gone, Slurm 22.05 refuses further
-    steps of the resized job on the others too ("Expired or invalid job", seen on the emulated
-    cluster), so their probes fail without their being lost."""
+                      states: Callable[[list[str]], dict[str, str]] = node_states, poll_s: float = 5.0,
+                      every: bool = False, failed: Callable[[str], bool] = state_says_failed) -> list[str]:
+    """The nodes of `nodes` whose Slurm state says `failed`, as soon as one does (`every`: once
+    all do), or those that do after `timeout_s`. Not all of them by default: once a node of the job
+    is gone, Slurm 22.05 refuses further steps of the resized job on the others too ("Expired or
+    invalid job", seen on the emulated cluster), so their probes fail without their being lost."""
     deadline = time.monotonic() + timeout_s
     while True:
         known = states(nodes)
-        marked = [n for n in nodes if state_says_failed(known.get(n, ""))]
-        if marked or time.monotonic() > deadline:
+        marked = [n for n in nodes if failed(known.get(n, ""))]
+        if (len(marked) == len(nodes) if every else marked) or time.monotonic() > deadline:
             return marked
         time.sleep(poll_s)
 

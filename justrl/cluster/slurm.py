@@ -88,6 +88,15 @@ def init_distributed_from_slurm(cluster, rollout) -> int | None:
     return rank
 
 
+def _barrier_if_distributed() -> None:
+    import torch.distributed as dist
+
+    from justrl.cluster.dist_groups import control_group
+
+    if dist.is_initialized():
+        dist.barrier(group=control_group())
+
+
 BATCH_SCRIPT_HANDLES_FAILURE = "JUSTRL_BATCH_SCRIPT_REQUEUES"
 """Set to 1 by slurm/train.sbatch, which asks `python -m justrl.cluster.requeue` after the learner's step."""
 
@@ -118,7 +127,19 @@ def run_in_allocation(cfg: DictConfig) -> None:
                                       for p in placements])
     except AllEnginesLost as exc:  # the trainer has checkpointed every finished step
         if rank == 0:
-            requeue_job(f"every rollout engine is lost ({str(exc).splitlines()[0]})", cfg.cluster.max_requeues)
+            # Requeue once Slurm has set the engines' other nodes down (or SlurmdTimeout + 60 s
+            # passed: engines lost for another reason). Requeued while a node was only "not
+            # responding", the job kept it, and Slurm 22.05 then miscounted the requeued job's GPUs
+            # ("node offset invalid", its first step refused; seen on the emulated cluster).
+            from justrl.cluster.requeue import slurmd_timeout_s, state_says_down, wait_until_marked
+
+            others = sorted({p.node for p in placements if p.node and p.node != here})
+            down = (wait_until_marked(others, slurmd_timeout_s() + 60, every=True, failed=state_says_down)
+                    if others else [])
+            requeue_job(f"every rollout engine is lost ({str(exc).splitlines()[0]})"
+                        + (f"; Slurm set {', '.join(down)} down" if down else ""), cfg.cluster.max_requeues)
+        # the other ranks wait for rank 0's requeue: their exit would make srun (--kill-on-bad-exit) end it
+        _barrier_if_distributed()
         raise
     except Exception:
         # Under submitit (no batch script of ours to ask after the step): a learner rank's error

@@ -87,14 +87,16 @@ class RolloutFleet:
         return [e for e in self.engines if e.name not in self.lost]
 
     def _drop(self, engine: EngineProcess, failures: int, error: Exception) -> None:
-        """Leave `engine` out from now on, or raise AllEnginesLost if it was the last one."""
-        if len(self.live_engines) <= 1:
-            raise AllEnginesLost(f"every rollout engine is lost: {self._give_up(engine, failures, error)}"
-                                 + "".join(f"\n{name} was dropped earlier: {why}" for name, why in self.lost.items()))
+        """Leave `engine` out from now on, or raise AllEnginesLost if it was the last one (it is
+        counted in `lost` too: the run's fault totals count every engine it lost)."""
         lines = [line.strip() for line in str(error).splitlines() if line.strip()] or ["?"]
         # the error's first line, and its last (a start's error ends with the log's tail: srun's cause)
         why = f"{failures} failed start(s) in a row (rollout.max_restarts={self.max_restarts}): " + \
             (lines[0] if len(lines) == 1 else f"{lines[0]} ... {lines[-1]}")
+        if len(self.live_engines) <= 1:
+            earlier = "".join(f"\n{name} was dropped earlier: {why}" for name, why in self.lost.items())
+            self.lost[engine.name] = why
+            raise AllEnginesLost(f"every rollout engine is lost: {self._give_up(engine, failures, error)}{earlier}")
         self.lost[engine.name] = why
         node = engine.spec.node or "this machine"
         log.warning("%s on %s dropped after %s; the run goes on with %d of %d engines (log %s)", engine.name, node,
