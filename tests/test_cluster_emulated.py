@@ -21,6 +21,7 @@ is a failure. Start it with `bash slurm/setup_emulated_cluster.sh 2 4` (root).
 import json
 import os
 import re
+import signal
 import socket
 import subprocess
 import sys
@@ -500,3 +501,79 @@ def test_sbatch_every_engine_lost_checkpoints_requeues_and_resumes(emu, random_t
                     "steps_redone": (steps, 0.0)}, last
     assert scalars["faults/engine_restarts"][-1][1] >= 2  # the lost start's failed restarts, from faults.json
     assert re.search(r"Slurm requeues of the job +1$", out, re.M) and latest.read_text().strip() == f"step_{steps:06d}"
+
+
+def _engine_core_of(node: str, port: int) -> int:
+    """The pid of the `VLLM::EngineCore` process of the engine serving `port` on `node` (its API
+    server's child; vLLM sets that title)."""
+    pids = subprocess.run(["ip", "netns", "pids", f"emu-{node}"], check=True, capture_output=True,
+                          text=True).stdout.split()
+    for pid in pids:
+        try:
+            title = Path(f"/proc/{pid}/cmdline").read_bytes()
+            parent = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1]
+            server = Path(f"/proc/{parent}/cmdline").read_bytes()
+        except OSError:
+            continue
+        if title.startswith(b"VLLM::EngineCore") and b"\0--port\0%d\0" % port in server:
+            return int(pid)
+    raise AssertionError(f"no VLLM::EngineCore of port {port} on {node}")
+
+
+def _requests_running(url: str, secret: str) -> float:
+    import requests
+
+    session = requests.Session()
+    session.trust_env = False
+    text = session.get(f"{url}/metrics", headers={"Authorization": f"Bearer {secret}"}, timeout=10).text
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+               if line.startswith("vllm:num_requests_running"))
+
+
+@pytest.mark.timeout(2400)  # a 2-node job with 2 vLLM start-ups, the stall, one restart
+def test_sbatch_a_stopped_remote_engine_core_is_caught_by_progress(emu, random_tiny_model_dir, tmp_path):
+    """SIGSTOP of a remote engine's `VLLM::EngineCore` while it generates (issue 25: the shape of a
+    GPU hang; vLLM's /health still answers): after rollout.stall_timeout_s without a completed
+    request it is declared hung, its requests go to the other engine, its step is ended on its node
+    and it is started again there; the run trains to the end, each step once, not requeued."""
+    run, steps, stall = tmp_path / "run", 4, 20
+    job_id = subprocess.run(
+        ["sbatch", "--parsable", "--nodes=2", f"--gpus-per-node={GPUS}", "-J", "justrl-emu-hung",
+         f"--output={tmp_path / 'slurm.out'}", str(REPO / "slurm" / "train.sbatch"),
+         *[a for a in SHAPE if not a.startswith(("cluster=", "cluster.nodes", "cluster.gpus_per_node"))],
+         f"model.path={random_tiny_model_dir}", f"trainer.total_steps={steps}", "trainer.save_every=1",
+         f"rollout.stall_timeout_s={stall}", f"trainer.output_dir={run}"],
+        cwd=REPO, env=emu, check=True, capture_output=True, text=True).stdout.strip().split(";")[0]
+    deadline = time.monotonic() + 1200
+    while not (run / "checkpoints" / "latest").exists():  # step 1 done: the next generation follows
+        if time.monotonic() > deadline:
+            subprocess.run(["scancel", job_id], env=emu)
+            pytest.fail(f"no checkpoint after 1200 s\n{_sbatch_out(tmp_path)[-4000:]}")
+        time.sleep(0.2)
+    nodes = subprocess.run(["scontrol", "show", "hostnames", _scontrol(emu, job_id).split(" NodeList=", 1)[1].split()[0]],
+                           env=emu, capture_output=True, text=True).stdout.split()
+    url, secret = f"http://{socket.gethostbyname(nodes[1])}:8101", (run / "engine_secret").read_text().split()[1]
+    core = _engine_core_of(nodes[1], 8101)  # engine1
+    while _requests_running(url, secret) == 0:  # stop it while it holds requests
+        assert time.monotonic() < deadline, "engine1 never held a request"
+        time.sleep(0.05)
+    os.kill(core, signal.SIGSTOP)
+    import requests
+
+    session = requests.Session()
+    session.trust_env = False
+    assert session.get(f"{url}/health", headers={"Authorization": f"Bearer {secret}"}, timeout=10).status_code == 200
+    state = _wait_done(emu, job_id, 1200, lambda: _sbatch_out(tmp_path)[-4000:])
+    out, train_log = _sbatch_out(tmp_path), (run / "train.log").read_text()
+    assert state == "COMPLETED", out[-4000:]
+    assert "Restarts=0" in _scontrol(emu, job_id) and out.rstrip().endswith("learner exit status 0")
+    hung = re.findall(rf"WARNING justrl\.rollout\.fleet: engine1 on {nodes[1]} is hung: .* completed none for "
+                      rf"(\d+) s \(rollout\.stall_timeout_s={stall}; engine0 completed", train_log)
+    assert len(hung) == 1 and int(hung[0]) >= stall, train_log[-4000:]  # one warning; then "engine1 failed (...)"
+    assert not Path(f"/proc/{core}").exists()  # its step was ended on its node
+    starts = [s for s in _lines((run / "engines" / "engine1.log").read_text(), "justrl-engine")
+              if s["slurm_job"] == job_id]
+    assert len(starts) == 2 and {s["hostname"] for s in starts} == {nodes[1]}  # restarted on its node
+    scalars = read_scalars(run)
+    assert [s for s, _ in scalars["reward/mean"]] == list(range(1, steps + 1))
+    assert scalars["faults/hung_engines"][-1] == (steps, 1.0) and scalars["faults/engine_restarts"][-1] == (steps, 1.0)
