@@ -449,6 +449,48 @@ def test_sbatch_a_lost_engine_node_leaves_the_run_to_the_other_engines(emu, rand
     assert re.search(r"engines dropped \(restarts failed\) +2$", out, re.M)  # the end-of-run fault table
 
 
+def _lose_node_until_requeued(env: dict, job_id: str, run: Path, tmp_path: Path, index: int) -> tuple[list[str], str]:
+    """Once the run's first checkpoint is written, kill the job's node `index` (of 2) and wait
+    until the job is requeued (PENDING: it waits for two nodes); bring the node back 30 s later
+    and wait for the job to end. Returns (the job's nodes, its final state)."""
+    deadline = time.monotonic() + 1200
+    while not (run / "checkpoints" / "latest").exists():
+        if time.monotonic() > deadline:
+            subprocess.run(["scancel", job_id], env=env)
+            pytest.fail(f"no checkpoint after 1200 s\n{_sbatch_out(tmp_path)[-4000:]}")
+        time.sleep(0.5)
+    nodes = subprocess.run(["scontrol", "show", "hostnames", _scontrol(env, job_id).split(" NodeList=", 1)[1].split()[0]],
+                           env=env, capture_output=True, text=True).stdout.split()
+    assert len(nodes) == 2, nodes
+    try:
+        assert _kill_node(nodes[index]), f"no process in {nodes[index]}'s namespace"
+        deadline = time.monotonic() + 900
+        while "JobState=PENDING" not in _scontrol(env, job_id):  # requeued, waiting for 2 nodes
+            if time.monotonic() > deadline or "JobState=COMPLETED" in _scontrol(env, job_id):
+                subprocess.run(["scancel", job_id], env=env)
+                pytest.fail(f"job {job_id} not requeued\n{_sbatch_out(tmp_path)[-4000:]}")
+            time.sleep(1)
+        # Bring the node back a while after the requeue: revived 5 s after it, the restarted job's
+        # steps on it were cancelled once (Slurm 22.05 on this cluster; docs/faults.md).
+        time.sleep(30)
+    finally:
+        _revive_node(nodes[index], env)
+    return nodes, _wait_done(env, job_id, 1200, lambda: _sbatch_out(tmp_path)[-4000:])
+
+
+def _check_resumed(run: Path, out: str, job_id: str, steps: int) -> dict:
+    """The requeued start resumed from the checkpoint and the run trained every step once; returns
+    the last faults/* totals."""
+    train_log = (run / "train.log").read_text()
+    assert f"justrl: job {job_id} (restart 1)" in out and out.rstrip().endswith("learner exit status 0"), out[-4000:]
+    assert re.search(r"resuming from \S+step_000002 \(step 2\)", train_log), train_log[-3000:]
+    scalars = read_scalars(run)
+    assert [s for s, _ in scalars["reward/mean"]] == list(range(1, steps + 1))  # every step once
+    assert re.search(r"Slurm requeues of the job +1$", out, re.M)
+    assert (run / "checkpoints" / "latest").read_text().strip() == f"step_{steps:06d}"
+    return {tag[len("faults/"):]: scalars[tag][-1] for tag in scalars if tag.startswith("faults/")}
+
+
 @pytest.mark.timeout(2400)  # two starts of a 2-node job, SlurmdTimeout, the failed restarts
 def test_sbatch_every_engine_lost_checkpoints_requeues_and_resumes(emu, random_tiny_model_dir, tmp_path):
     """The engine node (every engine of the run) killed mid-step: the engines' restarts fail, the
@@ -463,44 +505,16 @@ def test_sbatch_every_engine_lost_checkpoints_requeues_and_resumes(emu, random_t
          f"model.path={random_tiny_model_dir}", f"trainer.total_steps={steps}", "trainer.save_every=2",
          f"trainer.output_dir={run}"],
         cwd=REPO, env=emu, check=True, capture_output=True, text=True).stdout.strip().split(";")[0]
-    latest = run / "checkpoints" / "latest"
-    deadline = time.monotonic() + 1200
-    while not latest.exists():
-        if time.monotonic() > deadline:
-            subprocess.run(["scancel", job_id], env=emu)
-            pytest.fail(f"no checkpoint after 1200 s\n{_sbatch_out(tmp_path)[-4000:]}")
-        time.sleep(0.5)
-    nodes = subprocess.run(["scontrol", "show", "hostnames", _scontrol(emu, job_id).split(" NodeList=", 1)[1].split()[0]],
-                           env=emu, capture_output=True, text=True).stdout.split()
-    assert len(nodes) == 2, nodes
-    try:
-        assert _kill_node(nodes[1]), f"no process in {nodes[1]}'s namespace"
-        deadline = time.monotonic() + 900
-        while "JobState=PENDING" not in _scontrol(emu, job_id):  # requeued, waiting for 2 nodes
-            if time.monotonic() > deadline or "JobState=COMPLETED" in _scontrol(emu, job_id):
-                subprocess.run(["scancel", job_id], env=emu)
-                pytest.fail(f"job {job_id} not requeued\n{_sbatch_out(tmp_path)[-4000:]}")
-            time.sleep(1)
-        # Bring the node back a while after the requeue: revived 5 s after it, the restarted job's
-        # steps on it were cancelled once (Slurm 22.05 on this cluster; docs/faults.md).
-        time.sleep(30)
-    finally:
-        _revive_node(nodes[1], emu)
-    state = _wait_done(emu, job_id, 1200, lambda: _sbatch_out(tmp_path)[-4000:])
-    out, train_log = _sbatch_out(tmp_path), (run / "train.log").read_text()
+    nodes, state = _lose_node_until_requeued(emu, job_id, run, tmp_path, 1)
+    out = _sbatch_out(tmp_path)
     assert state == "COMPLETED", out[-4000:]
     assert "Restarts=1" in _scontrol(emu, job_id), out[-4000:]
     assert re.search(rf"every rollout engine is lost .*; Slurm set {nodes[1]} down; requeueing job {job_id} "
                      rf"\(restart 1 of at most \d+\)", out), out[-4000:]
-    assert f"justrl: job {job_id} (restart 1)" in out and out.rstrip().endswith("learner exit status 0")
-    assert re.search(r"resuming from \S+step_000002 \(step 2\)", train_log), train_log[-3000:]
-    scalars = read_scalars(run)
-    assert [s for s, _ in scalars["reward/mean"]] == list(range(1, steps + 1))  # every step once
-    last = {tag: scalars[f"faults/{tag}"][-1] for tag in ("requeues", "resumes", "engines_lost", "steps_redone")}
-    assert last == {"requeues": (steps, 1.0), "resumes": (steps, 1.0), "engines_lost": (steps, 2.0),
-                    "steps_redone": (steps, 0.0)}, last
-    assert scalars["faults/engine_restarts"][-1][1] >= 2  # the lost start's failed restarts, from faults.json
-    assert re.search(r"Slurm requeues of the job +1$", out, re.M) and latest.read_text().strip() == f"step_{steps:06d}"
+    last = _check_resumed(run, out, job_id, steps)
+    assert {tag: last[tag] for tag in ("requeues", "resumes", "engines_lost", "steps_redone")} == {
+        "requeues": (steps, 1.0), "resumes": (steps, 1.0), "engines_lost": (steps, 2.0), "steps_redone": (steps, 0.0)}
+    assert last["engine_restarts"][1] >= 2  # the lost start's failed restarts, from faults.json
 
 
 def _engine_core_of(node: str, port: int) -> int:
@@ -577,3 +591,55 @@ def test_sbatch_a_stopped_remote_engine_core_is_caught_by_progress(emu, random_t
     scalars = read_scalars(run)
     assert [s for s, _ in scalars["reward/mean"]] == list(range(1, steps + 1))
     assert scalars["faults/hung_engines"][-1] == (steps, 1.0) and scalars["faults/engine_restarts"][-1] == (steps, 1.0)
+
+
+@pytest.mark.skip(reason="fails (issue 25, open): the requeue works (node 2 set down, job requeued by "
+                  "justrl.cluster.requeue), but the restarted job's learner tasks on the revived node 2 were "
+                  "SIGTERMed about 27 s into the start (slurmd: task died by signal 15; no slurmctld line), "
+                  "so the run did not finish; not understood yet")
+@pytest.mark.timeout(2400)  # two starts of a 2-node job, SlurmdTimeout
+def test_sbatch_a_lost_learner_node_requeues_and_resumes(emu, random_tiny_model_dir, tmp_path):
+    """Colocated (the recipe's placement: learner ranks on every node), node 2 (not the batch
+    host) killed mid-run: the learner's step fails, train.sbatch's `python -m justrl.cluster.requeue`
+    finds node 2 lost (its probe fails, then Slurm sets it down) and requeues the job; once the
+    node is back it resumes from the checkpoint and trains to the end, each step logged once."""
+    run, steps = tmp_path / "run", 4
+    job_id = subprocess.run(
+        ["sbatch", "--parsable", "--nodes=2", f"--gpus-per-node={GPUS}", "-J", "justrl-emu-lost-learner",
+         f"--output={tmp_path / 'slurm.out'}", str(REPO / "slurm" / "train.sbatch"), "experiment=tiny",
+         "cluster.cpus_per_task=2", f"rollout.tensor_parallel_size={GPUS}", "trainer.val_every=0",
+         "trainer.val_before_train=false", f"model.path={random_tiny_model_dir}", f"trainer.total_steps={steps}",
+         "trainer.save_every=2", f"trainer.output_dir={run}"],
+        cwd=REPO, env=emu, check=True, capture_output=True, text=True).stdout.strip().split(";")[0]
+    nodes, state = _lose_node_until_requeued(emu, job_id, run, tmp_path, 1)
+    out = _sbatch_out(tmp_path)
+    assert state == "COMPLETED", out[-4000:]
+    assert "Restarts=1" in _scontrol(emu, job_id), out[-4000:]
+    assert re.search(rf"justrl: node\(s\) {nodes[1]} of job {job_id} failed \(Slurm set it down\)", out), out[-4000:]
+    assert re.search(rf"requeueing job {job_id} \(restart 1 of at most \d+\)", out), out[-4000:]
+    last = _check_resumed(run, out, job_id, steps)
+    assert last["requeues"] == (steps, 1.0) and last["resumes"] == (steps, 1.0), last
+
+
+@pytest.mark.skip(reason="fails (issue 25, open): with nothing of justrl's on the other node, Slurm 22.05 keeps the job RUNNING there after its batch host is killed (job 40 on the emulated cluster, 2026-12-06); an earlier watch step on the other node requeued it (jobs 37, 38) and was removed before this was seen")
+@pytest.mark.timeout(2400)  # two starts of a 2-node job, SlurmdTimeout
+def test_sbatch_a_lost_batch_host_is_requeued_by_slurm(emu, random_tiny_model_dir, tmp_path):
+    """Disaggregated, node 1 killed mid-run: the learner's node and the batch host, so the batch
+    script dies with it and nothing of justrl's is left to requeue. Slurm does (the job is
+    submitted with --requeue, its batch step failed with its node): the job starts again once the
+    node is back, resumes from the checkpoint and trains to the end, each step once."""
+    run, steps = tmp_path / "run", 4
+    job_id = subprocess.run(
+        ["sbatch", "--parsable", "--nodes=2", f"--gpus-per-node={GPUS}", "-J", "justrl-emu-lost-batch-host",
+         f"--output={tmp_path / 'slurm.out'}", str(REPO / "slurm" / "train.sbatch"),
+         *[a for a in SHAPE if not a.startswith(("cluster=", "cluster.nodes", "cluster.gpus_per_node"))],
+         f"model.path={random_tiny_model_dir}", f"trainer.total_steps={steps}", "trainer.save_every=2",
+         f"trainer.output_dir={run}"],
+        cwd=REPO, env=emu, check=True, capture_output=True, text=True).stdout.strip().split(";")[0]
+    nodes, state = _lose_node_until_requeued(emu, job_id, run, tmp_path, 0)
+    out = _sbatch_out(tmp_path)
+    assert state == "COMPLETED", out[-4000:]
+    assert "Restarts=1" in _scontrol(emu, job_id), out[-4000:]
+    assert "requeueing job" not in out, out[-4000:]  # not justrl's requeue: its batch script was gone
+    last = _check_resumed(run, out, job_id, steps)
+    assert last["requeues"] == (steps, 1.0) and last["resumes"] == (steps, 1.0), last

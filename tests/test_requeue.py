@@ -44,7 +44,7 @@ def test_no_lost_node_means_no_requeue_and_the_status_is_kept(capsys):
     code = after_learner_failure(7, max_requeues=3, env={"SLURM_JOB_ID": "42"}, nodes=["n1"],
                                  find_lost=lambda nodes, job: {"n1": "a one-task step failed"},
                                  confirmed=lambda nodes: [])
-    assert code == 7 and "not requeued: Slurm did not mark n1 down or not responding" in capsys.readouterr().out
+    assert code == 7 and "not requeued: Slurm did not set n1 down" in capsys.readouterr().out
 
 
 def test_requeue_is_bounded_by_the_restart_count(caplog):
@@ -142,3 +142,10 @@ def test_every_engine_node_lost_waits_for_all_their_marks():
     assert wait_until_marked(["a", "b"], 0, states=lambda nodes: late, poll_s=0, failed=state_says_down) == ["b"]
     assert [s for s in ("down*", "down", "fail", "idle*", "mixed*", "allocated") if state_says_down(s)] == \
         ["down*", "down", "fail"]
+
+
+def test_small_steps_of_the_job_drop_the_batch_scripts_slurm_settings():
+    from justrl.cluster.requeue import step_env
+
+    env = step_env({"SLURM_CONF": "/etc/emu.conf", "SLURM_GPUS_PER_NODE": "4", "SBATCH_X": "1", "PATH": "/bin"})
+    assert env == {"SLURM_CONF": "/etc/emu.conf", "PATH": "/bin"}

@@ -12,10 +12,16 @@ A node counts as failed when Slurm says so (`sinfo`'s state: down, fail, or `*`,
 or when it does not run a one-task step of the job (`srun --overlap -w <node> true`), which sees a
 node whose slurmd is gone long before the controller does (SlurmdTimeout, 300 s by default).
 A failed probe is a trigger, not proof: the requeue waits (up to SlurmdTimeout + 60 s) for the
-controller to mark the node down or not responding, and requeues only then. So a probe that fails
+controller to set the node down, and requeues only then (requeued while the node was only "not
+responding", the job kept it, and Slurm 22.05 then refused the restarted job's first step on the
+emulated cluster: "node offset invalid" in its GPU count). So a probe that fails
 for another reason does not requeue a job that would fail the same way, and the scheduler does
 not start the requeued job on the failed node again (a running job cannot exclude a node itself:
 `scontrol update ExcNodeList` is refused for it).
+
+When the failed node is the batch host (it runs the batch script and rank 0), the script dies
+with it and nothing here runs: on the emulated cluster (Slurm 22.05) the job then stayed RUNNING
+on the other node. Not handled yet (issue 25).
 
 No torch import: this runs in the batch script, after the learner has gone.
 """
@@ -58,13 +64,20 @@ def state_says_down(state: str) -> bool:
     return state.split(" ")[0].lower().rstrip("*~#!%$@^-") in ("down", "fail", "failing")
 
 
+def step_env(env: Mapping[str, str] = os.environ) -> dict[str, str]:
+    """The environment of a small srun step of the job (the probe): not the batch
+    script's or the task's SLURM_* settings (its --gpus-per-node, --cpus-per-task): srun would merge
+    them into the step's request (Slurm 22.05 refused "--gres=none" beside them). SLURM_CONF stays:
+    it says which cluster srun talks to."""
+    return {k: v for k, v in env.items()
+            if k == "SLURM_CONF" or not k.startswith(("SLURM_", "SBATCH_", "SRUN_"))}
+
+
 def probe(node: str, job: str, timeout_s: float = PROBE_TIMEOUT_S) -> str | None:
     """None if `node` runs a one-task step of `job`; else what went wrong (one line)."""
     cmd = ["srun", f"--jobid={job}", "--overlap", "--nodes=1", "--ntasks=1", f"--nodelist={node}", "--mem=0",
            "--cpu-bind=none", "--gres=none", "--kill-on-bad-exit=1", "true"]
-    # Not the batch script's SLURM_* settings (its --gpus-per-node, --cpus-per-task): srun would
-    # merge them into the probe's request (Slurm 22.05 refused "--gres=none" beside them).
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "SBATCH_", "SRUN_"))}
+    env = step_env()
     try:
         result = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s, env=env)
     except subprocess.TimeoutExpired:
@@ -140,9 +153,9 @@ def after_learner_failure(status: int, max_requeues: int, env: Mapping[str, str]
                           confirmed: Callable[[list[str]], list[str]] | None = None) -> int:
     """What train.sbatch does once the learner's step exited with `status` (not 0, not pre-empted):
     requeue if a node of the job failed, else not. Returns the exit status for the batch script
-    (0 once the job is requeued). A node that failed the probe counts once Slurm marks it
-    (`confirmed`: those of the suspects Slurm marks; default: wait up to SlurmdTimeout + 60 s for
-    one's state to say so): a probe that fails for another reason must not requeue a job that
+    (0 once the job is requeued). A node that failed the probe counts once Slurm sets it down
+    (`confirmed`: those of the suspects Slurm has set down; default: wait up to SlurmdTimeout + 60 s
+    for one's state to say so): a probe that fails for another reason must not requeue a job that
     fails the same way each time."""
     from justrl.cluster.placement import allocation_nodes
 
@@ -158,15 +171,15 @@ def after_learner_failure(status: int, max_requeues: int, env: Mapping[str, str]
     print(f"justrl: suspect node(s) of job {job}: {what}; asking Slurm's node state", flush=True)
     if confirmed is None:
         wait_s = slurmd_timeout_s() + 60
-        confirmed = lambda nodes: wait_until_marked(nodes, wait_s)  # noqa: E731
+        confirmed = lambda nodes: wait_until_marked(nodes, wait_s, failed=state_says_down)  # noqa: E731
     marked = confirmed(list(lost))
     if not marked:
-        print(f"justrl: not requeued: Slurm did not mark {', '.join(lost)} down or not responding within "
+        print(f"justrl: not requeued: Slurm did not set {', '.join(lost)} down within "
               "SlurmdTimeout + 60 s, so the failed probe is not taken for a lost node; "
               "the learner's own error is the first 'justrl: error:' line above", flush=True)
         return status
-    print(f"justrl: node(s) {', '.join(marked)} of job {job} failed (Slurm marks {'it' if len(marked) == 1 else 'them'} "
-          f"down or not responding)", flush=True)
+    print(f"justrl: node(s) {', '.join(marked)} of job {job} failed (Slurm set {'it' if len(marked) == 1 else 'them'} "
+          f"down)", flush=True)
     if requeue_job(f"node(s) {', '.join(marked)} of the job failed", max_requeues, env):
         return 0
     return status
