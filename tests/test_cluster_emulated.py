@@ -16,7 +16,7 @@ network namespace: any other host or user of the cluster network) while it train
 tried without the job's secret or with a wrong one is refused (justrl.rollout.auth).
 
 Skipped where the emulated cluster is not running, except in CI (.ci/run starts it), where that
-is a failure. Start it with `bash slurm/setup_emulated_cluster.sh 2 4` (root).
+is a failure. Start it with `bash slurm/setup_emulated_cluster.sh 3 4` (root).
 """
 import json
 import os
@@ -49,7 +49,7 @@ def _emu_env() -> dict:
     return dict(os.environ, SLURM_CONF=EMU_CONF, JUSTRL_PYTHON=sys.executable)
 
 
-def _emulated_cluster_problem() -> str | None:
+def _emulated_cluster_problem(want: int = 2) -> str | None:
     if not Path(EMU_CONF).exists():
         return f"{EMU_CONF} missing"
     out = subprocess.run(["sinfo", "-h", "-N", "-o", "%N %G %T"], env=_emu_env(), capture_output=True, text=True)
@@ -58,8 +58,8 @@ def _emulated_cluster_problem() -> str | None:
     nodes = {line.split()[0]: line.split()[1:] for line in out.stdout.splitlines() if line.strip()}
     usable = [n for n, (gres, state) in nodes.items()
               if gres == f"gpu:{GPUS}" and state in ("idle", "mixed", "allocated", "completing")]
-    if len(usable) < 2:
-        return f"want 2 or more nodes with gpu:{GPUS}, sinfo says {out.stdout.strip()!r}"
+    if len(usable) < want:
+        return f"want {want} or more nodes with gpu:{GPUS}, sinfo says {out.stdout.strip()!r}"
     return None
 
 
@@ -69,9 +69,21 @@ def emu():
     if problem:
         if os.environ.get("CI"):
             pytest.fail(f"the emulated cluster is not up in CI ({problem}): .ci/run should have started it "
-                        f"(bash slurm/setup_emulated_cluster.sh 2 4)")
-        pytest.skip(f"no emulated cluster here ({problem}): start it with `bash slurm/setup_emulated_cluster.sh 2 4`")
+                        f"(bash slurm/setup_emulated_cluster.sh 3 4)")
+        pytest.skip(f"no emulated cluster here ({problem}): start it with `bash slurm/setup_emulated_cluster.sh 3 4`")
     return _emu_env()
+
+
+@pytest.fixture(scope="module")
+def emu_spare(emu):
+    """The emulated cluster with a node more than the 2-node jobs take: a requeued job runs again
+    on the other nodes without waiting for the lost one (CI starts 3 x 4)."""
+    problem = _emulated_cluster_problem(want=3)
+    if problem:
+        if os.environ.get("CI"):
+            pytest.fail(f"the emulated cluster in CI has no spare node ({problem}): .ci/run should start 3 x 4")
+        pytest.skip(f"no spare node ({problem}): start the cluster with `bash slurm/setup_emulated_cluster.sh 3 4`")
+    return emu
 
 
 def _scontrol(env: dict, job_id: str) -> str:
@@ -449,10 +461,25 @@ def test_sbatch_a_lost_engine_node_leaves_the_run_to_the_other_engines(emu, rand
     assert re.search(r"engines dropped \(restarts failed\) +2$", out, re.M)  # the end-of-run fault table
 
 
+def _sbatch_train(env: dict, tmp_path: Path, name: str, *overrides: str) -> str:
+    """Submit slurm/train.sbatch on both emulated nodes with the run's overrides, its log in
+    tmp_path/slurm.out; returns the job id."""
+    return subprocess.run(
+        ["sbatch", "--parsable", "--nodes=2", f"--gpus-per-node={GPUS}", "-J", name,
+         f"--output={tmp_path / 'slurm.out'}", str(REPO / "slurm" / "train.sbatch"), *overrides],
+        cwd=REPO, env=env, check=True, capture_output=True, text=True).stdout.strip().split(";")[0]
+
+
+DISAGGREGATED = [a for a in SHAPE if not a.startswith(("cluster=", "cluster.nodes", "cluster.gpus_per_node"))]
+"""SHAPE's run overrides for train.sbatch (the allocation's size comes from sbatch's own options)."""
+
+
 def _lose_node_until_requeued(env: dict, job_id: str, run: Path, tmp_path: Path, index: int) -> tuple[list[str], str]:
     """Once the run's first checkpoint is written, kill the job's node `index` (of 2) and wait
-    until the job is requeued (PENDING: it waits for two nodes); bring the node back 30 s later
-    and wait for the job to end. Returns (the job's nodes, its final state)."""
+    until the job is requeued (Slurm counts a restart) and runs again: on the other node and the
+    spare one, since Slurm does not give it the node it has set down. Then bring the lost node
+    back (for the tests after this one) and wait for the job to end. Returns (the job's nodes in
+    its first start, its final state)."""
     deadline = time.monotonic() + 1200
     while not (run / "checkpoints" / "latest").exists():
         if time.monotonic() > deadline:
@@ -465,24 +492,27 @@ def _lose_node_until_requeued(env: dict, job_id: str, run: Path, tmp_path: Path,
     try:
         assert _kill_node(nodes[index]), f"no process in {nodes[index]}'s namespace"
         deadline = time.monotonic() + 900
-        while "JobState=PENDING" not in _scontrol(env, job_id):  # requeued, waiting for 2 nodes
-            if time.monotonic() > deadline or "JobState=COMPLETED" in _scontrol(env, job_id):
+        while not ("JobState=RUNNING" in (info := _scontrol(env, job_id)) and
+                   int(re.search(r"Restarts=(\d+)", info).group(1)) >= 1):
+            if time.monotonic() > deadline or re.search(r"JobState=(COMPLETED|FAILED|CANCELLED)", _scontrol(env, job_id)):
                 subprocess.run(["scancel", job_id], env=env)
-                pytest.fail(f"job {job_id} not requeued\n{_sbatch_out(tmp_path)[-4000:]}")
+                pytest.fail(f"job {job_id} not requeued and running again\n{_sbatch_out(tmp_path)[-4000:]}")
             time.sleep(1)
-        # Bring the node back a while after the requeue: revived 5 s after it, the restarted job's
-        # steps on it were cancelled once (Slurm 22.05 on this cluster; docs/faults.md).
-        time.sleep(30)
     finally:
         _revive_node(nodes[index], env)
     return nodes, _wait_done(env, job_id, 1200, lambda: _sbatch_out(tmp_path)[-4000:])
 
 
-def _check_resumed(run: Path, out: str, job_id: str, steps: int) -> dict:
-    """The requeued start resumed from the checkpoint and the run trained every step once; returns
-    the last faults/* totals."""
+def _check_resumed(run: Path, out: str, job_id: str, steps: int, lost: str | None = None) -> dict:
+    """The requeued start resumed from the checkpoint (on nodes without `lost`) and the run trained
+    every step once; returns the last faults/* totals."""
     train_log = (run / "train.log").read_text()
     assert f"justrl: job {job_id} (restart 1)" in out and out.rstrip().endswith("learner exit status 0"), out[-4000:]
+    if lost is not None:  # it ran again on the other nodes: the survivor and the spare, not the lost one
+        again = re.search(rf"justrl: job {job_id} \(restart 1\) on (\S+):", out).group(1)
+        again_nodes = subprocess.run(["scontrol", "show", "hostnames", again], env=_emu_env(), capture_output=True,
+                                     text=True).stdout.split()
+        assert len(again_nodes) == 2 and lost not in again_nodes, (again_nodes, lost)
     assert re.search(r"resuming from \S+step_000002 \(step 2\)", train_log), train_log[-3000:]
     scalars = read_scalars(run)
     assert [s for s, _ in scalars["reward/mean"]] == list(range(1, steps + 1))  # every step once
@@ -492,26 +522,22 @@ def _check_resumed(run: Path, out: str, job_id: str, steps: int) -> dict:
 
 
 @pytest.mark.timeout(2400)  # two starts of a 2-node job, SlurmdTimeout, the failed restarts
-def test_sbatch_every_engine_lost_checkpoints_requeues_and_resumes(emu, random_tiny_model_dir, tmp_path):
+def test_sbatch_every_engine_lost_checkpoints_requeues_and_resumes(emu_spare, random_tiny_model_dir, tmp_path):
     """The engine node (every engine of the run) killed mid-step: the engines' restarts fail, the
     last one dropped raises AllEnginesLost, the trainer keeps its finished steps and rank 0
-    requeues the job; it waits for two nodes, and once the node is back it resumes from the
+    requeues the job; it runs again on node 1 and the spare node and resumes from the
     checkpoint and trains to the end, each step logged once, the lost start's faults counted."""
+    emu = emu_spare
     run, steps = tmp_path / "run", 5
-    job_id = subprocess.run(
-        ["sbatch", "--parsable", "--nodes=2", f"--gpus-per-node={GPUS}", "-J", "justrl-emu-no-engines",
-         f"--output={tmp_path / 'slurm.out'}", str(REPO / "slurm" / "train.sbatch"),
-         *[a for a in SHAPE if not a.startswith(("cluster=", "cluster.nodes", "cluster.gpus_per_node"))],
-         f"model.path={random_tiny_model_dir}", f"trainer.total_steps={steps}", "trainer.save_every=2",
-         f"trainer.output_dir={run}"],
-        cwd=REPO, env=emu, check=True, capture_output=True, text=True).stdout.strip().split(";")[0]
+    job_id = _sbatch_train(emu, tmp_path, "justrl-emu-no-engines", *DISAGGREGATED, f"model.path={random_tiny_model_dir}",
+                           f"trainer.total_steps={steps}", "trainer.save_every=2", f"trainer.output_dir={run}")
     nodes, state = _lose_node_until_requeued(emu, job_id, run, tmp_path, 1)
     out = _sbatch_out(tmp_path)
     assert state == "COMPLETED", out[-4000:]
     assert "Restarts=1" in _scontrol(emu, job_id), out[-4000:]
     assert re.search(rf"every rollout engine is lost .*; Slurm set {nodes[1]} down; requeueing job {job_id} "
                      rf"\(restart 1 of at most \d+\)", out), out[-4000:]
-    last = _check_resumed(run, out, job_id, steps)
+    last = _check_resumed(run, out, job_id, steps, lost=nodes[1])
     assert {tag: last[tag] for tag in ("requeues", "resumes", "engines_lost", "steps_redone")} == {
         "requeues": (steps, 1.0), "resumes": (steps, 1.0), "engines_lost": (steps, 2.0), "steps_redone": (steps, 0.0)}
     assert last["engine_restarts"][1] >= 2  # the lost start's failed restarts, from faults.json
@@ -593,53 +619,46 @@ def test_sbatch_a_stopped_remote_engine_core_is_caught_by_progress(emu, random_t
     assert scalars["faults/hung_engines"][-1] == (steps, 1.0) and scalars["faults/engine_restarts"][-1] == (steps, 1.0)
 
 
-@pytest.mark.skip(reason="fails (issue 25, open): the requeue works (node 2 set down, job requeued by "
-                  "justrl.cluster.requeue), but the restarted job's learner tasks on the revived node 2 were "
-                  "SIGTERMed about 27 s into the start (slurmd: task died by signal 15; no slurmctld line), "
-                  "so the run did not finish; not understood yet")
 @pytest.mark.timeout(2400)  # two starts of a 2-node job, SlurmdTimeout
-def test_sbatch_a_lost_learner_node_requeues_and_resumes(emu, random_tiny_model_dir, tmp_path):
+def test_sbatch_a_lost_learner_node_requeues_and_resumes(emu_spare, random_tiny_model_dir, tmp_path):
     """Colocated (the recipe's placement: learner ranks on every node), node 2 (not the batch
     host) killed mid-run: the learner's step fails, train.sbatch's `python -m justrl.cluster.requeue`
     finds node 2 lost (its probe fails, then Slurm sets it down) and requeues the job; once the
-    node is back it resumes from the checkpoint and trains to the end, each step logged once."""
+    job runs again on node 1 and the spare, resumes from the checkpoint and trains to the end,
+    each step logged once."""
+    emu = emu_spare
     run, steps = tmp_path / "run", 4
-    job_id = subprocess.run(
-        ["sbatch", "--parsable", "--nodes=2", f"--gpus-per-node={GPUS}", "-J", "justrl-emu-lost-learner",
-         f"--output={tmp_path / 'slurm.out'}", str(REPO / "slurm" / "train.sbatch"), "experiment=tiny",
-         "cluster.cpus_per_task=2", f"rollout.tensor_parallel_size={GPUS}", "trainer.val_every=0",
-         "trainer.val_before_train=false", f"model.path={random_tiny_model_dir}", f"trainer.total_steps={steps}",
-         "trainer.save_every=2", f"trainer.output_dir={run}"],
-        cwd=REPO, env=emu, check=True, capture_output=True, text=True).stdout.strip().split(";")[0]
+    job_id = _sbatch_train(emu, tmp_path, "justrl-emu-lost-learner", "experiment=tiny", "cluster.cpus_per_task=2",
+                           f"rollout.tensor_parallel_size={GPUS}", "trainer.val_every=0",
+                           "trainer.val_before_train=false", f"model.path={random_tiny_model_dir}",
+                           f"trainer.total_steps={steps}", "trainer.save_every=2", f"trainer.output_dir={run}")
     nodes, state = _lose_node_until_requeued(emu, job_id, run, tmp_path, 1)
     out = _sbatch_out(tmp_path)
     assert state == "COMPLETED", out[-4000:]
     assert "Restarts=1" in _scontrol(emu, job_id), out[-4000:]
     assert re.search(rf"justrl: node\(s\) {nodes[1]} of job {job_id} failed \(Slurm set it down\)", out), out[-4000:]
     assert re.search(rf"requeueing job {job_id} \(restart 1 of at most \d+\)", out), out[-4000:]
-    last = _check_resumed(run, out, job_id, steps)
+    last = _check_resumed(run, out, job_id, steps, lost=nodes[1])
     assert last["requeues"] == (steps, 1.0) and last["resumes"] == (steps, 1.0), last
 
 
-@pytest.mark.skip(reason="fails (issue 25, open): with nothing of justrl's on the other node, Slurm 22.05 keeps the job RUNNING there after its batch host is killed (job 40 on the emulated cluster, 2026-12-06); an earlier watch step on the other node requeued it (jobs 37, 38) and was removed before this was seen")
 @pytest.mark.timeout(2400)  # two starts of a 2-node job, SlurmdTimeout
-def test_sbatch_a_lost_batch_host_is_requeued_by_slurm(emu, random_tiny_model_dir, tmp_path):
+def test_sbatch_a_lost_batch_host_is_requeued_by_the_watch(emu_spare, random_tiny_model_dir, tmp_path):
     """Disaggregated, node 1 killed mid-run: the learner's node and the batch host, so the batch
-    script dies with it and nothing of justrl's is left to requeue. Slurm does (the job is
-    submitted with --requeue, its batch step failed with its node): the job starts again once the
-    node is back, resumes from the checkpoint and trains to the end, each step once."""
+    script and rank 0 die with it, and Slurm (--no-kill) keeps the job RUNNING on node 2. The
+    batch host watch on node 2 (justrl.cluster.batch_host_watch) requeues it once Slurm sets node 1
+    down; the job runs again on node 2 and the spare, resumes from the checkpoint and trains to
+    the end, each step once."""
+    emu = emu_spare
     run, steps = tmp_path / "run", 4
-    job_id = subprocess.run(
-        ["sbatch", "--parsable", "--nodes=2", f"--gpus-per-node={GPUS}", "-J", "justrl-emu-lost-batch-host",
-         f"--output={tmp_path / 'slurm.out'}", str(REPO / "slurm" / "train.sbatch"),
-         *[a for a in SHAPE if not a.startswith(("cluster=", "cluster.nodes", "cluster.gpus_per_node"))],
-         f"model.path={random_tiny_model_dir}", f"trainer.total_steps={steps}", "trainer.save_every=2",
-         f"trainer.output_dir={run}"],
-        cwd=REPO, env=emu, check=True, capture_output=True, text=True).stdout.strip().split(";")[0]
+    job_id = _sbatch_train(emu, tmp_path, "justrl-emu-lost-batch-host", *DISAGGREGATED, f"model.path={random_tiny_model_dir}",
+                           f"trainer.total_steps={steps}", "trainer.save_every=2", f"trainer.output_dir={run}")
     nodes, state = _lose_node_until_requeued(emu, job_id, run, tmp_path, 0)
     out = _sbatch_out(tmp_path)
     assert state == "COMPLETED", out[-4000:]
     assert "Restarts=1" in _scontrol(emu, job_id), out[-4000:]
-    assert "requeueing job" not in out, out[-4000:]  # not justrl's requeue: its batch script was gone
-    last = _check_resumed(run, out, job_id, steps)
+    assert re.search(rf"the batch host {nodes[0]} of job {job_id} failed \(Slurm state down.*\(seen from "
+                     rf"{nodes[1]}\); requeueing job {job_id} \(restart 1 of at most \d+\)", out), out[-4000:]
+    assert f"justrl: batch host watch on {nodes[1]}: watching job {job_id}" in out, out[-4000:]
+    last = _check_resumed(run, out, job_id, steps, lost=nodes[0])
     assert last["requeues"] == (steps, 1.0) and last["resumes"] == (steps, 1.0), last

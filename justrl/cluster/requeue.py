@@ -20,8 +20,8 @@ not start the requeued job on the failed node again (a running job cannot exclud
 `scontrol update ExcNodeList` is refused for it).
 
 When the failed node is the batch host (it runs the batch script and rank 0), the script dies
-with it and nothing here runs: on the emulated cluster (Slurm 22.05) the job then stayed RUNNING
-on the other node. Not handled yet (issue 25).
+with it and nothing here runs; with --no-kill Slurm 22.05 then keeps the job RUNNING on the other
+nodes. justrl.cluster.batch_host_watch, a step on each other node, requeues it then.
 
 No torch import: this runs in the batch script, after the learner has gone.
 """

@@ -117,12 +117,17 @@ def run_in_allocation(cfg: DictConfig) -> None:
     here = os.environ.get("SLURMD_NODENAME", nodes[0])
     log.info("job %s on %s: %d learner rank(s), engines on %s", os.environ["SLURM_JOB_ID"], ",".join(nodes),
              learner_world_size(cfg.cluster), [f"{p.node}:{list(p.gpu_ids)}" for p in placements])
-    # GPU engines always run as srun steps of their node (also on this node): the step holds the
-    # node's GPUs whatever this task was bound to. CPU engines run here, beside the learner.
+    from justrl.cluster.batch_host_watch import start_batch_host_watch, stop_watch
     from justrl.cluster.requeue import requeue_job
     from justrl.rollout.fleet import AllEnginesLost
 
+    # the batch host's loss takes this task and the batch script with it: a step on each other
+    # node requeues the job then (justrl.cluster.batch_host_watch)
+    watches = (start_batch_host_watch(os.environ["SLURM_JOB_ID"], cfg.cluster.max_requeues)
+               if rank == 0 and len(nodes) > 1 else [])
     try:
+        # GPU engines always run as srun steps of their node (also on this node): the step holds the
+        # node's GPUs whatever this task was bound to. CPU engines run here, beside the learner.
         train(cfg, engine_placements=[EnginePlacement(None, ()) if (p.node == here and not p.gpu_ids) else p
                                       for p in placements])
     except AllEnginesLost as exc:  # the trainer has checkpointed every finished step
@@ -152,6 +157,8 @@ def run_in_allocation(cfg: DictConfig) -> None:
                 requeue_job("node(s) " + ", ".join(f"{n} ({why})" for n, why in lost.items()) + " of the job failed",
                             cfg.cluster.max_requeues)
         raise
+    finally:
+        stop_watch(watches)
 
 
 class TrainJob:
