@@ -20,9 +20,9 @@ them when the loop ends.
 Waiting for the controller's own verdict (SlurmdTimeout after the node went silent) is the same
 rule as `justrl.cluster.requeue`: a node is counted lost only once Slurm says so.
 
-Peers: torchelastic (torchrun's agent) restarts a lost rank's worker group from the surviving
-agents' side in the same way, but inside a running job; veRL and NeMo-RL rely on Ray's head
-node, whose loss ends the run. No torch import: this runs beside the job's tasks.
+The idea that the survivors act when a member is lost is torchelastic's (torchrun's agents
+re-form the worker group among themselves); here the survivors only hand the job back to Slurm.
+No torch import: this runs beside the job's tasks.
 """
 from __future__ import annotations
 
@@ -106,9 +106,9 @@ def watch_command(node: str, job: str, max_requeues: int, python: str = sys.exec
     """The srun step of the watch on `node`: one task, no GPU, CPU or memory of the job's taken
     (--overlap, --mem=0, --gres=none), not ended with the step it was started from (--no-kill,
     --kill-on-bad-exit=0). Its lines are appended by the watch itself to `log_file` (the job's
-    own log): the step's stdout is not used, since srun relays it through its client process on
-    the batch host, which is gone exactly when the watch has something to say (seen on the
-    emulated cluster: the requeue happened, its line never reached the log)."""
+    own log): the step's stdout is not used, since in the emulated runs the lines written there
+    never reached the log once the batch host was gone (its srun client runs there; the requeue
+    itself happened)."""
     cmd = ["srun", f"--jobid={job}", "--overlap", "--nodes=1", "--ntasks=1", f"--nodelist={node}", "--mem=0",
            "--cpu-bind=none", "--gres=none", "--no-kill", "--kill-on-bad-exit=0", f"--job-name=justrl-watch-{node}",
            "--output=/dev/null", python, "-u", "-m", "justrl.cluster.batch_host_watch", "--job", job,
