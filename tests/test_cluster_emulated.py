@@ -619,12 +619,8 @@ def test_sbatch_a_stopped_remote_engine_core_is_caught_by_progress(emu, random_t
     assert scalars["faults/hung_engines"][-1] == (steps, 1.0) and scalars["faults/engine_restarts"][-1] == (steps, 1.0)
 
 
-@pytest.mark.skip(reason=(
-    "issue 25 item 3, colocated, unreliable: the restarted job's learner step is cancelled by Slurm "
-    "15-60 s after it starts (passed, then failed in CI and twice here on 2026-12-07, once with the "
-    "killed node not revived until the job ended); suspected: a retried kill of the lost start's "
-    "step 1 ('due to failed node') reaching the restarted job's step 1 on the survivor; not pinned "
-    "down or fixed (docs/slurm.md)"))
+@pytest.mark.skip(reason="unreliable, not fixed (issue 25 item 3, colocated): the restarted job's learner "
+                         "step is sometimes cancelled by Slurm soon after it starts; docs/slurm.md says what was seen")
 @pytest.mark.timeout(2400)  # two starts of a 2-node job, SlurmdTimeout
 def test_sbatch_a_lost_learner_node_requeues_and_resumes(emu_spare, random_tiny_model_dir, tmp_path):
     """Colocated (the recipe's placement: learner ranks on every node), node 2 (not the batch
