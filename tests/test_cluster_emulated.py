@@ -380,15 +380,35 @@ def test_sbatch_colocated_every_gpu_trains_and_generates(emu, random_tiny_model_
 
 def _kill_node(node: str) -> list[int]:
     """What a node failure does to the emulated node: every process in its network namespace (its
-    slurmd, the job steps' slurmstepd, the vLLM servers and workers) SIGKILLed at once."""
-    pids = [int(p) for p in subprocess.run(["ip", "netns", "pids", f"emu-{node}"], check=True,
-                                           capture_output=True, text=True).stdout.split()]
-    for pid in pids:
-        try:
-            os.kill(pid, 9)
-        except ProcessLookupError:
-            pass
-    return pids
+    slurmd, the job steps' slurmstepd, srun clients, the vLLM servers and workers) ended at once.
+
+    At once matters: killed one by one, a process outlives its neighbours long enough to act on
+    their deaths, which no lost node allows. srun forks a shepherd that waits on a pipe and, when its
+    srun dies without saying goodbye, cancels the step (Slurm 22.05 src/srun/libsrun/srun_job.c,
+    `_shepherd_spawn`: `slurm_kill_job_step(job, step, SIGKILL)`; killing only the srun parent of a
+    step on another node cancelled that step at once, killing both left it running, tried by hand
+    on this cluster). With one-by-one SIGKILLs the batch host watch's srun shepherd, on the lost
+    batch host, sometimes cancelled the watch on the surviving node (CI, 2026-12-07; and here:
+    "STEP 43.2 ON emu2 CANCELLED" the second node 1 was killed), so the job was never requeued.
+    So every process is stopped first (SIGSTOP; a stopped process runs no handler, forks nothing and
+    sends nothing), until no new one appears, and only then SIGKILLed."""
+    def pids() -> list[int]:
+        return [int(p) for p in subprocess.run(["ip", "netns", "pids", f"emu-{node}"], check=True,
+                                               capture_output=True, text=True).stdout.split()]
+
+    def signal_all(targets, sig) -> None:
+        for pid in targets:
+            try:
+                os.kill(pid, sig)
+            except ProcessLookupError:
+                pass
+
+    stopped: set[int] = set()
+    while new := [p for p in pids() if p not in stopped]:
+        signal_all(new, signal.SIGSTOP)
+        stopped.update(new)
+    signal_all(sorted(stopped), signal.SIGKILL)
+    return sorted(stopped)
 
 
 def _revive_node(node: str, env: dict, timeout_s: float = 120) -> None:
@@ -560,14 +580,14 @@ def _engine_core_of(node: str, port: int) -> int:
     raise AssertionError(f"no VLLM::EngineCore of port {port} on {node}")
 
 
-def _requests_running(url: str, secret: str) -> float:
+def _engine_metric(url: str, secret: str, name: str) -> float:
+    """A vLLM server's Prometheus metric `name`, summed over its label sets."""
     import requests
 
     session = requests.Session()
     session.trust_env = False
     text = session.get(f"{url}/metrics", headers={"Authorization": f"Bearer {secret}"}, timeout=10).text
-    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
-               if line.startswith("vllm:num_requests_running"))
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith((f"{name}{{", f"{name} ")))
 
 
 @pytest.mark.timeout(2400)  # a 2-node job with 2 vLLM start-ups, the stall, one restart
@@ -594,10 +614,23 @@ def test_sbatch_a_stopped_remote_engine_core_is_caught_by_progress(emu, random_t
                            env=emu, capture_output=True, text=True).stdout.split()
     url, secret = f"http://{socket.gethostbyname(nodes[1])}:8101", (run / "engine_secret").read_text().split()[1]
     core = _engine_core_of(nodes[1], 8101)  # engine1
-    while _requests_running(url, secret) == 0:  # stop it while it holds requests
-        assert time.monotonic() < deadline, "engine1 never held a request"
-        time.sleep(0.05)
-    os.kill(core, signal.SIGSTOP)
+    # Stop it while it holds requests. Seen once in CI: stopped as its last request of a step was
+    # finishing, it held none, so the next weight reload timed out instead and it was restarted as
+    # failed, not hung. So: stop it once it has generated since step 1's checkpoint and reports
+    # running requests, then read its gauge again (the API server still answers; the core's last
+    # report is what it holds, stopped), and if it holds none, let it go on and try again.
+    held, tokens = 0.0, _engine_metric(url, secret, "vllm:generation_tokens_total")
+    while held == 0:
+        assert time.monotonic() < deadline, "engine1 was never stopped while it held a request"
+        if not (_engine_metric(url, secret, "vllm:generation_tokens_total") > tokens
+                and _engine_metric(url, secret, "vllm:num_requests_running") > 0):
+            time.sleep(0.05)
+            continue
+        os.kill(core, signal.SIGSTOP)
+        time.sleep(1.0)  # outputs the core sent before it stopped reach the API server's gauge
+        if (held := _engine_metric(url, secret, "vllm:num_requests_running")) == 0:
+            tokens = _engine_metric(url, secret, "vllm:generation_tokens_total")
+            os.kill(core, signal.SIGCONT)
     import requests
 
     session = requests.Session()
