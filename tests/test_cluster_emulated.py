@@ -614,9 +614,9 @@ def test_sbatch_a_stopped_remote_engine_core_is_caught_by_progress(emu, random_t
                            env=emu, capture_output=True, text=True).stdout.split()
     url, secret = f"http://{socket.gethostbyname(nodes[1])}:8101", (run / "engine_secret").read_text().split()[1]
     core = _engine_core_of(nodes[1], 8101)  # engine1
-    # Stop it while it holds requests. Seen once in CI: stopped as its last request of a step was
-    # finishing, it held none, so the next weight reload timed out instead and it was restarted as
-    # failed, not hung. So: stop it once it has generated since step 1's checkpoint and reports
+    # Stop it while it holds requests. Seen once in CI: the engine was restarted as failed, not
+    # declared hung; the likely cause (not proven: the log was cut) is a stop as its last request of
+    # the step finished, so that it held none and the next weight reload timed out instead. So: stop it once it has generated since step 1's checkpoint and reports
     # running requests, then read its gauge again (the API server still answers; the core's last
     # report is what it holds, stopped), and if it holds none, let it go on and try again.
     held, tokens = 0.0, _engine_metric(url, secret, "vllm:generation_tokens_total")
