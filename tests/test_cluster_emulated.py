@@ -534,6 +534,9 @@ def _check_resumed(run: Path, out: str, job_id: str, steps: int, lost: str | Non
                                      text=True).stdout.split()
         assert len(again_nodes) == 2 and lost not in again_nodes, (again_nodes, lost)
     assert re.search(r"resuming from \S+step_000002 \(step 2\)", train_log), train_log[-3000:]
+    # before its first step the restart let slurmctld resend the kills of the lost start (justrl.cluster.restart_settle)
+    assert re.search(rf"justrl: job {job_id} restart 1: (no kill pending in slurmctld|waited \d+ s until slurmctld)",
+                     out), out[-4000:]
     scalars = read_scalars(run)
     assert [s for s, _ in scalars["reward/mean"]] == list(range(1, steps + 1))  # every step once
     assert re.search(r"Slurm requeues of the job +1$", out, re.M)
@@ -652,8 +655,6 @@ def test_sbatch_a_stopped_remote_engine_core_is_caught_by_progress(emu, random_t
     assert scalars["faults/hung_engines"][-1] == (steps, 1.0) and scalars["faults/engine_restarts"][-1] == (steps, 1.0)
 
 
-@pytest.mark.skip(reason="unreliable, not fixed (issue 25 item 3, colocated): the restarted job's learner "
-                         "step is sometimes cancelled by Slurm soon after it starts; docs/slurm.md says what was seen")
 @pytest.mark.timeout(2400)  # two starts of a 2-node job, SlurmdTimeout
 def test_sbatch_a_lost_learner_node_requeues_and_resumes(emu_spare, random_tiny_model_dir, tmp_path):
     """Colocated (the recipe's placement: learner ranks on every node), node 2 (not the batch
