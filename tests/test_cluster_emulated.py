@@ -590,7 +590,8 @@ def _engine_metric(url: str, secret: str, name: str) -> float:
     session = requests.Session()
     session.trust_env = False
     text = session.get(f"{url}/metrics", headers={"Authorization": f"Bearer {secret}"}, timeout=10).text
-    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith((f"{name}{{", f"{name} ")))
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+               if line.startswith((f"{name}{{", f"{name} ")))
 
 
 @pytest.mark.timeout(2400)  # a 2-node job with 2 vLLM start-ups, the stall, one restart
@@ -619,9 +620,10 @@ def test_sbatch_a_stopped_remote_engine_core_is_caught_by_progress(emu, random_t
     core = _engine_core_of(nodes[1], 8101)  # engine1
     # Stop it while it holds requests. Seen once in CI: the engine was restarted as failed, not
     # declared hung; the likely cause (not proven: the log was cut) is a stop as its last request of
-    # the step finished, so that it held none and the next weight reload timed out instead. So: stop it once it has generated since step 1's checkpoint and reports
-    # running requests, then read its gauge again (the API server still answers; the core's last
-    # report is what it holds, stopped), and if it holds none, let it go on and try again.
+    # the step finished, so that it held none and the next weight reload timed out instead. So:
+    # stop it once it has generated since step 1's checkpoint and reports running requests, then
+    # read its gauge again (the API server still answers; the core's last report is what it holds,
+    # stopped), and if it holds none, let it go on and try again.
     held, tokens = 0.0, _engine_metric(url, secret, "vllm:generation_tokens_total")
     while held == 0:
         assert time.monotonic() < deadline, "engine1 was never stopped while it held a request"

@@ -56,7 +56,8 @@ def test_pending_rpcs_are_read_from_sdiag():
 
 
 def test_only_kills_for_this_jobs_nodes_count():
-    assert kills_pending_for(["emu1", "emu3"], PENDING, expand) == ["REQUEST_SIGNAL_TASKS -> emu1"]  # a ping is harmless
+    # a ping is harmless; emu1's share of the two-node kill counts
+    assert kills_pending_for(["emu1", "emu3"], PENDING, expand) == ["REQUEST_SIGNAL_TASKS -> emu1"]
     assert kills_pending_for(["emu3"], PENDING, expand) == []  # the lost node's kills are not this start's concern
     assert kills_pending_for(["emu1"], NONE, expand) == []
 
