@@ -583,13 +583,18 @@ def _engine_core_of(node: str, port: int) -> int:
     raise AssertionError(f"no VLLM::EngineCore of port {port} on {node}")
 
 
-def _engine_metric(url: str, secret: str, name: str) -> float:
-    """A vLLM server's Prometheus metric `name`, summed over its label sets."""
+def _engine_get(url: str, secret: str, path: str):
+    """GET a route of an engine, with the job's secret, past any proxy of the environment."""
     import requests
 
     session = requests.Session()
     session.trust_env = False
-    text = session.get(f"{url}/metrics", headers={"Authorization": f"Bearer {secret}"}, timeout=10).text
+    return session.get(f"{url}{path}", headers={"Authorization": f"Bearer {secret}"}, timeout=10)
+
+
+def _engine_metric(url: str, secret: str, name: str) -> float:
+    """A vLLM server's Prometheus metric `name`, summed over its label sets."""
+    text = _engine_get(url, secret, "/metrics").text
     return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
                if line.startswith((f"{name}{{", f"{name} ")))
 
@@ -636,11 +641,7 @@ def test_sbatch_a_stopped_remote_engine_core_is_caught_by_progress(emu, random_t
         if (held := _engine_metric(url, secret, "vllm:num_requests_running")) == 0:
             tokens = _engine_metric(url, secret, "vllm:generation_tokens_total")
             os.kill(core, signal.SIGCONT)
-    import requests
-
-    session = requests.Session()
-    session.trust_env = False
-    assert session.get(f"{url}/health", headers={"Authorization": f"Bearer {secret}"}, timeout=10).status_code == 200
+    assert _engine_get(url, secret, "/health").status_code == 200
     state = _wait_done(emu, job_id, 1200, lambda: _sbatch_out(tmp_path)[-4000:])
     out, train_log = _sbatch_out(tmp_path), (run / "train.log").read_text()
     assert state == "COMPLETED", out[-4000:]
