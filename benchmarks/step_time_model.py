@@ -105,7 +105,7 @@ SYSTEM = {
     "pcie_bw": Assumption(20e9, "B/s", "assumption: PCIe Gen4 x16 host<->GPU copies, pinned memory (~25 GB/s peak)"),
     "sleep_wake_fixed": Assumption(2.0, "s", "assumption: vLLM's cumem unmap/remap of the KV cache pool and the scheduler's pause/resume, both directions"),
     "engine_call_s": Assumption(0.01, "s", "each /sleep and /wake_up call's own cost: medians 3-8 ms on one CPU engine (benchmarks/colocated_calls.py, 2026-12-04, docs/benchmarks.md)"),
-    "ipc_overhead": Assumption(1.0, "s", "assumption: CUDA IPC handles of every tensor to the engine on the same GPU, its copy at HBM speed (vLLM's ipc weight transfer; not implemented in justrl)"),
+    "ipc_overhead": Assumption(1.0, "s", "assumption: CUDA IPC handles of every tensor to the engine on the same GPU, its copy at HBM speed (vLLM's ipc weight transfer: justrl/weight_sync/ipc.py, not run on a GPU)"),
 }
 
 ATTN_FLOPS_PER_TOKEN_CTX = 4  # QK^T and AV: 2 matmuls x 2 FLOP per multiply-add, per layer x hidden x context
@@ -216,8 +216,8 @@ def step_time(p: Placement, hw: dict, eff: float, lengths: np.ndarray) -> dict:
 
 PLACEMENTS = [
     Placement("authors: veRL, colocated on 32 (calibration)", 32, 32, "colocated", "memory", "fsdp"),
-    Placement("justrl default: colocated on 32, sleep mode, files", 32, 32, "slept", "files"),
-    Placement("colocated on 32, sleep mode, CUDA IPC (not built)", 32, 32, "slept", "ipc"),
+    Placement("justrl default: colocated on 32, sleep mode, CUDA IPC", 32, 32, "slept", "ipc"),
+    Placement("colocated on 32, sleep mode, files (the fallback)", 32, 32, "slept", "files"),
     Placement("16 learner / 16 engines, sync, files", 16, 16, "sync", "files"),
     Placement("16 / 16, sync, nccl", 16, 16, "sync", "nccl"),
     Placement("16 / 16, overlap (lag 1), nccl", 16, 16, "overlap", "nccl"),

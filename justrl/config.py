@@ -253,6 +253,10 @@ OmegaConf.register_new_resolver("justrl_allocation_parameters", allocation_param
 OmegaConf.register_new_resolver("justrl_none_if_zero", lambda v: None if v == 0 else v, replace=True)
 OmegaConf.register_new_resolver("justrl_learner_tasks_per_node", learner_tasks_per_node, replace=True)
 OmegaConf.register_new_resolver("justrl_learner_gpus", default_learner_gpus, replace=True)
+# rollout.weight_sync by placement: colocated on GPUs, CUDA IPC from the learner rank on each engine
+# GPU (justrl/weight_sync/ipc.py); elsewhere the files every engine reloads.
+OmegaConf.register_new_resolver("justrl_weight_sync", lambda placement, gpus_per_node: "ipc" if placement == "colocated"
+                                and gpus_per_node else "files", replace=True)
 # rollout.gpu_memory_utilization by placement (justrl.cluster.memory_budget checks the colocated one).
 ENGINE_MEMORY_SHARE = {"disaggregated": 0.85, "colocated": 0.8}
 OmegaConf.register_new_resolver("justrl_engine_memory_share", lambda placement: ENGINE_MEMORY_SHARE[placement],
@@ -299,8 +303,12 @@ def validate(cfg: DictConfig) -> None:
     if a.mini_batch_prompts >= 1 and a.prompts_per_step % a.mini_batch_prompts:
         e.append(f"algorithm.mini_batch_prompts: must divide prompts_per_step={a.prompts_per_step}, "
                  f"got {a.mini_batch_prompts!r}")
-    if r.weight_sync == "nccl" and cl.gpus_per_node == 0:
-        e.append("rollout.weight_sync: nccl needs GPUs (cluster.gpus_per_node > 0); use files on a CPU, got 'nccl'")
+    if r.weight_sync in ("nccl", "ipc") and cl.gpus_per_node == 0:
+        e.append(f"rollout.weight_sync: {r.weight_sync} needs GPUs (cluster.gpus_per_node > 0); use files on a CPU, "
+                 f"got {r.weight_sync!r}")
+    if r.weight_sync == "ipc" and cl.gpus_per_node and cl.placement != "colocated":
+        e.append("rollout.weight_sync: ipc needs cluster.placement=colocated (each engine worker takes the weights "
+                 "from the learner rank on its own GPU); use files or nccl disaggregated, got 'ipc'")
     if w.overlong.buffer > r.max_response_length:
         e.append(f"reward.overlong.buffer: must be <= rollout.max_response_length={r.max_response_length}, "
                  f"got {w.overlong.buffer!r}")
@@ -339,7 +347,7 @@ def colocation_errors(cl, r) -> list[str]:
         # NCCL refuses a communicator with two ranks on one GPU ("Duplicate GPU detected",
         # init.cc), and colocated, learner rank 0 and an engine worker share one.
         e.append("rollout.weight_sync: nccl cannot run colocated (learner rank 0 and an engine share a GPU, and "
-                 "NCCL refuses two ranks of one group on one GPU); use files, or "
+                 "NCCL refuses two ranks of one group on one GPU); use ipc or files, or "
                  "cluster.placement=disaggregated, got 'nccl'")
     return e
 

@@ -20,7 +20,7 @@ from justrl.grpo import Sequence, group_advantages
 from justrl.cluster.placement import EnginePlacement
 from justrl.reward import ScorerPool, overlong_penalty
 from justrl.rollout.fleet import RolloutFleet
-from justrl.weight_sync.registry import engine_args_for
+from justrl.weight_sync.registry import engine_args_for, engine_env_for
 
 log = logging.getLogger("justrl")
 
@@ -41,6 +41,7 @@ class Controller:
         r = cfg.rollout
         spec = engine_spec(r, max_model_len=cfg.data.max_prompt_length + max(r.max_response_length, r.val_max_new_tokens),
                            seed=cfg.trainer.seed, srun_args=tuple(cfg.cluster.engine_srun_args),
+                           extra_env=engine_env_for(r.weight_sync),
                            extra_args=tuple(r.engine_args) + engine_args_for(r.weight_sync)
                            + (SLEEP_MODE_ARGS if cfg.cluster.placement == "colocated" else ()))
         engines = build_engines(placements, spec, engine_logs, node_gpus=cfg.cluster.gpus_per_node, secret=secret)

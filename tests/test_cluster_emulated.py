@@ -372,9 +372,14 @@ def test_sbatch_colocated_every_gpu_trains_and_generates(emu, random_tiny_model_
     for i in range(2):
         log = (run / "engines" / f"engine{i}.log").read_text()
         assert phase_calls(log) == ["sleep", "wake weights", "reload", "reset cache", "wake kv_cache"] * steps, i
+        assert "--weight-transfer-config" not in log  # no CUDA here: the files sync, no IPC engine
     assert "each of the 8 GPUs: one learner rank and its engine's share; memory per GPU" in out  # the preflight
     assert [s for s, _ in read_scalars(run)["reward/mean"]] == list(range(1, steps + 1))
-    assert "restarting it" not in (run / "train.log").read_text()
+    train_log = (run / "train.log").read_text()
+    assert "restarting it" not in train_log
+    # the colocated default is the ipc sync, which the emulated cluster's CPUs run as files, saying so
+    assert ("rollout.weight_sync=ipc: no CUDA on this emulated cluster (JUSTRL_EMULATED_GPUS=1), so the files "
+            "transport moves the weights") in train_log
 
 
 

@@ -94,6 +94,7 @@ def _step_worker(rank, world, port, tp, model_dir, out):
         logprobs, entropy = learner.forward(build_micro_batch(make_batch()), need_entropy=True)
     metrics = learner.train_step(make_batch())
     state = learner.gather_hf_state()
+    torch.save(learner.hf_state_on_every_rank(), f"{out}.rank{rank}")  # what the ipc sync hands over
     marked = sorted(n for n, p in learner.gpt.named_parameters() if getattr(p, "sequence_parallel", False))
     if rank == 0:
         torch.save({"logprobs": logprobs, "entropy": entropy, "metrics": metrics, "weights": state,
@@ -171,6 +172,12 @@ def test_one_grpo_step_equals_the_hf_learner(tiny_model_dir, gqa_model_dir, tmp_
         torch.testing.assert_close(got["weights"][key], value, rtol=0, atol=2e-5, msg=key)
     moved = max((ref["weights"][k] - v).abs().max().item() for k, v in got["weights"].items())
     assert moved < 2e-5
+    # every rank holds the whole updated model for the ipc weight sync, equal to rank 0's gather
+    for rank in range(world):
+        everywhere = torch.load(f"{tmp_path / 'out.pt'}.rank{rank}")
+        assert list(everywhere) == list(got["weights"])
+        for key, value in got["weights"].items():
+            assert torch.equal(everywhere[key], value), (rank, key)
 
 
 def _nonfinite_worker(rank, world, port, model_dir, out):

@@ -28,7 +28,12 @@ def test_the_recipe_fits_80_gb_in_both_phases():
     # + 28 layers x 73.2 KB x 16,384 tokens (33.6e9) + 2048 x 151,936 x 10 (3.1e9)
     assert abs(b.learner_peak - b.learner_resident - (28 * 73_216 * 16_384 + 2048 * 151_936 * 10)) < 1
     assert b.fits and b.generating / GIB < 80 and b.training / GIB < 50
+    # pushing by ipc: the state + the engine's bf16 weights + the learner's bf16 copy (2 x 3.55e9 B)
+    assert cfg.rollout.weight_sync == "ipc" and b.engine_weights == b.handover == 1.777088e9 * 2
+    assert abs(b.pushing - (b.learner_resident + 2 * 1.777088e9 * 2 + 2.5 * GIB)) < 1 and b.pushing / GIB < 21
     assert b.line().endswith(": fits")
+    files = compose(["cluster=slurm", "rollout.weight_sync=files"])
+    assert colocated_budget(ModelShape.from_hf_config(DEEPSEEK), files.cluster, files.rollout, files.learner).handover == 0
 
 
 def test_what_does_not_fit_names_the_key():

@@ -110,7 +110,7 @@ def test_moved_tied_embedding_is_served(setup):
 def test_unknown_transport_is_refused():
     from justrl.weight_sync.registry import make_transport
 
-    with pytest.raises(ValueError, match=r"rollout.weight_sync must be one of \['files', 'nccl'\], got 'rdma'"):
+    with pytest.raises(ValueError, match=r"rollout.weight_sync must be one of \['files', 'nccl', 'ipc'\], got 'rdma'"):
         make_transport("rdma")
 
 
@@ -156,8 +156,8 @@ def test_config_keys_are_checked_at_start_up():
     assert "rollout.max_policy_lag: must be 0 (strictly on-policy, the recipe) or 1 (one-step overlap), got 2" in message
     assert "rollout.weight_check_tol: must be null (by rollout.dtype) or > 0, got 0" in message
     assert "rollout.max_requests_per_engine: must be >= 1, got 0" in message
-    cfg = compose([])  # the recipe: strictly on-policy, files, checked
-    assert (cfg.rollout.max_policy_lag, cfg.rollout.weight_sync, cfg.rollout.weight_check) == (0, "files", True)
+    cfg = compose([])  # the recipe: strictly on-policy, colocated on GPUs so CUDA IPC, checked
+    assert (cfg.rollout.max_policy_lag, cfg.rollout.weight_sync, cfg.rollout.weight_check) == (0, "ipc", True)
 
 
 # -- the NCCL transport's control flow, on the CPU ----------------------------------------------------

@@ -16,10 +16,12 @@ torch 2.11 CUDA, transformers 5.17; megatron-core if it travelled as a wheel). R
                     scores), step time, peak memory, max |log-prob diff| against the hf learner
   colocated step    if vLLM imports: a vLLM engine (--enable-sleep-mode) and the hf learner on the
                     same GPU, as cluster.placement=colocated runs them: the memory the engine's
-                    sleep(1) frees, a learner step in it (time, peak), the wake(weights), reload of
-                    the learner's export and wake(kv_cache) times, and the engine's probe
-                    log-probs against the learner's (justrl.weight_sync.sync's check); it fails when they
-                    differ beyond the bf16 tolerance or the engine is still asleep
+                    sleep(1) frees, a learner step in it (time, peak), the wake(weights), on a GPU
+                    the CUDA-IPC push of the learner's weights (rollout.weight_sync=ipc), wake(kv_cache),
+                    and the reload of the learner's export (the files sync) times, and the engine's
+                    probe log-probs against the learner's after each (justrl.weight_sync.sync's
+                    check); it fails when they differ beyond the bf16 tolerance or the engine is
+                    still asleep
 
 MFU = 6 * N * tokens / step time / the GPU's peak dense bf16 FLOP/s (`PEAK_BF16_FLOPS`, by
 torch.cuda.get_device_name; N: every parameter but the input embedding's, which is a lookup).
@@ -332,6 +334,7 @@ def run(device: torch.device, tiny: bool, megatron: bool, emit=lambda row: None,
         from justrl.rollout.launch import SLEEP_MODE_ARGS
         from justrl.rollout.engine import EngineProcess, EngineSpec
         from justrl.model.tiny import build_tokenizer
+        from justrl.weight_sync.ipc import IpcTransport
         from justrl.weight_sync.probe import (DEFAULT_TOLERANCE, PROBE_TEXT, compare_probe, engine_probe_logprobs, learner_probe_logprobs)
 
         state.pop("hf", None)
@@ -344,9 +347,12 @@ def run(device: torch.device, tiny: bool, megatron: bool, emit=lambda row: None,
         tokenizer.save_pretrained(cdir)
         cuda = device.type == "cuda"
         dtype = "bfloat16" if cuda else "float32"
+        # On a GPU the engine also takes the weights by CUDA IPC (rollout.weight_sync=ipc, the colocated
+        # default); the CPU dry run reloads the files only (vLLM's CPU build cannot take IPC handles).
+        ipc = IpcTransport() if cuda else None
         spec = EngineSpec(max_model_len=2 * row_tokens, dtype=dtype, seed=0, gpu_ids=(device.index or 0,) if cuda else (),
-                          gpu_memory_utilization=0.5, extra_args=SLEEP_MODE_ARGS, startup_timeout_s=600,
-                          request_timeout_s=600)
+                          gpu_memory_utilization=0.5, extra_args=SLEEP_MODE_ARGS + (ipc.engine_args if ipc else ()),
+                          extra_env=ipc.engine_env if ipc else (), startup_timeout_s=600, request_timeout_s=600)
         engine = EngineProcess("engine0", spec, workdir / "engine0.log")
         engine.start(cdir)
         try:
@@ -367,20 +373,30 @@ def run(device: torch.device, tiny: bool, megatron: bool, emit=lambda row: None,
             reference = learner_probe_logprobs(learner, probe)
             _reset_peak(device)  # the learner's cached blocks back to the driver, as the trainer does
             _, wake_weights_s = _timed(device, lambda: engine.client.wake_up(("weights",)))
-            _, reload_s = _timed(device, lambda: engine.client.load_weights(export))
+            ipc_values = {}
+            if ipc is not None:  # the learner's bf16 copy on this GPU, handed over by CUDA IPC
+                hf_state = {k: v.detach().to(torch.bfloat16) for k, v in learner.model.state_dict().items()}
+                fleet = SimpleNamespace(live_engines=[engine], weights_dir=None)
+                _, ipc_values["ipc_push_s"] = _timed(device, lambda: ipc.push(fleet, export, 1, hf_state))
+                del hf_state
             _, wake_kv_s = _timed(device, lambda: engine.client.wake_up(("kv_cache",)))
             asleep = engine.client.is_sleeping()
+            if ipc is not None:
+                ipc_values["ipc_probe_diff"] = compare_probe(engine_probe_logprobs(engine.client, probe), reference)
+            _, reload_s = _timed(device, lambda: engine.client.load_weights(export))
             diff = compare_probe(engine_probe_logprobs(engine.client, probe), reference)
         finally:
             engine.stop()
         tolerance = DEFAULT_TOLERANCE["bfloat16"]  # the learner computes in bf16 either way
         moved = compare_probe(initial, reference)
-        if asleep or not diff <= tolerance or not moved > 2 * tolerance:
+        ipc_diff = ipc_values.get("ipc_probe_diff", 0.0)
+        if asleep or not diff <= tolerance or not ipc_diff <= tolerance or not moved > 2 * tolerance:
             raise RuntimeError(f"after the wake the engine is_sleeping={asleep}, its probe differs by {diff:.3g} from the "
-                               f"learner's (tolerance {tolerance:g}), the step moved it by {moved:.3g} (must be > "
-                               f"{2 * tolerance:g}); log {workdir / 'engine0.log'}")
+                               f"learner's after the file reload and by {ipc_diff:.3g} after the IPC push (tolerance "
+                               f"{tolerance:g}), the step moved it by {moved:.3g} (must be > {2 * tolerance:g}); "
+                               f"log {workdir / 'engine0.log'}")
         return {"engine_freed_GiB": freed, "sleep_s": sleep_s, "train_s": train_s, "learner_peak_GiB": peak_gib,
-                "wake_weights_s": wake_weights_s, "reload_s": reload_s, "wake_kv_s": wake_kv_s,
+                "wake_weights_s": wake_weights_s, **ipc_values, "wake_kv_s": wake_kv_s, "reload_s": reload_s,
                 "probe_moved": moved, "probe_diff": diff, "tolerance": tolerance}
 
     if os.environ.get("JUSTRL_GPU_CHECK_TRACE"):

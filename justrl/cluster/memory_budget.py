@@ -2,7 +2,7 @@
 an estimate from the model's shape and the config, the budget docs/colocated.md writes out and
 the preflight prints. Not measured (no GPU here); the terms follow docs/megatron.md.
 
-Two phases, each must fit the GPU:
+Three phases, each must fit the GPU:
 
     generating  engine awake: rollout.gpu_memory_utilization x GPU memory (vLLM reserves exactly
                 that at start, weights + activations + KV cache: vllm/v1/worker/utils.py
@@ -14,6 +14,11 @@ Two phases, each must fit the GPU:
                 chunk) + its CUDA context
                 + the sleeping engine (level 1: weights offloaded to host memory, KV cache freed;
                 what stays is its CUDA context and CUDA-graph pool)
+    pushing     the learner's resident state + its CUDA context + the sleeping engine + the
+                engine's weights (woken before the push, the KV cache after it: justrl.rollout.phases)
+                + with rollout.weight_sync=ipc, the learner's HF-named copy in rollout.dtype that
+                the engine worker reads through the IPC handles (justrl/weight_sync/ipc.py); never
+                the largest phase for the 1.5B models, kept so that a larger model shows it
 
 Pure arithmetic; the model's shape comes from its HF config.json.
 """
@@ -30,6 +35,7 @@ CUDA_CONTEXT_BYTES = 1.0 * GIB
 SLEEPING_ENGINE_BYTES = 1.5 * GIB
 """A level-1 sleeping vLLM engine: its CUDA context (~0.5 GB) and CUDA-graph pool, which sleep mode
 does not release (only the weights and KV cache allocations are tagged for it)."""
+DTYPE_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4}
 DEFAULT_GPU_BYTES = 80 * GIB
 """The recipe's GPUs (A800/H100 80 GB: 81,920 MiB) when the node does not say."""
 
@@ -77,6 +83,8 @@ class Budget:
     learner_resident: float
     learner_peak: float
     context: float
+    engine_weights: float = 0.0
+    handover: float = 0.0
 
     @property
     def generating(self) -> float:
@@ -87,19 +95,26 @@ class Budget:
         return self.learner_peak + self.context + self.engine_asleep
 
     @property
+    def pushing(self) -> float:
+        return self.learner_resident + self.context + self.engine_asleep + self.engine_weights + self.handover
+
+    @property
     def fits(self) -> bool:
-        return self.generating <= self.gpu and self.training <= self.gpu
+        return max(self.generating, self.training, self.pushing) <= self.gpu
 
     def line(self) -> str:
         """The preflight's line (GB of the GPU's, each phase)."""
         over = (["generating is over: lower rollout.gpu_memory_utilization"] if self.generating > self.gpu else []) + \
             (["training is over: lower learner.micro_batch_tokens or set learner.gradient_checkpointing=true"]
-             if self.training > self.gpu else [])
+             if self.training > self.gpu else []) + \
+            (["pushing is over: set rollout.weight_sync=files"] if self.pushing > self.gpu else [])
         verdict = "fits" if not over else "DOES NOT FIT: " + "; ".join(over)
         return (f"memory per GPU (colocated, estimate, GiB of {self.gpu / GIB:.0f}): generating {self.generating / GIB:.1f} "
                 f"(engine {self.engine_awake / GIB:.1f} + learner state {self.learner_resident / GIB:.1f} + context "
                 f"{self.context / GIB:.1f}); training {self.training / GIB:.1f} (learner peak {self.learner_peak / GIB:.1f} "
-                f"+ context {self.context / GIB:.1f} + sleeping engine {self.engine_asleep / GIB:.1f}): {verdict}")
+                f"+ context {self.context / GIB:.1f} + sleeping engine {self.engine_asleep / GIB:.1f}); pushing "
+                f"{self.pushing / GIB:.1f} (learner state + context + sleeping engine + its weights "
+                f"{self.engine_weights / GIB:.1f} + hand-over copy {self.handover / GIB:.1f}): {verdict}")
 
 
 def learner_state_bytes(shape: ModelShape, data_parallel: int, tensor_parallel: int = 1,
@@ -129,7 +144,10 @@ def colocated_budget(shape: ModelShape, cluster, rollout, learner, gpu_bytes: fl
     """The budget of one GPU of a colocated run (`cluster`, `rollout`, `learner`: the config's)."""
     tp = learner.tensor_parallel_size
     dp = max(1, cluster.learner_gpus // tp)
-    return Budget(gpu=gpu_bytes, engine_awake=rollout.gpu_memory_utilization * gpu_bytes,
+    weights = shape.params * DTYPE_BYTES[rollout.dtype] / rollout.tensor_parallel_size  # an engine worker's shard
+    return Budget(engine_weights=weights,
+                  handover=shape.params * DTYPE_BYTES[rollout.dtype] if rollout.weight_sync == "ipc" else 0.0,
+                  gpu=gpu_bytes, engine_awake=rollout.gpu_memory_utilization * gpu_bytes,
                   engine_asleep=SLEEPING_ENGINE_BYTES,
                   learner_resident=learner_state_bytes(shape, dp, tp, learner.name),
                   learner_peak=learner_peak_bytes(shape, dp, learner.micro_batch_tokens,

@@ -132,6 +132,8 @@ class EngineSpec:
     gpu_memory_utilization: float = 0.85
     cpu_kv_cache_gb: int = 1
     extra_args: tuple[str, ...] = ()
+    extra_env: tuple[tuple[str, str], ...] = ()
+    """Extra environment of the server (a weight transport's, justrl.weight_sync.registry.engine_env_for)."""
     node: str | None = None
     """Run the server on this node of the Slurm job (an `srun --overlap` step); None: here."""
     port: int | None = None
@@ -199,7 +201,7 @@ class EngineProcess:
                "--worker-extension-cls", WORKER_EXTENSION, "--middleware", MIDDLEWARE, *spec.extra_args]
         env = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}  # see engine_thread_env
         env.update(VLLM_SERVER_DEV_MODE="1", VLLM_HTTP_TIMEOUT_KEEP_ALIVE=str(HTTP_KEEP_ALIVE_S),
-                   **engine_thread_env(spec), **{SECRET_ENV: self.secret})
+                   **engine_thread_env(spec), **dict(spec.extra_env), **{SECRET_ENV: self.secret})
         if spec.node:
             cmd = [*engine_srun_command(spec), *cmd]
         # The guard takes the server down if this process dies without cleaning up (kill -9).

@@ -1,5 +1,5 @@
 """What a weight transport is, and the errors of a sync. One file per transport beside this one
-(files.py, nccl.py); justrl.weight_sync.sync owns the order of a sync and picks the transport."""
+(files.py, nccl.py, ipc.py); justrl.weight_sync.sync owns the order of a sync and picks the transport."""
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
@@ -11,7 +11,7 @@ class WeightSyncError(RuntimeError):
 
 
 class EnginePushError(WeightSyncError):
-    """An engine died, refused or stalled during an NCCL push; `engines` names the ones whose
+    """An engine died, refused or stalled during an NCCL or IPC push; `engines` names the ones whose
     copy of the weights is unknown (WeightSync restarts them and reloads the files)."""
 
     def __init__(self, message: str, engines: list[str]):
@@ -21,12 +21,16 @@ class EnginePushError(WeightSyncError):
 
 class Transport(ABC):
     """How a new version reaches the engines. `push` is called on learner rank 0 after the version's
-    directory is written; `state` is the learner's HF-named weights on rank 0 when
-    `uses_learner_state` (else None). `engine_args` are the extra vLLM server arguments it needs."""
+    directory is written (on every rank when `every_rank`; `fleet` is None off rank 0); `state` is
+    the learner's HF-named weights when `uses_learner_state` (else None): rank 0's, or each rank's
+    own with `every_rank`. `engine_args` and `engine_env` are the extra vLLM server arguments and
+    environment it needs."""
 
     name = ""
     uses_learner_state = False
+    every_rank = False
     engine_args: tuple[str, ...] = ()
+    engine_env: tuple[tuple[str, str], ...] = ()
 
     @abstractmethod
     def push(self, fleet, weights_dir: Path, step: int, state=None) -> None:

@@ -2,4 +2,4 @@
 so that justrl.config reads them without the transports' code; justrl.weight_sync.registry maps
 each to its class and refuses to import when one has none."""
 
-TRANSPORTS = ("files", "nccl")
+TRANSPORTS = ("files", "nccl", "ipc")

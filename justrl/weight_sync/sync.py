@@ -11,7 +11,11 @@ After every training step the trainer calls `WeightSync.sync(step)` on every lea
    - `files` (portable, the default): every engine reloads the directory in place
      (vLLM's `collective_rpc reload_weights`, then `reset_prefix_cache`): the engines read it from
      the filesystem every engine sees;
-   - `nccl` (GPU clusters): vLLM's NCCL weight transfer (vLLM 0.32's RL routes
+   - `ipc` (the colocated default on a GPU cluster, justrl/weight_sync/ipc.py): vLLM's CUDA-IPC
+     weight transfer: every learner rank hands the engine worker on its own GPU handles to its
+     copy of the weights, which the worker copies in place. Written against vLLM's source,
+     **not run here: no GPU** (on the emulated cluster it is the files transport);
+   - `nccl` (GPU clusters, disaggregated): vLLM's NCCL weight transfer (vLLM 0.32's RL routes
      `/init_weight_transfer_engine`, `/start_weight_update`, `/update_weights`,
      `/finish_weight_update`; engines started with `--weight-transfer-config {"backend":"nccl"}`):
      learner rank 0 broadcasts the HF-named tensors over one NCCL group that holds it and every
@@ -57,13 +61,14 @@ def version_dir(root: Path, step: int) -> Path:
     return Path(root) / step_dir_name(step)
 
 
-def _learner_hf_state(learner, dtype: str) -> dict[str, torch.Tensor] | None:
-    """HF-named weights in `dtype` on rank 0 (None elsewhere); every rank must call."""
+def _learner_hf_state(learner, dtype: str, every_rank: bool = False) -> dict[str, torch.Tensor] | None:
+    """HF-named weights in `dtype` on rank 0 (None elsewhere), or, with `every_rank`, the whole
+    model on every rank on its own device (the ipc transport); every rank must call."""
     target = getattr(torch, dtype)
     if hasattr(learner, "gather_hf_state"):  # Megatron: a TP gather, every rank joins
-        state = learner.gather_hf_state()
+        state = learner.hf_state_on_every_rank() if every_rank else learner.gather_hf_state()
         return None if state is None else {k: v.to(target) for k, v in state.items()}
-    if getattr(learner, "rank", 0) != 0:
+    if getattr(learner, "rank", 0) != 0 and not every_rank:
         return None
     return {k: v.detach().to(target) for k, v in learner.model.state_dict().items()}
 
@@ -113,7 +118,8 @@ class WeightSync:
         Returns timing metrics (rank 0; empty elsewhere). Raises WeightSyncError on a mismatch."""
         t0 = time.perf_counter()
         path = self.export(step)
-        state = _learner_hf_state(self.learner, self.dtype) if self.transport.uses_learner_state else None
+        state = (_learner_hf_state(self.learner, self.dtype, self.transport.every_rank)
+                 if self.transport.uses_learner_state else None)
         # The learner's side of the check, before the engines are touched (the trainer keeps this
         # machine's CPU engines frozen until `before_push`; see justrl.trainer).
         reference = learner_probe_logprobs(self.learner, self.probe_ids) if self.check else None
@@ -127,6 +133,9 @@ class WeightSync:
             except EnginePushError as exc:
                 self._recover(exc, path, step)
             self.fleet.weights_dir = Path(path)
+        elif self.transport.every_rank:  # the ipc transport: every rank hands over its own GPU's copy
+            self.transport.push(None, path, step, state)
+        del state
         self.served_step = step
         if after_push is not None:
             after_push()
@@ -140,7 +149,7 @@ class WeightSync:
         return {}
 
     def _recover(self, exc: "EnginePushError", path: Path, step: int) -> None:
-        """After an aborted NCCL push: the named engines are stopped (their state is unknown) and
+        """After a failed NCCL or IPC push: the named engines are stopped (their state is unknown) and
         every engine loads the export through the files transport; the fleet restarts the stopped
         ones from it (RolloutFleet._on_engine), which also makes the next push rebuild the group.
         The check that follows proves every engine serves the step."""

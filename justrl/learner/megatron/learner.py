@@ -311,6 +311,23 @@ class MegatronLearner:
             return None
         return mcore_to_hf(shards, self.shape, fused_norms=self.spec == "te")
 
+    def hf_state_on_every_rank(self) -> dict[str, torch.Tensor]:
+        """The whole HF state dict (model dtype) on every rank, on its own device: each rank's
+        tensor-parallel shards all-gathered over its TP group (nothing to gather at TP=1). What the
+        ipc weight sync hands to the engine worker on this rank's GPU. Every rank must call."""
+        local = {k: v.detach().contiguous() for k, v in self.gpt.state_dict().items()
+                 if not k.endswith("_extra_state")}
+        shards = [dict() for _ in range(self.tp)]
+        for key in sorted(local):
+            if self.tp > 1:
+                gathered = [torch.empty_like(local[key]) for _ in range(self.tp)]
+                dist.all_gather(gathered, local[key], group=self.tp_group)
+            else:
+                gathered = [local[key]]
+            for r in range(self.tp):
+                shards[r][key] = gathered[r]
+        return mcore_to_hf(shards, self.shape, fused_norms=self.spec == "te")
+
     @on_cpu_scope
     def export_hf(self, out_dir: str | Path | None, tokenizer, dtype: str = "float32") -> Path | None:
         """Write the weights as an HF directory (config.json, safetensors, tokenizer) atomically.
