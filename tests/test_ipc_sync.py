@@ -144,6 +144,30 @@ def test_every_ranks_handles_reach_the_engine_on_its_node_in_vllms_format(tmp_pa
         assert got[node]["meta"] == (["float32", "bfloat16"], [[4, 2], [2]])
 
 
+def _failing_rank_worker(rank, world, port):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), SLURMD_NODENAME="node-a")
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+
+    def handle_of(tensor):
+        if rank == 1:
+            raise RuntimeError("CUDA error: invalid device context")
+        return f"GPU-stand-in-{rank}", ("stand-in", tensor)
+
+    transport = IpcTransport(handle_of=handle_of, group=dist.group.WORLD)
+    with pytest.raises(WeightSyncError, match=r"step 2: learner rank 1 on node-a could not hand over its weights: "
+                                              r"RuntimeError: CUDA error: invalid device context"):
+        transport.push(None, "/run/weights/step_000002", 2, _state(rank))
+    dist.destroy_process_group()
+
+
+def test_a_rank_that_cannot_make_its_handles_fails_every_rank_alike():
+    """Rank 1's handle fails: both ranks raise the same error naming it (rank 0 is not left waiting
+    in the gather for 6 hours, the control group's timeout)."""
+    from justrl.cluster.placement import free_port
+
+    mp.spawn(_failing_rank_worker, args=(2, free_port()), nprocs=2)
+
+
 def test_ranks_that_disagree_or_share_a_gpu_are_refused():
     part = {"node": "n", "names": ["a", "b"], "uuid": "GPU-0", "handles": [1, 2]}
     with pytest.raises(WeightSyncError, match=r"learner rank 1 holds other tensors than rank 0 \(1 against 2\)"):
@@ -157,19 +181,26 @@ def _push(transport, fleet, step):
 
 
 def test_a_dead_refusing_or_stalled_engine_is_stopped_and_named(monkeypatch):
-    """An engine that exits while loading is stopped (its worker may still read the learner's memory)
-    and named, and the next push tries IPC again; one that answers an error turns the transport
-    into the files transport for the rest of the run; a push past the bound names the engine."""
+    """An engine that exits while loading is stopped at once (its worker may still read the learner's
+    memory) and named, after the other engines have finished reading theirs; the next push tries
+    IPC again. One that answers an error turns the transport into the files transport for the rest
+    of the run; one still loading at the bound is stopped and named."""
+    from vllm.distributed.weight_transfer.ipc_engine import IPCWeightTransferUpdateInfo  # noqa: F401  (imported
+    # before the clock starts: the stand-in server decodes with it)
+
     monkeypatch.setenv("VLLM_ALLOW_INSECURE_SERIALIZATION", "1")
     server = _serve()
     transport = IpcTransport(poll_s=0.05, push_timeout_s=30, handle_of=_stand_in_handle(0))
-    # dies 0.3 s into a 2 s load: seen within the poll, long before the bound
+    # engine1 dies 0.3 s into a 2 s load: stopped within the poll; the push ends once engine0 is done
     server.hold_s = 2.0
     fleet = _Fleet([_Engine("engine0", server), _Engine("engine1", server, dies_at=time.monotonic() + 0.3)])
+    stopped_at = []
+    fleet.engines[1].stop = lambda: stopped_at.append(time.monotonic()) or setattr(fleet.engines[1], "stopped", True)
     t0 = time.monotonic()
     with pytest.raises(EnginePushError, match=r"push of step 1 failed: engine1 exited during the push") as caught:
         _push(transport, fleet, 1)
-    assert time.monotonic() - t0 < 1.5 and caught.value.engines == ["engine1"]
+    assert stopped_at[0] - t0 < 1.5 and 2.0 <= time.monotonic() - t0 < 30  # stopped at once; engine0 waited for
+    assert "/finish_weight_update" in server.calls and caught.value.engines == ["engine1"]
     assert fleet.engines[1].stopped and not fleet.engines[0].stopped and transport.refused is None
     # already dead before the push: named, nothing sent
     server.calls.clear()
@@ -191,8 +222,10 @@ def test_a_dead_refusing_or_stalled_engine_is_stopped_and_named(monkeypatch):
     server.refuse.clear()
     server.hold_s = 3.0
     transport = IpcTransport(poll_s=0.05, push_timeout_s=0.5, handle_of=_stand_in_handle(0))
+    fleet = _Fleet([_Engine("engine0", server)])
     with pytest.raises(EnginePushError, match=r"engine0 still loading after the push bound 0 s"):
-        _push(transport, _Fleet([_Engine("engine0", server)]), 5)
+        _push(transport, fleet, 5)
+    assert fleet.engines[0].stopped
 
 
 def test_ipc_is_the_files_transport_on_the_emulated_cluster_and_refused_elsewhere_without_cuda(monkeypatch):

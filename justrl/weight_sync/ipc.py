@@ -26,14 +26,16 @@ What vLLM's IPC engine expects, and where justrl differs from vLLM's own trainer
   control group), then `torch.cuda.ipc_collect()`, as vLLM's `_post_send_sync`.
 
 Faults: an engine that is not running, dies, answers an error or is still loading at
-`push_timeout_s` is stopped (before the ranks free the memory its handles point to) and named in
-EnginePushError; WeightSync then loads the step's files into every engine (the fleet restarts the
-stopped ones from them) and the probe check proves it. An engine that *answered* an error (the
-IPC transfer refused: a GPU it cannot find among the handles, no CUDA) turns the transport into
-the files transport for the rest of the run, logged once, rather than restarting engines every
-step. vLLM's CPU build takes the init and start routes and fails the update ("Torch not compiled
-with CUDA enabled"), and its engine core dies of it: that is how the fault path is tested here
-with a real engine (tests/test_weight_sync.py).
+`push_timeout_s` is stopped (before the ranks free the memory its handles point to; the other
+engines are waited for, for the same reason) and named in EnginePushError; WeightSync then loads
+the step's files into every engine (the fleet restarts the stopped ones from them) and the probe
+check proves it. An engine that *answered* an error (the IPC transfer refused: a GPU it cannot
+find among the handles, no CUDA) turns the transport into the files transport for the rest of the
+run, logged once, rather than restarting engines every step. A rank that cannot make its handles
+says so in the gather, and every rank raises the same error (none is left waiting for it).
+vLLM's CPU build takes the init and start routes and fails the update ("Torch not compiled with
+CUDA enabled"), and its engine core dies of it: that is how the fault path is tested here with a
+real engine (tests/test_ipc_sync.py).
 """
 from __future__ import annotations
 
@@ -135,18 +137,26 @@ class IpcTransport(Transport):
         model, HF-named, in `rollout.dtype`, on its GPU."""
         import torch
 
-        if state is None:
-            raise WeightSyncError("the ipc weight sync needs the learner's weights on every rank")
-        tensors = {n: t.detach().contiguous() for n, t in state.items()}
-        if torch.cuda.is_available() and torch.cuda.is_initialized():
-            torch.cuda.current_stream().synchronize()  # the casts are done before another process reads
-        handles = [self.handle_of(t) for t in tensors.values()]
-        uuids = {u for u, _ in handles}
-        if len(uuids) > 1:
-            raise WeightSyncError(f"ipc weight sync: this rank's weights span GPUs {sorted(uuids)}")
-        part = {"node": this_node(), "names": list(tensors), "uuid": next(iter(uuids), ""),
-                "handles": [h for _, h in handles]}
-        gathered = self._gather(part)  # every rank: no raise before this line leaves a rank waiting
+        tensors, part = {}, {"node": this_node(), "names": [], "uuid": "", "handles": [], "problem": None}
+        try:  # nothing raises before the gather: a rank that failed alone would leave the others waiting
+            if state is None:
+                raise WeightSyncError("no weights given on this rank")
+            tensors = {n: t.detach().contiguous() for n, t in state.items()}
+            if torch.cuda.is_available() and torch.cuda.is_initialized():
+                torch.cuda.current_stream().synchronize()  # the casts are done before another process reads
+            handles = [self.handle_of(t) for t in tensors.values()]
+            uuids = sorted({u for u, _ in handles})
+            if len(uuids) != 1:
+                raise WeightSyncError(f"its weights are on GPUs {uuids}, not on one")
+            part.update(names=list(tensors), uuid=uuids[0], handles=[h for _, h in handles])
+        except Exception as exc:
+            part["problem"] = f"{type(exc).__name__}: {exc}"
+        gathered = self._gather(part)
+        failed = [(rank, p) for rank, p in enumerate(gathered) if p["problem"]]
+        if failed:
+            rank, p = failed[0]
+            raise WeightSyncError(f"ipc weight sync of step {step}: learner rank {rank} on {p['node']} could not hand "
+                                  f"over its weights: {p['problem']}")
         try:
             if fleet is not None:
                 self._push_engines(fleet, weights_dir, step, tensors, gathered)
@@ -186,8 +196,9 @@ class IpcTransport(Transport):
         fleet.weights_dir = Path(weights_dir)
 
     def _post(self, engine, path: str, payload: dict | None = None) -> None:
+        # past the watch's bound, so that the watch (which stops the engine) decides, not the socket
         response = engine.client.session.post(f"{engine.client.url}{path}", json=payload,
-                                              timeout=self.push_timeout_s)
+                                              timeout=self.push_timeout_s + 60)
         if response.status_code != 200:
             raise WeightSyncError(f"{engine.name} {path}: HTTP {response.status_code}: {response.text[:500]}")
 
@@ -199,36 +210,42 @@ class IpcTransport(Transport):
         self._post(engine, "/reset_prefix_cache")
 
     def _watch(self, fleet, calls: dict, step: int) -> None:
-        """Until every engine's calls are done; on a death, an error or the bound: stop the engines
-        concerned (their workers may still read the learner's memory) and raise naming them."""
+        """Until every engine's calls are done. An engine that dies or answers an error is stopped at
+        once (its worker may still read the learner's memory); the others are waited for, so that no
+        worker reads a copy the ranks have freed; one still loading at the bound is stopped too. Then,
+        if any failed, raise EnginePushError naming them."""
         deadline = time.monotonic() + self.push_timeout_s
         engines = {e.name: e for e in fleet.live_engines}
+        problems, refused = {}, []
         while True:
-            problems, refused = {}, []
             for name, future in calls.items():
+                if name in problems:
+                    continue
                 if future.done() and future.exception() is not None:
-                    exc = future.exception()
-                    problems[name] = f"{name}: {exc}"
-                    if isinstance(exc, WeightSyncError):  # it answered: the transfer itself was refused
+                    problems[name] = f"{name}: {future.exception()}"
+                    if isinstance(future.exception(), WeightSyncError):  # it answered: the transfer was refused
                         refused.append(name)
-                elif not engines[name].alive():
+                elif not future.done() and not engines[name].alive():
                     problems[name] = f"{name} exited during the push (log {engines[name].log_path})"
-            pending = [name for name, f in calls.items() if not f.done()]
-            if not problems and not pending:
-                return
-            if not problems and time.monotonic() > deadline:
-                problems = {name: f"{name} still loading after the push bound {self.push_timeout_s:.0f} s"
-                            for name in pending}
-            if problems:
-                for name in problems:
+                if name in problems:
                     engines[name].stop()
-                if refused:
-                    self.refused = problems[refused[0]]
-                    log.warning("the ipc weight sync was refused (%s): the files transport moves the weights "
-                                "from now on", self.refused)
-                raise EnginePushError(f"ipc weight push of step {step} failed: " + "; ".join(problems.values()),
-                                      sorted(problems))
+            pending = [name for name, f in calls.items() if not f.done() and name not in problems]
+            if not pending:
+                break
+            if time.monotonic() > deadline:
+                for name in pending:
+                    problems[name] = f"{name} still loading after the push bound {self.push_timeout_s:.0f} s"
+                    engines[name].stop()
+                break
             time.sleep(self.poll_s)
+        if not problems:
+            return
+        if refused:
+            self.refused = problems[refused[0]]
+            log.warning("the ipc weight sync was refused (%s): the files transport moves the weights from now on",
+                        self.refused)
+        raise EnginePushError(f"ipc weight push of step {step} failed: " + "; ".join(problems.values()),
+                              sorted(problems))
 
     def close(self, fleet) -> None:
         for engine in fleet.live_engines:
