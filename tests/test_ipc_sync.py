@@ -19,9 +19,9 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from justrl.rollout.client import EngineClient
 from justrl.weight_sync.base import EnginePushError, WeightSyncError
 from justrl.weight_sync.ipc import IpcTransport, merge_for_nodes
+from test_weight_sync import _Engine, _Fleet
 
 ROUTES = ["/init_weight_transfer_engine", "/start_weight_update", "/update_weights", "/finish_weight_update",
           "/reset_prefix_cache"]
@@ -64,34 +64,8 @@ def _serve():
     return server
 
 
-class _Spec:
-    def __init__(self, node):
-        self.node = node
-
-
-class _Engine:
-    def __init__(self, name, server, node=None, dies_at=None):
-        self.name, self.spec, self.dies_at, self.log_path = name, _Spec(node), dies_at, f"{name}.log"
-        self.client = EngineClient(f"http://127.0.0.1:{server.server_address[1]}")
-        self.stopped = False
-
-    def alive(self):
-        return not self.stopped and (self.dies_at is None or time.monotonic() < self.dies_at)
-
-    def stop(self):
-        self.stopped = True
-
-
-class _Fleet:
-    def __init__(self, engines):
-        self.engines, self.weights_dir, self.loaded = engines, None, []
-
-    @property
-    def live_engines(self):
-        return self.engines
-
-    def load_weights(self, path):
-        self.loaded.append(str(path))
+def _url(server) -> str:
+    return f"http://127.0.0.1:{server.server_address[1]}"
 
 
 def _state(rank: int) -> dict[str, torch.Tensor]:
@@ -112,7 +86,8 @@ def _rank_worker(rank, world, port, out):
     fleet = servers = None
     if rank == 0:
         servers = {"a": _serve(), "b": _serve()}
-        fleet = _Fleet([_Engine("engine-a", servers["a"], "node-a"), _Engine("engine-b", servers["b"], "node-b")])
+        fleet = _Fleet([_Engine("engine-a", _url(servers["a"]), node="node-a"),
+                        _Engine("engine-b", _url(servers["b"]), node="node-b")])
     transport.push(fleet, "/run/weights/step_000003", 3, _state(rank))
     returned = time.monotonic()
     if rank == 0:
@@ -193,7 +168,7 @@ def test_a_dead_refusing_or_stalled_engine_is_stopped_and_named(monkeypatch):
     transport = IpcTransport(poll_s=0.05, push_timeout_s=30, handle_of=_stand_in_handle(0))
     # engine1 dies 0.3 s into a 2 s load: stopped within the poll; the push ends once engine0 is done
     server.hold_s = 2.0
-    fleet = _Fleet([_Engine("engine0", server), _Engine("engine1", server, dies_at=time.monotonic() + 0.3)])
+    fleet = _Fleet([_Engine("engine0", _url(server)), _Engine("engine1", _url(server), dies_at=time.monotonic() + 0.3)])
     stopped_at = []
     fleet.engines[1].stop = lambda: stopped_at.append(time.monotonic()) or setattr(fleet.engines[1], "stopped", True)
     t0 = time.monotonic()
@@ -210,19 +185,19 @@ def test_a_dead_refusing_or_stalled_engine_is_stopped_and_named(monkeypatch):
     # refused (HTTP 500 from a live engine): stopped, named, and files from now on
     server.hold_s = 0.0
     server.refuse.add("/update_weights")
-    fleet = _Fleet([_Engine("engine0", server)])
+    fleet = _Fleet([_Engine("engine0", _url(server))])
     with pytest.raises(EnginePushError, match=r"engine0: engine0 /update_weights: HTTP 500"):
         _push(transport, fleet, 3)
     assert fleet.engines[0].stopped and "HTTP 500" in transport.refused
     server.calls.clear()
-    fleet = _Fleet([_Engine("engine0", server)])
+    fleet = _Fleet([_Engine("engine0", _url(server))])
     _push(transport, fleet, 4)
     assert server.calls == [] and fleet.loaded == ["/run/weights/step_000004"]
     # stalled: named at the bound
     server.refuse.clear()
     server.hold_s = 3.0
     transport = IpcTransport(poll_s=0.05, push_timeout_s=0.5, handle_of=_stand_in_handle(0))
-    fleet = _Fleet([_Engine("engine0", server)])
+    fleet = _Fleet([_Engine("engine0", _url(server))])
     with pytest.raises(EnginePushError, match=r"engine0 still loading after the push bound 0 s"):
         _push(transport, fleet, 5)
     assert fleet.engines[0].stopped

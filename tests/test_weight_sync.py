@@ -170,6 +170,7 @@ def test_config_keys_are_checked_at_start_up():
 import http.server  # noqa: E402
 import threading  # noqa: E402
 import time  # noqa: E402
+from types import SimpleNamespace  # noqa: E402
 
 from justrl.rollout.client import EngineClient
 from justrl.weight_sync.base import EnginePushError
@@ -200,11 +201,12 @@ def routes():
 
 
 class _Engine:
-    """An engine as the transport sees it (name, client, alive, log); `dies_at`: the time it exits."""
+    """An engine as the transport sees it (name, client, alive, log, the node of its spec);
+    `dies_at`: the time it exits. tests/test_ipc_sync.py uses it too."""
 
-    def __init__(self, name, url, dies_at=None):
+    def __init__(self, name, url, dies_at=None, node=None):
         self.name, self.client, self.dies_at, self.log_path = name, EngineClient(url), dies_at, f"{name}.log"
-        self.process, self.stopped = None, False
+        self.process, self.stopped, self.spec = None, False, SimpleNamespace(node=node)
 
     def alive(self):
         return not self.stopped and (self.dies_at is None or time.monotonic() < self.dies_at)
@@ -215,11 +217,14 @@ class _Engine:
 
 class _Fleet:
     def __init__(self, engines):
-        self.engines, self.restarts, self.weights_dir, self.lost = engines, 0, None, {}
+        self.engines, self.restarts, self.weights_dir, self.lost, self.loaded = engines, 0, None, {}, []
 
     @property
     def live_engines(self):
         return [e for e in self.engines if e.name not in self.lost]
+
+    def load_weights(self, path):  # the files transport's push
+        self.loaded.append(str(path))
 
 
 class _Group:

@@ -335,6 +335,7 @@ def run(device: torch.device, tiny: bool, megatron: bool, emit=lambda row: None,
         from justrl.rollout.engine import EngineProcess, EngineSpec
         from justrl.model.tiny import build_tokenizer
         from justrl.weight_sync.ipc import IpcTransport
+        from justrl.weight_sync.sync import learner_hf_state
         from justrl.weight_sync.probe import (DEFAULT_TOLERANCE, PROBE_TEXT, compare_probe, engine_probe_logprobs, learner_probe_logprobs)
 
         state.pop("hf", None)
@@ -375,7 +376,7 @@ def run(device: torch.device, tiny: bool, megatron: bool, emit=lambda row: None,
             _, wake_weights_s = _timed(device, lambda: engine.client.wake_up(("weights",)))
             ipc_values = {}
             if ipc is not None:  # the learner's bf16 copy on this GPU, handed over by CUDA IPC
-                hf_state = {k: v.detach().to(torch.bfloat16) for k, v in learner.model.state_dict().items()}
+                hf_state = learner_hf_state(learner, "bfloat16", every_rank=True)
                 fleet = SimpleNamespace(live_engines=[engine], weights_dir=None)
                 _, ipc_values["ipc_push_s"] = _timed(device, lambda: ipc.push(fleet, export, 1, hf_state))
                 del hf_state

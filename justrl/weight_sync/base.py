@@ -2,8 +2,11 @@
 (files.py, nccl.py, ipc.py); justrl.weight_sync.sync owns the order of a sync and picks the transport."""
 from __future__ import annotations
 
+import logging
 from abc import ABC, abstractmethod
 from pathlib import Path
+
+log = logging.getLogger(__name__)
 
 
 class WeightSyncError(RuntimeError):
@@ -38,3 +41,25 @@ class Transport(ABC):
 
     def close(self, fleet) -> None:
         """Release what the transport holds (called once, at the end of the run)."""
+
+
+def post_route(engine, path: str, payload: dict | None, timeout_s: float) -> None:
+    """POST one of vLLM's weight-transfer routes through the engine's own session (trust_env=False,
+    so a cluster's http_proxy never sees node:port; it carries the engine's secret,
+    justrl.rollout.auth). Raises WeightSyncError naming the engine on any answer but 200."""
+    response = engine.client.session.post(f"{engine.client.url}{path}", json=payload, timeout=timeout_s)
+    if response.status_code != 200:
+        raise WeightSyncError(f"{engine.name} {path}: HTTP {response.status_code}: {response.text[:500]}")
+
+
+def shutdown_transfer_engines(fleet, timeout_s: float) -> None:
+    """`/shutdown_weight_transfer_engine` on every live engine; a failure is logged, not raised
+    (the run is ending)."""
+    import requests
+
+    for engine in fleet.live_engines:
+        if engine.alive():
+            try:
+                post_route(engine, "/shutdown_weight_transfer_engine", None, timeout_s)
+            except (requests.RequestException, WeightSyncError) as exc:
+                log.warning("%s: shutting the weight transfer down failed: %s", engine.name, exc)

@@ -48,9 +48,8 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-import requests
-
-from justrl.weight_sync.base import EnginePushError, Transport, WeightSyncError
+from justrl.weight_sync.base import (EnginePushError, Transport, WeightSyncError, post_route,
+                                     shutdown_transfer_engines)
 from justrl.weight_sync.files import FileTransport
 
 log = logging.getLogger(__name__)
@@ -117,7 +116,7 @@ class IpcTransport(Transport):
 
         return control_group()
 
-    def _gather(self, part: dict) -> list[dict] | None:
+    def _gather(self, part: dict) -> list[dict]:
         import torch.distributed as dist
 
         if not dist.is_initialized() or dist.get_world_size() == 1:
@@ -164,7 +163,6 @@ class IpcTransport(Transport):
             self._barrier()  # the engines are done (or stopped): the copies may go
             if torch.cuda.is_available() and torch.cuda.is_initialized():
                 torch.cuda.ipc_collect()
-            del tensors
 
     def _push_engines(self, fleet, weights_dir: Path, step: int, tensors: dict, gathered: list[dict]) -> None:
         if self.refused is not None:
@@ -197,10 +195,7 @@ class IpcTransport(Transport):
 
     def _post(self, engine, path: str, payload: dict | None = None) -> None:
         # past the watch's bound, so that the watch (which stops the engine) decides, not the socket
-        response = engine.client.session.post(f"{engine.client.url}{path}", json=payload,
-                                              timeout=self.push_timeout_s + 60)
-        if response.status_code != 200:
-            raise WeightSyncError(f"{engine.name} {path}: HTTP {response.status_code}: {response.text[:500]}")
+        post_route(engine, path, payload, self.push_timeout_s + 60)
 
     def _engine_calls(self, engine, update_info: dict, step: int) -> None:
         self._post(engine, "/init_weight_transfer_engine", {"init_info": {"packed": False}})
@@ -248,9 +243,4 @@ class IpcTransport(Transport):
                               sorted(problems))
 
     def close(self, fleet) -> None:
-        for engine in fleet.live_engines:
-            if engine.alive():
-                try:
-                    self._post(engine, "/shutdown_weight_transfer_engine")
-                except (requests.RequestException, WeightSyncError) as exc:
-                    log.warning("%s: shutting the weight transfer down failed: %s", engine.name, exc)
+        shutdown_transfer_engines(fleet, self.push_timeout_s)

@@ -8,9 +8,8 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-import requests
-
-from justrl.weight_sync.base import EnginePushError, Transport, WeightSyncError
+from justrl.weight_sync.base import (EnginePushError, Transport, WeightSyncError, post_route,
+                                     shutdown_transfer_engines)
 
 if TYPE_CHECKING:
     import torch
@@ -60,11 +59,7 @@ class NcclTransport(Transport):
         self._restarts_at_init = None
 
     def _rpc(self, engine, path: str, payload: dict | None = None) -> None:
-        # The engine's own session: trust_env=False, so a cluster's http_proxy never sees node:port,
-        # and it carries the engine's secret (justrl.rollout.auth).
-        response = engine.client.session.post(f"{engine.client.url}{path}", json=payload, timeout=self.timeout_s)
-        if response.status_code != 200:
-            raise WeightSyncError(f"{engine.name} {path}: HTTP {response.status_code}: {response.text[:500]}")
+        post_route(engine, path, payload, self.timeout_s)
 
     def _init_group(self, fleet) -> None:
         from vllm.distributed.weight_transfer.nccl_common import (NCCLWeightTransferInitInfo, trainer_init,
@@ -90,7 +85,7 @@ class NcclTransport(Transport):
                  self.master_address, port)
 
     def _synchronize_stream(self) -> None:
-        """The weights were cast (`_learner_hf_state`, a Megatron gather) on the current stream;
+        """The weights were cast (`learner_hf_state`, a Megatron gather) on the current stream;
         vLLM's producer packs them on its own streams (packed_tensor.py ~180), which do not wait
         for the current one: without this the broadcast can read half-cast tensors."""
         import torch
@@ -176,11 +171,6 @@ class NcclTransport(Transport):
     def close(self, fleet) -> None:
         if self.group is None:
             return
-        for engine in fleet.live_engines:
-            if engine.alive():
-                try:
-                    self._rpc(engine, "/shutdown_weight_transfer_engine")
-                except (requests.RequestException, WeightSyncError) as exc:
-                    log.warning("%s: shutting the weight transfer down failed: %s", engine.name, exc)
+        shutdown_transfer_engines(fleet, self.timeout_s)
         self.group.destroy()
         self.group = None

@@ -61,7 +61,7 @@ def version_dir(root: Path, step: int) -> Path:
     return Path(root) / step_dir_name(step)
 
 
-def _learner_hf_state(learner, dtype: str, every_rank: bool = False) -> dict[str, torch.Tensor] | None:
+def learner_hf_state(learner, dtype: str, every_rank: bool = False) -> dict[str, torch.Tensor] | None:
     """HF-named weights in `dtype` on rank 0 (None elsewhere), or, with `every_rank`, the whole
     model on every rank on its own device (the ipc transport); every rank must call."""
     target = getattr(torch, dtype)
@@ -118,7 +118,7 @@ class WeightSync:
         Returns timing metrics (rank 0; empty elsewhere). Raises WeightSyncError on a mismatch."""
         t0 = time.perf_counter()
         path = self.export(step)
-        state = (_learner_hf_state(self.learner, self.dtype, self.transport.every_rank)
+        state = (learner_hf_state(self.learner, self.dtype, self.transport.every_rank)
                  if self.transport.uses_learner_state else None)
         # The learner's side of the check, before the engines are touched (the trainer keeps this
         # machine's CPU engines frozen until `before_push`; see justrl.trainer).
